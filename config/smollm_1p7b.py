@@ -1,0 +1,20 @@
+# SmolLM2-1.7B shape (24 x 2048, 32 heads, SwiGLU 8192, context 2048) on FineWeb-Edu, multi-node DDP
+data = "fineweb-edu/none"
+n_layer = 24
+n_head = 32
+n_embd = 2048
+mlp_hidden = 8192
+block_size = 2048
+rope_base = 130000.0
+vocab_size = 50304
+batch_size = 4
+gradient_accumulation_steps = 256  # 2M tokens per iteration, divided among the ranks
+max_iters = 50000
+learning_rate = 3e-4
+min_lr = 0.0
+schedule = "wsd"          # warmup-stable-decay, as SmolLM2 was trained
+warmup_iters = 2000
+decay_frac = 0.2
+eval_interval = 1000
+eval_iters = 20
+log_interval = 10
