@@ -50,9 +50,9 @@ class GPTConfig:
 
 
 def manual_attention(q, k, v):
-    """Causal attention written out, (B, H, T, D) in and out. Softmax in fp32 whatever the input dtype."""
+    """Causal attention written out, (B, H, T, D) in and out. Softmax in fp32 (fp64 for fp64 inputs)."""
     T, S = q.size(-2), k.size(-2)
-    att = (q @ k.transpose(-2, -1)).float() * (1.0 / math.sqrt(q.size(-1)))
+    att = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) * (1.0 / math.sqrt(q.size(-1)))
     # query i sits at absolute position S - T + i (S > T when a KV cache holds earlier keys)
     mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
     att = att.masked_fill(~mask, float("-inf")).softmax(dim=-1)
