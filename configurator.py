@@ -53,6 +53,11 @@ def _parse_value(raw):
 def configure(defaults, argv):
     """Return a copy of `defaults` updated by the config files and --key=value overrides in argv."""
     config = dict(defaults)
+    if any(a in ("-h", "--help") for a in argv):
+        main = sys.modules["__main__"]
+        print((main.__doc__ or "").strip() + "\n\nsettings (--key=value) and their defaults:")
+        print("\n".join(f"  --{k}={v!r}" for k, v in defaults.items()))
+        raise SystemExit(0)
     for arg in argv:
         if arg.startswith("--"):
             if "=" not in arg:
