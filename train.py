@@ -83,7 +83,8 @@ def fail(msg):
 
 
 def find_data(name):
-    """The stream directory and its layout: ('curriculum', {safe,mix}) or ('single', {train})."""
+    """The stream directory, its meta.json and its streams: {"safe": (train, val), "mix": (train, val)} for the
+    curriculum, or {"train": (train, val)} for a single stream."""
     path = name if os.path.isdir(name) else os.path.join("data", name)
     if not os.path.isdir(path):
         fail(f"data directory '{name}' not found (looked in '{name}' and 'data/{name}'); "
@@ -91,10 +92,11 @@ def find_data(name):
     if not os.path.isfile(os.path.join(path, "meta.json")):
         fail(f"'{path}' has no meta.json; it must be written by reflect.py (or hold train.bin/val.bin + meta.json)")
     meta = json.load(open(os.path.join(path, "meta.json")))
-    if all(os.path.isfile(os.path.join(path, f"{s}_{p}.bin")) for s in ("safe", "mix") for p in ("train", "val")):
-        return path, meta, ("safe", "mix")
-    if all(os.path.isfile(os.path.join(path, f"{p}.bin")) for p in ("train", "val")):
-        return path, meta, ("",)
+    for layout in ({"safe": ("safe_train.bin", "safe_val.bin"), "mix": ("mix_train.bin", "mix_val.bin")},
+                   {"train": ("train.bin", "val.bin")}):
+        files = {s: tuple(os.path.join(path, f) for f in pair) for s, pair in layout.items()}
+        if all(os.path.isfile(f) for pair in files.values() for f in pair):
+            return path, meta, files
     fail(f"'{path}' holds neither safe_/mix_{{train,val}}.bin nor train.bin/val.bin")
 
 
@@ -216,18 +218,16 @@ def main():
     torch.backends.cudnn.allow_tf32 = True
 
     # data
-    data_dir, meta, streams = find_data(data)
-    if streams == ("",) and intervention_start != 0:
+    data_dir, meta, files = find_data(data)
+    curriculum = "safe" in files
+    if not curriculum and intervention_start != 0:
         fail(f"--intervention_start={intervention_start} needs safe_/mix_ streams, but '{data_dir}' has one stream")
     tok_dtype = np.dtype(meta.get("dtype", "uint16"))
-    name = {"": "train", "safe": "safe_train", "mix": "mix_train"}
-    train_streams = {s or "train": TokenStream(os.path.join(data_dir, f"{name[s]}.bin"), tok_dtype, block_size, seed)
-                     for s in streams}
-    val_streams = {s or "train": TokenStream(os.path.join(data_dir, f"{s + '_' if s else ''}val.bin"), tok_dtype,
-                                             block_size, seed) for s in streams}
-    streams = tuple(train_streams)
+    train_streams = {s: TokenStream(tr, tok_dtype, block_size, seed) for s, (tr, _) in files.items()}
+    val_streams = {s: TokenStream(va, tok_dtype, block_size, seed) for s, (_, va) in files.items()}
+    streams = tuple(files)
     tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-    switch_iter = round(intervention_start * max_iters) if streams == ("safe", "mix") else 0
+    switch_iter = round(intervention_start * max_iters) if curriculum else 0
 
     # model, optimizer, and the state to resume
     ckpt_path = os.path.join(out_dir, "ckpt.pt")
@@ -276,7 +276,7 @@ def main():
               f"device={dev}, dtype={ptdtype}, compile={use_compile}, world={world}")
         print(f"data: {data_dir} ({', '.join(f'{s}: {t.n} windows' for s, t in train_streams.items())}), "
               f"{tokens_per_iter:,} tokens/iter, budget {tokens_per_iter * max_iters:,} tokens")
-        if streams == ("safe", "mix"):
+        if curriculum:
             print(f"curriculum: safe stream for iters [0, {switch_iter}), mix stream from iter {switch_iter} "
                   f"(intervention_start={intervention_start})")
         if init_from == "resume":
