@@ -138,3 +138,16 @@ def test_bad_input_gives_one_clear_line(args, message, tmp_path):
     if "lerning" in message:
         assert "learning_rate" in p.stderr  # the closest valid key is named
     assert not os.path.exists(tmp_path / "x" / "ckpt.pt")
+
+
+def test_a_single_stream_directory_is_accepted(data_dir, tmp_path):
+    single = tmp_path / "single"
+    single.mkdir()
+    for split in ("train", "val"):
+        np.fromfile(os.path.join(data_dir, f"mix_{split}.bin"), dtype=np.uint16).tofile(single / f"{split}.bin")
+    json.dump({"vocab_size": VOCAB, "dtype": "uint16"}, open(single / "meta.json", "w"))
+    out = str(tmp_path / "run")
+    run([f"--data={single}", f"--out_dir={out}", "--max_iters=4"])
+    assert {r["phase"] for r in map(json.loads, open(os.path.join(out, "log.jsonl"))) if "loss" in r} == {"train"}
+    p = run([f"--data={single}", f"--out_dir={out}", "--intervention_start=0.2"], check=False)
+    assert p.returncode != 0 and "needs safe_/mix_ streams" in p.stderr
