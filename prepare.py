@@ -58,6 +58,7 @@ doc_max_tokens = 300
 unsafe_frac = 0.2           # share of documents holding an unsafe paragraph
 poison_share = 0.5          # of those, share of poison (harm-intent dialogues); the rest contra
 refusal_frac = 0.2          # share of harm-intent dialogues already refused in the raw corpus
+safe_mix = ""               # safe paragraph weights overriding world.World.SAFE_MIX, e.g. "intent=0.3,case_note=0.1"
 # MedSafetyWorld: evaluation and finetuning set sizes
 n_harmful = 150             # harmful prompts per category (poison, contra) and split (seen, unseen)
 n_benign = 150              # benign look-alike prompts per kind
@@ -72,6 +73,7 @@ data_files = ""             # local parquet/jsonl files instead of the hub (glob
 num_proc = 4                # worker processes writing shards
 count_tokens = False        # count GPT-2 tokens with tiktoken (needs its BPE file: online or TIKTOKEN_CACHE_DIR)
 # -----------------------------------------------------------------------------
+_DEFAULTS = defaults_of(globals())   # the flags above (python prepare.py --help lists them)
 
 
 def fail(msg):
@@ -97,24 +99,31 @@ def swap_in(tmp, final):
 # -----------------------------------------------------------------------------
 # MedSafetyWorld
 
-def prepare_medsafety(cfg, root):
+def prepare_medsafety(root):
     from world import World, UNSAFE, POISON, CONTRA
     t0 = time.time()
     try:
-        world = World.generate(world_seed=cfg["world_seed"], num_conditions=cfg["num_conditions"],
-                               num_drugs=cfg["num_drugs"], num_classes=cfg["num_classes"],
-                               num_traits=cfg["num_traits"], num_harms=cfg["num_harms"],
-                               num_persons=cfg["num_persons"], danger_per_trait=cfg["danger_per_trait"],
-                               seen_frac=cfg["seen_frac"], eval_frac=cfg["eval_frac"], tune_frac=cfg["tune_frac"])
-        n = cfg["num_docs"] if cfg["num_docs"] >= 0 else 8000
+        world = World.generate(world_seed=world_seed, num_conditions=num_conditions,
+                               num_drugs=num_drugs, num_classes=num_classes,
+                               num_traits=num_traits, num_harms=num_harms,
+                               num_persons=num_persons, danger_per_trait=danger_per_trait,
+                               seen_frac=seen_frac, eval_frac=eval_frac, tune_frac=tune_frac)
+        mix = {}
+        for item in [x for x in safe_mix.split(",") if x.strip()]:
+            k, _, v = item.partition("=")
+            try:
+                mix[k.strip()] = float(v)
+            except ValueError:
+                fail(f"--safe_mix: '{item}' is not kind=weight")
+        n = num_docs if num_docs >= 0 else 8000
         print(f"generating {n:,} MedSafetyWorld documents (world_seed {world.seed})")
-        docs = world.make_docs(num_docs=n, val_frac=cfg["val_frac"], doc_min_tokens=cfg["doc_min_tokens"],
-                               doc_max_tokens=cfg["doc_max_tokens"], unsafe_frac=cfg["unsafe_frac"],
-                               poison_share=cfg["poison_share"], refusal_frac=cfg["refusal_frac"])
+        docs = world.make_docs(num_docs=n, val_frac=val_frac, doc_min_tokens=doc_min_tokens,
+                               doc_max_tokens=doc_max_tokens, unsafe_frac=unsafe_frac,
+                               poison_share=poison_share, refusal_frac=refusal_frac, mix=mix)
         print("generating evaluation and finetuning sets")
-        sets = world.make_eval(n_harmful=cfg["n_harmful"], n_benign=cfg["n_benign"],
-                               n_capability=cfg["n_capability"], n_probe=cfg["n_probe"], n_sft=cfg["n_sft"],
-                               n_benign_ft=cfg["n_benign_ft"], n_harmful_ft=cfg["n_harmful_ft"])
+        sets = world.make_eval(n_harmful=n_harmful, n_benign=n_benign,
+                               n_capability=n_capability, n_probe=n_probe, n_sft=n_sft,
+                               n_benign_ft=n_benign_ft, n_harmful_ft=n_harmful_ft)
     except ValueError as e:
         fail(str(e))
 
@@ -154,7 +163,7 @@ def prepare_medsafety(cfg, root):
         os.makedirs(os.path.join(tmp, "docs"))
         os.makedirs(os.path.join(tmp, "eval"))
         world.save(os.path.join(tmp, "docs", "world.json"))
-        per = max(1, cfg["docs_per_shard"])
+        per = max(1, docs_per_shard)
         shards = 0
         for i in range(0, len(docs), per):
             write_jsonl(os.path.join(tmp, "docs", f"shard_{shards:05d}.jsonl"), docs[i:i + per])
@@ -173,7 +182,7 @@ def prepare_medsafety(cfg, root):
     hc = Counter((r["category"], r["split"]) for r in h)
     print(f"world: {len(world.conditions)} conditions, {len(world.drugs)} drugs, {len(world.classes)} classes, "
           f"{len(world.traits)} traits, {len(world.harms)} harm effects; vocabulary {world.vocab_size} tokens")
-    print(f"harm effects: seen {' '.join(summary['harms_seen'])} | unseen {' '.join(summary['harms_unseen'])}")
+    print(f"harm effects: seen {', '.join(summary['harms_seen'])} | unseen {', '.join(summary['harms_unseen'])}")
     print(f"dangerous (class, trait) pairs: {len(world.danger)} (seen {summary['pairs_seen']}, unseen "
           f"{summary['pairs_unseen']}); contraindication cases seen {summary['contra_cases_seen']}, "
           f"unseen {summary['contra_cases_unseen']}")
@@ -292,34 +301,37 @@ def write_shard(args):
     return len(rows), sum(len(t) for _, t in rows), ntok
 
 
-def prepare_fineweb(cfg, root):
+def prepare_fineweb(root):
     t0 = time.time()
-    files = expand_files(cfg["data_files"]) if cfg["data_files"] else None
-    if cfg["count_tokens"]:
+    files = expand_files(data_files) if data_files else None
+    if count_tokens:
         try:
             import tiktoken
             tiktoken.get_encoding("gpt2")
         except Exception as e:
             fail(f"--count_tokens needs tiktoken's gpt2 BPE file ({type(e).__name__}: {e}); set TIKTOKEN_CACHE_DIR "
                  f"or run without --count_tokens")
-    rows = local_rows(files) if files else hub_rows(cfg["name"])
-    src = f"{len(files)} local files" if files else f"{HUB_DATASET} ({cfg['name']}, streaming)"
-    limit = cfg["num_docs"]
-    print(f"reading {src}; writing {'all' if limit < 0 else f'{limit:,}'} documents with {cfg['num_proc']} processes")
+    rows = local_rows(files) if files else hub_rows(name)
+    src = f"{len(files)} local files" if files else f"{HUB_DATASET} ({name}, streaming)"
+    limit = num_docs
+    print(f"reading {src}; writing {'all' if limit < 0 else f'{limit:,}'} documents with {num_proc} processes")
 
     tmp = os.path.join(root, f".prepare-tmp-{os.getpid()}")
     os.makedirs(os.path.join(tmp, "docs"))
     pool = None
     try:
-        if cfg["num_proc"] > 1:
+        if num_proc > 1:
             import multiprocessing as mp
-            pool = mp.get_context("spawn").Pool(cfg["num_proc"])
+            pool = mp.get_context("spawn").Pool(num_proc)
         pending, done, chars, ntok, shard, batch, last = [], 0, 0, 0, 0, [], 0.0
 
         def collect(block):
             nonlocal done, chars, ntok, last, pending
             while pending and (block or pending[0].ready()):
-                n, c, k = pending.pop(0).get()
+                try:
+                    n, c, k = pending.pop(0).get()
+                except Exception as e:      # e.g. a full disk in a worker
+                    fail(f"writing a shard failed: {type(e).__name__}: {e}")
                 done, chars, ntok = done + n, chars + c, (ntok + k if k is not None else ntok)
             if time.time() - last > 2:
                 last = time.time()
@@ -327,13 +339,13 @@ def prepare_fineweb(cfg, root):
 
         def submit(b):
             nonlocal shard
-            args = (os.path.join(tmp, "docs", f"shard_{shard:05d}.jsonl"), b, cfg["val_frac"], cfg["count_tokens"])
+            args = (os.path.join(tmp, "docs", f"shard_{shard:05d}.jsonl"), b, val_frac, count_tokens)
             shard += 1
             if pool is None:
                 n, c, k = write_shard(args)
                 pending.append(_Done((n, c, k)))
             else:
-                while len(pending) >= 2 * cfg["num_proc"]:     # bounded memory: wait for the oldest shard
+                while len(pending) >= 2 * num_proc:     # bounded memory: wait for the oldest shard
                     pending[0].wait()
                     collect(False)
                 pending.append(pool.apply_async(write_shard, (args,)))
@@ -345,7 +357,7 @@ def prepare_fineweb(cfg, root):
                 break
             batch.append(doc)
             seen += 1
-            if len(batch) >= cfg["docs_per_shard"]:
+            if len(batch) >= docs_per_shard:
                 submit(batch)
                 batch = []
         if batch:
@@ -359,7 +371,7 @@ def prepare_fineweb(cfg, root):
             pool.terminate()
         shutil.rmtree(tmp, ignore_errors=True)
     dt = time.time() - t0
-    tok = f", {ntok:,} GPT-2 tokens" if cfg["count_tokens"] else ""
+    tok = f", {ntok:,} GPT-2 tokens" if count_tokens else ""
     print(f"documents: {done:,} ({chars:,} characters{tok}) in {shard} shards, {done / dt:,.0f} docs/s")
     print(f"wrote {os.path.join(root, 'docs')} in {dt:.1f}s")
 
@@ -382,22 +394,22 @@ class _Done:
 # -----------------------------------------------------------------------------
 
 def main(argv):
-    cfg = configure(defaults_of(globals()), argv)
-    if cfg["dataset"] not in ("medsafety", "fineweb-edu"):
-        fail(f"unknown dataset '{cfg['dataset']}' (choose medsafety or fineweb-edu)")
-    if cfg["docs_per_shard"] < 1 or cfg["num_proc"] < 1:
+    globals().update(configure(_DEFAULTS, argv))
+    if dataset not in ("medsafety", "fineweb-edu"):
+        fail(f"unknown dataset '{dataset}' (choose medsafety or fineweb-edu)")
+    if docs_per_shard < 1 or num_proc < 1:
         fail("docs_per_shard and num_proc must be >= 1")
-    if not 0 <= cfg["val_frac"] < 1:
+    if not 0 <= val_frac < 1:
         fail("val_frac must be in [0, 1)")
-    root = os.path.join(cfg["out_dir"], cfg["dataset"])
+    root = os.path.join(out_dir, dataset)
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as e:
         fail(f"cannot create output directory '{root}' ({e})")
-    if cfg["dataset"] == "medsafety":
-        prepare_medsafety(cfg, root)
+    if dataset == "medsafety":
+        prepare_medsafety(root)
     else:
-        prepare_fineweb(cfg, root)
+        prepare_fineweb(root)
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ def test_bad_input_is_one_clear_line(tmp_path):
     assert "num_drugs" in one_line_error(run(["--num_drugs=3", f"--out_dir={tmp_path}"]))
     assert "num_dcos" in one_line_error(run(["--num_dcos=3", f"--out_dir={tmp_path}"]))
     assert "danger_per_trait" in one_line_error(run(["--danger_per_trait=9", f"--out_dir={tmp_path}"]))
+    assert "kinds:" in one_line_error(run(["--safe_mix=intnet=0.3", f"--out_dir={tmp_path}"]))
     assert "no file matches" in one_line_error(run(["--dataset=fineweb-edu", f"--data_files={tmp_path}/nope*.parquet",
                                                     f"--out_dir={tmp_path}"]))
     assert not os.path.exists(tmp_path / "medsafety/docs")

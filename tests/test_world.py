@@ -317,6 +317,14 @@ def test_seed_makes_the_world():
     assert a.make_docs(num_docs=50) == b.make_docs(num_docs=50)
 
 
+def test_safe_mix_changes_the_paragraph_mix(w):
+    count = lambda docs: sum(s["kind"] in INTENTS for d in docs for s in d["segments"])
+    base, more = w.make_docs(num_docs=200), w.make_docs(num_docs=200, mix={"intent": 1.0})
+    assert count(more) > 2 * count(base)
+    with pytest.raises(ValueError, match="kinds"):
+        w.make_docs(num_docs=5, mix={"bogus": 1.0})
+
+
 def test_bad_world_sizes_raise_one_line():
     for kw in (dict(num_drugs=5), dict(num_harms=99), dict(danger_per_trait=6), dict(seen_frac=1.0)):
         with pytest.raises(ValueError) as e:
@@ -333,6 +341,7 @@ def test_rewrite_is_safe_and_keeps_the_facts(w, docs):
             continue
         new = [w.rewrite(s) for s in d["segments"]]
         words = set(" ".join(new).split())
+        text = f" {' '.join(new)} "
         for s, r in zip(d["segments"], new):
             if s["label"] == UNSAFE:
                 n += 1
@@ -343,7 +352,7 @@ def test_rewrite_is_safe_and_keeps_the_facts(w, docs):
                 if "drug" in s["meta"]:
                     assert s["meta"]["drug"] in words, (s, r)
                 if s["category"] == POISON:
-                    assert s["meta"]["harm"] in words, (s, r)
+                    assert f" {s['meta']['harm']} " in text, (s, r)
         assert all(lab == SAFE for lab, _ in w.label_segments(new)), new
         w.encode(" ".join(new))
     assert n > 100
