@@ -25,6 +25,7 @@ Attacks and decodings are small functions in two tables (ATTACKS, DECODINGS), so
   or None where it does not apply; a decoding maps a batch of prompts to generated token ids.
   attacks now: direct (the clean prompt).  decodings now: greedy, topk (--temperature, --top_k).
 """
+import hashlib
 import json
 import math
 import os
@@ -218,6 +219,14 @@ def load(ckpt_arg, world_arg, dev):
         w = World.load(wpath)
     except ValueError as e:
         fail(str(e))
+    # a re-prepared world can keep the vocabulary size but change every word: compare fingerprints where the data
+    # recorded one (meta["world_sha256"], the sha256 of world.json's bytes)
+    if meta.get("world_sha256"):
+        with open(wpath, "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        if digest != meta["world_sha256"]:
+            fail(f"'{wpath}' is not the world the checkpoint was trained on (sha256 {digest[:12]} != "
+                 f"{meta['world_sha256'][:12]}); pass --world=<the world.json it was trained on>")
     specials = meta.get("special_tokens") or {}
     bad = sorted(t for t, i in specials.items() if w.stoi.get(t) != i)
     if meta.get("vocab_size") != w.vocab_size or bad:

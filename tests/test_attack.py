@@ -225,6 +225,8 @@ def test_bad_input_gives_one_clear_message(run, tmp_path):
     ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
     (tmp_path / "gpt2").mkdir()
     torch.save(dict(ck, meta=dict(ck["meta"], tokenizer="gpt2")), tmp_path / "gpt2" / "ckpt.pt")
+    (tmp_path / "moved").mkdir()
+    torch.save(dict(ck, meta=dict(ck["meta"], world_sha256="0" * 64)), tmp_path / "moved" / "ckpt.pt")
     other = World.generate(world_seed=7, num_conditions=4, num_drugs=8, num_harms=4)
     other.save(str(tmp_path / "other_world.json"))
     (tmp_path / "empty_eval").mkdir()
@@ -239,6 +241,7 @@ def test_bad_input_gives_one_clear_message(run, tmp_path):
         ([f"--ckpt={out}", "--decoding=greedy,beam"], "unknown decoding 'beam'"),
         ([f"--ckpt={tmp_path / 'gpt2'}"], "tokenizer 'gpt2', not MedSafetyWorld's"),
         ([f"--ckpt={out}", f"--world={tmp_path / 'other_world.json'}"], "tokenizer is not the world's"),
+        ([f"--ckpt={tmp_path / 'moved'}"], "is not the world the checkpoint was trained on"),
         ([f"--ckpt={out}", f"--eval_dir={tmp_path / 'empty_eval'}"], "holds no prompts"),
         ([f"--ckpt={out}", "--max_prompts=0"], "holds no prompts (--max_prompts=0)"),
         ([f"--ckpt={out}", "--max_new_tokens=60"], "exceeds the model's block_size=64"),
