@@ -68,6 +68,7 @@ Real-text input files (jsonl, one object per line; offsets are Python string ind
   --refusals          {"prompt", "response"}: native refusal dialogues, e.g. from REFUSAL_PROMPT below.
 """
 import base64
+import hashlib
 import json
 import os
 import random
@@ -390,6 +391,8 @@ def main_world(docs_dir, world_path):
         "special_tokens": {t: world.stoi[t] for t in ("<|endoftext|>", "<end_of_turn>", "<think>", "</think>",
                                                       "<harmful>")},
         "world": os.path.abspath(world_path), "tokens": tokens,
+        # a fingerprint of the world: a later prepare.py rewrites world.json, and attack.py must notice that
+        "world_sha256": hashlib.sha256(open(world_path, "rb").read()).hexdigest(),
         "mix_sources": {k: v / n_words for k, v in source_tokens.items()},
         "mix_reflections": reflections, "mix_reflection_share": reflection_tokens / n_words,
         "mix_tags": sum(w.count(TAG) for w in words), "mix_tag_share": sum(w.count(TAG) for w in words) / n_words,

@@ -240,7 +240,7 @@ def test_bad_input_gives_one_clear_message(run, tmp_path):
         ([f"--ckpt={out}", "--attacks=gcg"], "unknown attack 'gcg' (choose from direct)"),
         ([f"--ckpt={out}", "--decoding=greedy,beam"], "unknown decoding 'beam'"),
         ([f"--ckpt={tmp_path / 'gpt2'}"], "tokenizer 'gpt2', not MedSafetyWorld's"),
-        ([f"--ckpt={out}", f"--world={tmp_path / 'other_world.json'}"], "tokenizer is not the world's"),
+        ([f"--ckpt={out}", f"--world={tmp_path / 'other_world.json'}"], "is not the world the checkpoint was trained on"),
         ([f"--ckpt={tmp_path / 'moved'}"], "is not the world the checkpoint was trained on"),
         ([f"--ckpt={out}", f"--eval_dir={tmp_path / 'empty_eval'}"], "holds no prompts"),
         ([f"--ckpt={out}", "--max_prompts=0"], "holds no prompts (--max_prompts=0)"),

@@ -233,3 +233,10 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(root, args, message):
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr
     assert sorted(os.listdir(os.path.join(root, "medsafety"))) == before
+
+
+def test_meta_records_the_worlds_fingerprint(root):
+    import hashlib
+    meta = json.load(open(os.path.join(root, "medsafety", "reflect", "meta.json")))
+    world_json = os.path.join(root, "medsafety", "docs", "world.json")
+    assert meta["world_sha256"] == hashlib.sha256(open(world_json, "rb").read()).hexdigest()
