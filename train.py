@@ -393,6 +393,8 @@ def main():
             t_log, iters_since_log = time.time(), 0
 
     if ddp:
+        # wait for rank 0's final checkpoint: tearing gloo down while a peer still works aborts the process
+        dist.barrier()
         dist.destroy_process_group()
 
 
