@@ -99,7 +99,6 @@ def bench_kernel():
 def profile_config():
     import train
     cfg = configure(defaults_of(vars(train)), [profile])
-    cfg.setdefault("vocab_size", 0)
     return cfg
 
 
