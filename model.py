@@ -197,20 +197,22 @@ class GPT(nn.Module):
             block.attn.backend = backend
         self.config.attention = backend
 
-    def forward(self, idx, targets=None, return_hidden=False, positions=None, cache=None):
+    def forward(self, idx, targets=None, return_hidden=False, positions=None, cache=None, embeds=None):
         """idx (B, T) token ids -> (logits (B, T, vocab), loss or None[, hidden]).
         targets: (B, T) next-token ids, -1 where the loss is masked (e.g. prompts in finetuning).
         return_hidden: also return the residual stream, a list of n_layer + 1 tensors (B, T, n_embd):
             [0] the token embeddings, [i] the stream after block i (what probe.py reads).
-        positions: (B, T) absolute positions for RoPE (generation with left padding); default 0..T-1."""
-        B, T = idx.size()
+        positions: (B, T) absolute positions for RoPE (generation with left padding); default 0..T-1.
+        embeds: (B, T, n_embd) input embeddings used instead of wte(idx) (idx may be None): attack.py's GCG takes
+            the gradient of a loss w.r.t. one-hot suffix tokens through them."""
+        B, T = idx.size() if embeds is None else embeds.shape[:2]
         if positions is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than block_size={self.config.block_size}")
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
-        x = self.drop(self.wte(idx))
+        x = self.drop(self.wte(idx) if embeds is None else embeds)
         hidden = [x] if return_hidden else None
         for block in self.h:
             x = block(x, cos, sin, cache)
