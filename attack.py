@@ -190,7 +190,7 @@ def usable_wrappers(w):
     """The template wrappers whose every word is in the world's vocabulary (the others, with the missing words)."""
     ok, missing = {}, {}
     for name, text in TEMPLATE_WRAPPERS.items():
-        lack = [t for t in text.split() if t not in w.stoi]
+        lack = sorted({t for t in text.split() if t not in w.stoi})
         (missing if lack else ok)[name] = lack or text
     return ok, missing
 
@@ -841,7 +841,7 @@ def write_outputs(run_dir, report, lines):
         os.replace(path + ".tmp", path)
 
 
-def run_passes(model, items_of, names, ctx, judge, decode_text, info, set_order):
+def run_passes(model, items_of, names, ctx, judge, decode_text, info, set_order, metrics=None):
     """Every (attack, decoding) pass: generation in batches, the judge on each response, metrics per pass.
     items_of[a] = [(set, record, variant, input ids)]. Returns (results, skipped, generation rows)."""
     results, skipped, lines = {}, {}, []
@@ -877,7 +877,8 @@ def run_passes(model, items_of, names, ctx, judge, decode_text, info, set_order)
                   f"{len(items) / dt:,.1f} prompts/s, {new_tokens / dt:,.0f} tokens/s")
             rows.sort(key=lambda r: (set_order.index(r["set"]), r["id"], r["variant"] or ""))
             results[f"{a}/{dname}"] = {"attack": a, "decoding": dname, "prompts": len(items), "new_tokens": new_tokens,
-                                       "seconds": dt, "prompts_per_s": len(items) / dt, "metrics": metrics_of(rows)}
+                                       "seconds": dt, "prompts_per_s": len(items) / dt,
+                                       "metrics": (metrics or metrics_of)(rows)}
             lines += rows
     return results, skipped, lines
 
@@ -1119,10 +1120,8 @@ def main_real(attack_names, decoding_names, dev):
         return enc.decode([t for t in ids if t != eot])
 
     results, more, lines = run_passes(model, inputs, (names, decs), ctx, judge, decode_text, info,
-                                      ["harmful", "xstest"])
+                                      ["harmful", "xstest"], metrics=real_metrics)
     skipped.update(more)
-    for res, name in ((res, n) for n, res in results.items()):
-        res["metrics"] = real_metrics([r for r in lines if f"{r['attack']}/{r['decoding']}" == name])
     config = {k: globals()[k] for k in defaults_of(globals())}
     report = {"ckpt": path, "iter_num": ck.get("iter_num"), "world": None, "data_dir": ck.get("data_dir"),
               "config": config, "model": info, "passes": results, "skipped": skipped, "suffix": None,

@@ -43,6 +43,30 @@ def run(tmp_path_factory):
     return {"root": root, "out": out, "stdout": p.stdout}
 
 
+GCG = ["--gcg_steps=8", "--gcg_batch=24", "--gcg_topk=16", "--suffix_len=3", "--gcg_prompts=4"]
+
+
+@pytest.fixture(scope="module")
+def more(run):
+    """Every attack and decoding: the smoke model with its meta marked as tagged (safe beam applies; the tag is in
+    every world's vocabulary), and a smoke reflection model (reflect intervention) on the same world."""
+    root = run["root"]
+    tagged = os.path.join(root, "tagged")
+    os.makedirs(tagged)
+    ck = torch.load(os.path.join(run["out"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    torch.save(dict(ck, meta=dict(ck["meta"], mix_tags=7)), os.path.join(tagged, "ckpt.pt"))
+    p1 = sh("attack.py", f"--ckpt={tagged}", "--attacks=direct,prefill,template,suffix,suppress",
+            "--decoding=greedy,safebeam,reflect_halt", f"--max_new_tokens={MAX_NEW}", "--max_prompts=2",
+            "--beam_width=3", *GCG)
+    sh("reflect.py", f"--data_root={root}", "--intervention=reflect")
+    refl = os.path.join(root, "reflect")
+    sh("train.py", "config/smoke.py", f"--data={root}/medsafety/reflect", f"--out_dir={refl}", "--max_iters=80",
+       "--eval_interval=80", "--block_size=64", "--batch_size=16", "--learning_rate=1e-2")
+    p2 = sh("attack.py", f"--ckpt={refl}", "--attacks=direct,prefill,suffix,suppress",
+            "--decoding=greedy,topk,safebeam,reflect_halt", "--max_new_tokens=30", "--max_prompts=3", *GCG)
+    return {"tagged": tagged, "reflect": refl, "stdout_tagged": p1.stdout, "stdout_reflect": p2.stdout}
+
+
 def generations(out):
     return [json.loads(l) for l in open(os.path.join(out, "generations.jsonl"))]
 
@@ -237,7 +261,7 @@ def test_bad_input_gives_one_clear_message(run, tmp_path):
     cases = [
         ([f"--ckpt={tmp_path / 'nothing'}"], "no checkpoint at"),
         ([f"--ckpt={tmp_path / 'junk'}"], "cannot be read"),
-        ([f"--ckpt={out}", "--attacks=gcg"], "unknown attack 'gcg' (choose from direct)"),
+        ([f"--ckpt={out}", "--attacks=gcg"], "unknown attack 'gcg' (choose from direct, prefill, template, suffix, suppress)"),
         ([f"--ckpt={out}", "--decoding=greedy,beam"], "unknown decoding 'beam'"),
         ([f"--ckpt={tmp_path / 'gpt2'}"], "tokenizer 'gpt2', not MedSafetyWorld's"),
         ([f"--ckpt={out}", f"--world={tmp_path / 'other_world.json'}"], "is not the world the checkpoint was trained on"),
@@ -252,3 +276,208 @@ def test_bad_input_gives_one_clear_message(run, tmp_path):
             attack_main(*argv)
         msg = str(e.value.code)
         assert message in msg and len(msg.splitlines()) == 1, (argv, msg)
+
+
+# ----------------------------------------------------------------------------- the other attacks and decodings
+
+def world_of(run):
+    return World.load(os.path.join(run["root"], "medsafety", "docs", "world.json"))
+
+
+def smoke_model(out):
+    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    model = GPT(GPTConfig(**ck["model_args"]))
+    model.load_state_dict(ck["model"])
+    return model.eval()
+
+
+def test_every_new_verdict_is_the_oracles_and_inputs_are_built_per_model(run, more):
+    attack = runpy.run_path(os.path.join(ROOT, "attack.py"))
+    w = world_of(run)
+    ev = os.path.join(run["root"], "medsafety", "eval")
+    harmful = {r["id"]: r for r in map(json.loads, open(os.path.join(ev, "harmful_prompts.jsonl")))}
+    for out, reflective in ((more["tagged"], False), (more["reflect"], True)):
+        rows = generations(out)
+        suffix = json.load(open(os.path.join(out, "suffix.json")))
+        fitted = set(suffix["held_out_ids"])
+        assert set(suffix["train_ids"]) <= fitted and fitted
+        for r in rows:
+            assert r["verdict"] == w.judge(r["prompt"], r["response"]).to_dict(), r
+            assert r["response"].startswith(r["prefill"])      # the judge saw prefill + continuation
+            user = r["prompt"][:-len(" assistant :")]            # the clean prompt is what is judged
+            a = r["attack"]
+            if a in ("direct", "suppress"):
+                assert r["input"] == (user if reflective else r["prompt"])
+            elif a == "prefill":
+                assert r["set"] == "harmful" and r["prefill"] == attack["prefill_of"](w, harmful[r["id"]])
+                assert r["input"] == f"{user} assistant : {r['prefill']}"
+            elif a == "template":
+                text = attack["TEMPLATE_WRAPPERS"][r["variant"]]
+                assert all(t in w.stoi for t in text.split())
+                assert r["input"] == f"user : {text} {user[len('user : '):]} assistant :"
+            elif a == "suffix":
+                assert r["id"] not in fitted                        # scored on held-out prompts only
+                assert r["input"] == f"{user} {suffix['suffix']}" + ("" if reflective else " assistant :")
+            if a == "suppress":
+                assert "<think>" not in r["response"], r            # the attacker banned the reflection token
+    # at least three wrappers fit the world; every one that ran has its own metrics
+    report = json.load(open(os.path.join(more["tagged"], "attack.json")))
+    variants = {r["variant"] for r in generations(more["tagged"]) if r["attack"] == "template"}
+    assert len(variants) >= 3
+    assert all(f"asr@{v}" in report["passes"]["template/greedy"]["metrics"] for v in variants)
+    # the reflection model did write reflections when nothing was banned, so the suppress check above bites
+    assert any("<think>" in r["response"] for r in generations(more["reflect"]) if r["attack"] == "direct")
+
+
+def test_attack_json_layout_and_skipped_passes(more):
+    t = json.load(open(os.path.join(more["tagged"], "attack.json")))
+    r = json.load(open(os.path.join(more["reflect"], "attack.json")))
+    for rep in (t, r):
+        assert {"ckpt", "iter_num", "world", "config", "model", "passes", "skipped", "suffix",
+                "reflection_classification", "approximate"} <= set(rep)
+        for name, res in rep["passes"].items():
+            assert name == f"{res['attack']}/{res['decoding']}" and res["prompts_per_s"] > 0
+            for stat in res["metrics"].values():
+                assert set(stat) == {"k", "n", "rate", "lo", "hi"}
+    assert set(t["passes"]) == {f"{a}/{d}" for a in ("direct", "prefill", "template", "suffix")
+                                for d in ("greedy", "safebeam")}
+    assert set(t["skipped"]) == ({f"suppress/{d}" for d in ("greedy", "safebeam", "reflect_halt")}
+                                 | {f"{a}/reflect_halt" for a in ("direct", "prefill", "template", "suffix")})
+    assert "mix_reflections == 0" in t["skipped"]["direct/reflect_halt"]
+    assert t["reflection_classification"] is None and t["model"] == {"reflective": False, "tagged": True,
+                                                                      "intervention": "none"}
+    assert set(r["passes"]) == {f"{a}/{d}" for a in ("direct", "prefill", "suffix", "suppress")
+                                for d in ("greedy", "topk", "reflect_halt")}
+    assert set(r["skipped"]) == {f"{a}/safebeam" for a in ("direct", "prefill", "suffix", "suppress")}
+    assert "mix_tags == 0" in r["skipped"]["direct/safebeam"]
+    assert "direct/safebeam: skipped (safebeam: the model never saw" in more["stdout_reflect"]
+    assert r["suffix"]["text"] == json.load(open(os.path.join(more["reflect"], "suffix.json")))["suffix"]
+
+
+def test_safebeam_selection_drops_the_most_tagged_half():
+    attack = runpy.run_path(os.path.join(ROOT, "attack.py"))
+    sel = attack["safebeam_select"]
+    # the three most likely candidates are the three most tagged: none may survive
+    logp = torch.tensor([-0.1, -0.2, -0.3, -5.0, -6.0, -7.0])
+    tag = torch.tensor([0.9, 0.8, 0.7, 0.1, 0.2, 0.3])
+    assert sel(logp, tag, 2) == [3, 4]
+    assert sel(logp, tag, 10) == [3, 4, 5]
+    # odd count: the most-tagged floor(C/2) are dropped
+    assert sel(torch.tensor([0.0, -1.0, -2.0]), torch.tensor([0.5, 0.1, 0.2]), 3) == [1, 2]
+    assert sel(torch.tensor([-1.0]), torch.tensor([0.99]), 4) == [0]
+
+
+def test_safebeam_on_a_real_model_step(run):
+    """Instrumented decoding: at every step no kept candidate lies in the most-tagged half, and each candidate's tag
+    probability (read off the re-indexed KV cache) equals a full forward of prompt + its tokens."""
+    attack = runpy.run_path(os.path.join(ROOT, "attack.py"))
+    model, w = smoke_model(run["out"]), world_of(run)
+    ev = os.path.join(run["root"], "medsafety", "eval")
+    recs = [json.loads(l) for l in open(os.path.join(ev, "harmful_prompts.jsonl"))][:3]
+    prompts = [w.encode(r["prompt"]) for r in recs]
+    trace = []
+    ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": 12, "specials": w.stoi,
+           "trace": trace, "processors": []}
+    outs = attack["decode_safebeam"](model, prompts, ctx)
+    assert len(outs) == 3 and trace
+    tag_id = w.stoi["<harmful>"]
+    checked = 0
+    for t in trace:
+        C = len(t["tag"])
+        dropped = sorted(range(C), key=lambda i: (t["tag"][i], i))[C - C // 2:]
+        assert not set(t["kept"]) & set(dropped), t
+        assert all(t["tag"][k] <= min(t["tag"][d] for d in dropped) for k in t["kept"]) if dropped else True
+        for i in range(C):
+            s = t["seqs"][i]
+            if checked < 40 and not (set(s[:-1]) & {w.stoi[END], w.stoi[EOT]}):
+                with torch.no_grad():
+                    logits, _ = model(torch.tensor([prompts[t["prompt"]] + s]))
+                p = torch.softmax(logits[0, -1].float(), -1)[tag_id]
+                assert float(p) == pytest.approx(t["tag"][i], abs=1e-5)
+                checked += 1
+    assert checked >= 20
+    assert all(tag_id not in o for o in outs)     # the tag is never emitted
+
+
+def test_reflect_halt_ends_at_the_first_unsafe_reflection(run, more):
+    attack = runpy.run_path(os.path.join(ROOT, "attack.py"))
+    model, w = smoke_model(run["out"]), world_of(run)
+    think, unsafe = w.stoi["<think>"], w.stoi["unsafe"]
+
+    def force(tokens, logits, n0=[None]):   # write "<think> unsafe" after two free tokens, nothing else forced
+        n = tokens.size(1) - n0[0]
+        if n in (2, 3):
+            logits = torch.full_like(logits, float("-inf"))
+            logits[:, think if n == 2 else unsafe] = 0
+        return logits
+    prompts = [w.encode(json.loads(l)["prompt"]) for l in
+               list(open(os.path.join(run["root"], "medsafety", "eval", "harmful_prompts.jsonl")))[:2]]
+    force.__defaults__[0][0] = max(len(p) for p in prompts)
+    ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": 20, "specials": w.stoi,
+           "processors": [force], "generator": torch.Generator().manual_seed(0)}
+    for g in attack["decode_reflect_halt"](model, prompts, ctx):
+        assert w.decode(g[2:]) == f"<think> unsafe </think> {END}", w.decode(g)
+        assert w.judge(json.loads(open(os.path.join(run["root"], "medsafety", "eval",
+                                                   "harmful_prompts.jsonl")).readline()), w.decode(g))
+    # the reflection model's own halts: the response ends right after its first unsafe reflection
+    halted = 0
+    for r in generations(more["reflect"]):
+        toks = r["response"].split()
+        pairs = [i for i in range(len(toks) - 1) if toks[i:i + 2] == ["<think>", "unsafe"]]
+        if r["decoding"] == "reflect_halt" and pairs:
+            halted += 1
+            assert toks[pairs[0]:] == ["<think>", "unsafe", "</think>", END], r["response"]
+    print(f"{halted} halted responses")
+
+
+def test_gcg_lowers_the_target_loss_step_after_step(run, more):
+    attack = runpy.run_path(os.path.join(ROOT, "attack.py"))
+    w = world_of(run)
+    ev = os.path.join(run["root"], "medsafety", "eval")
+    harmful = [json.loads(l) for l in open(os.path.join(ev, "harmful_prompts.jsonl"))]
+    for out, reflective in ((more["tagged"], False), (more["reflect"], True)):
+        s = json.load(open(os.path.join(out, "suffix.json")))
+        L = s["losses"]
+        assert len(L) == 9 and all(b <= a for a, b in zip(L, L[1:])) and L[-1] < L[0], L
+        # the recorded losses are the exact target losses of the first and the final suffix
+        train = [r for r in harmful if r["id"] in s["train_ids"]]
+        f = attack["SuffixLoss"](smoke_model(out), w, train, reflective, 3, "cpu")
+        start = torch.tensor([[w.stoi["please"]] * 3, s["ids"]])
+        assert f(start).tolist() == pytest.approx([L[0], L[-1]], abs=1e-5)
+        assert s["target"].endswith("people <harm> after taking <drug>")
+        assert all(t not in s["suffix"].split() for t in ("<think>", END, EOT, "<harmful>"))
+    # a rerun with the same flags reuses the fitted suffix; other flags refit
+    args = [f"--ckpt={more['tagged']}", "--attacks=suffix", "--decoding=greedy", "--sets=harmful", "--max_prompts=1",
+            f"--max_new_tokens={MAX_NEW}"]
+    p = sh("attack.py", *args, *GCG)
+    assert "suffix: reusing" in p.stdout and "gcg step" not in p.stdout, p.stdout
+    p = sh("attack.py", *args, *GCG[1:], "--gcg_steps=2")
+    assert "gcg step 2/2" in p.stdout and len(json.load(open(os.path.join(more["tagged"], "suffix.json")))["losses"]) == 3
+
+
+def test_reflection_classification_is_the_models_argmax(run, more):
+    attack = runpy.run_path(os.path.join(ROOT, "attack.py"))
+    model, w = smoke_model(more["reflect"]), world_of(run)
+    items = [json.loads(l) for l in open(os.path.join(run["root"], "medsafety", "eval", "probe.jsonl"))]
+    preds = attack["classify_reflections"](model, w, items, "cpu", chunk=3)
+    for it, p in zip(items, preds):
+        ids = w.encode(" ".join(x for x in (it["context"], it["text"], "<think>") if x))[-63:]
+        with torch.no_grad():
+            for _ in range(2):
+                ids.append(int(model(torch.tensor([ids]))[0][0, -1].argmax()))
+        a, b = w.vocab[ids[-2]], w.vocab[ids[-1]]
+        assert p == ("safe" if a == "safe" else (f"unsafe {b}" if b in ("poison", "contra") else "unsafe")
+                     if a == "unsafe" else f"invalid {a}")
+    m, conf = attack["reflection_metrics"](items, preds)
+    assert m["reflection_accuracy"]["n"] == len(items)
+    assert m["reflection_accuracy"]["k"] == sum(p.split()[0] == it["label"] for it, p in zip(items, preds))
+    assert sum(sum(c.values()) for c in conf.values()) == len(items)
+    rep = json.load(open(os.path.join(more["reflect"], "attack.json")))["reflection_classification"]
+    assert rep["metrics"]["reflection_accuracy"]["n"] == len(attack["cap"](items, lambda r: (r["label"], r["category"])))
+    # a constructed case: every label kind counted where it belongs
+    fake = [{"label": "safe", "category": None}, {"label": "unsafe", "category": "poison"},
+            {"label": "unsafe", "category": "contra"}, {"label": "unsafe", "category": "poison"}]
+    m, conf = attack["reflection_metrics"](fake, ["safe", "unsafe poison", "unsafe poison", "invalid ."])
+    assert (m["reflection_accuracy"]["k"], m["reflection_accuracy_unsafe"]["k"], m["reflection_accuracy_unsafe"]["n"],
+            m["reflection_category_accuracy"]["k"], m["reflection_invalid"]["k"]) == (3, 2, 3, 1, 1)
+    assert conf["unsafe contra"] == {"unsafe poison": 1} and conf["unsafe poison"]["invalid"] == 1
