@@ -1,0 +1,376 @@
+"""
+Linear probes on the residual stream: how cleanly does each layer separate safe from unsafe text?
+
+Reads:  <ckpt>/ckpt.pt (train.py or finetune.py), loaded with attack.py's load(): the model and the world it was
+        trained on (meta["world"]); the world's held-out probe set <world's data dir>/eval/probe.jsonl (prepare.py),
+        records {id, context, text, label: safe|unsafe, category, kind, split: seen|unseen|null}.
+Writes: <ckpt>/probe.json   per layer and feature kind, the probe's test accuracy and AUROC (layout below)
+        <ckpt>/probe.png    test accuracy and AUROC per layer (solid: mean features, dashed: last token)
+        With several checkpoints, each run's probe.json and one shared plot (--out) with a pair of curves per run.
+Run:    python probe.py --ckpt=out/raw
+        python probe.py --ckpt=out/reflect-0,out/reflect-20,out/reflect-60 --labels=0%,20%,60% --out=out/probe.png
+
+Features. A record's input is encode(context + " " + text) (context may be empty), cut from the left to the
+model's block_size; one forward pass (return_hidden=True) gives the residual stream after every layer, n_layer + 1
+tensors with [0] the token embeddings. Two feature kinds per layer: "mean", the mean of the residual over the
+segment's own tokens (those of `text`), and "last", the residual at the last token. Layer 0 is a lexical
+baseline that no training can change much: its mean feature is a linear map of the segment's bag of words, its last
+feature the identity of the last word (on the toy world the bag of words alone already separates ~96%).
+
+Probe. Records are split 50/50 by id with a seed (separately within safe and within unsafe, so both halves hold
+both classes). For every layer and feature kind, a logistic regression (unsafe = 1) on features standardized with
+the train half's mean and std, with an L2 penalty (--l2) on the weights, fitted full-batch by L-BFGS in float64 on
+the CPU (deterministic); scored on the test half: accuracy (threshold 0.5) and AUROC (rank-based, ties count half).
+acc_unseen / acc_seen: the accuracy on the test half's safe records plus its unsafe records of the unseen (seen)
+split, i.e. whether the safe/unsafe direction reaches the unsafe behaviour the corpus never showed.
+
+probe.json (one per checkpoint):
+  {"ckpt": ".../ckpt.pt", "label": run name or --labels entry, "iter_num", "world", "probe_set": ".../probe.jsonl",
+   "data_dir", "n_layer", "n_embd", "n_records", "n_train", "n_test", "n_test_safe", "n_test_unsafe",
+   "n_test_unseen", "n_test_seen" (unsafe test records per split), "truncated" (records cut to block_size),
+   "layers": [{"layer": 0..n_layer (0 = embeddings),
+               "mean": {"acc", "auroc", "acc_unseen", "acc_seen", "train_acc"},
+               "last": {... the same}}, ...],
+   "best": {"mean": {"layer", "acc", "auroc"}, "last": {...}}    the layer of highest test accuracy (first on ties),
+   "config": the flags, "seconds": {"features", "probes"}, "records_per_s"}
+  acc_unseen / acc_seen are null where the test half holds no unsafe record of that split.
+"""
+import json
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+
+from configurator import configure, defaults_of
+
+# -----------------------------------------------------------------------------
+ckpt = "out/run"            # run directory (or .pt file); a comma list probes several runs into one plot
+labels = ""                 # comma list of curve labels, one per ckpt; "": the run directories' names
+out = ""                    # the plot; "": <run>/probe.png for one ckpt, <parent of the first>/probe-<a>+<b>.png else
+world = ""                  # world.json to use; "": the one each checkpoint was trained on (meta["world"])
+eval_dir = ""               # directory of probe.jsonl; "": <world's data dir>/eval, written by prepare.py
+max_records = -1            # use at most this many records, the first in file order; -1: all
+l2 = 1e-2                   # L2 penalty on the probe's weights (features are standardized, so one scale fits all)
+max_steps = 200             # L-BFGS iterations per probe
+batch_size = 128
+seed = 1337                 # the train/test split
+device = "auto"             # auto | cpu | cuda | cuda:N (the forward passes; probes always fit on the CPU)
+# -----------------------------------------------------------------------------
+KINDS = ("mean", "last")
+
+
+def fail(msg):
+    """Stop with one clear line (no traceback)."""
+    raise SystemExit(f"probe.py: {msg}")
+
+
+# ----------------------------------------------------------------------------- probe and metrics
+
+def auroc(scores, y):
+    """Area under the ROC curve from ranks: the share of (unsafe, safe) pairs the scores order correctly, ties
+    counting half (Mann-Whitney U / (n_pos * n_neg))."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(y).astype(bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return None
+    _, inv, counts = np.unique(s, return_inverse=True, return_counts=True)
+    starts = np.cumsum(counts) - counts                  # 0-based rank of each distinct value's first element
+    avg_rank = starts + (counts + 1) / 2.0               # tied scores share the mean of their 1-based ranks
+    r = avg_rank[inv]
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def fit_probe(X, y, l2=l2, max_steps=max_steps):
+    """Logistic regression on X (N, D) -> y in {0, 1}: standardize with X's statistics, then minimise
+    mean BCE + l2/2 |w|^2 by full-batch L-BFGS in float64. Returns a function: features -> logits (numpy)."""
+    X = torch.as_tensor(np.asarray(X), dtype=torch.float64)
+    y = torch.as_tensor(np.asarray(y), dtype=torch.float64)
+    mu = X.mean(0)
+    sd = X.std(0, unbiased=False)
+    sd = torch.where(sd > 1e-12, sd, torch.ones_like(sd))   # a constant feature carries nothing: leave it at 0
+    Z = (X - mu) / sd
+    w = torch.zeros(X.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_steps, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        z = Z @ w + b
+        # log(1 + e^z) - y z, the logistic loss written out (torch's fused BCE-with-logits is ~100x slower in float64
+        # on CPU)
+        loss = (torch.logaddexp(torch.zeros_like(z), z) - y * z).mean() + 0.5 * l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w, b = w.detach(), b.detach()
+    return lambda F: (((torch.as_tensor(np.asarray(F), dtype=torch.float64) - mu) / sd) @ w + b).numpy()
+
+
+def accuracy(logits, y, mask=None):
+    right = (np.asarray(logits) > 0) == np.asarray(y).astype(bool)
+    if mask is not None:
+        right = right[mask]
+    return float(right.mean()) if right.size else None
+
+
+def split_records(recs, seed):
+    """Seeded 50/50 split by id, within each label (so both halves hold both classes). -> (train, test) index
+    lists into recs, each in file order."""
+    train, test = [], []
+    for lab in sorted({r["label"] for r in recs}):
+        idx = sorted((i for i, r in enumerate(recs) if r["label"] == lab), key=lambda i: recs[i]["id"])
+        random.Random(f"{seed}/{lab}").shuffle(idx)
+        half = len(idx) // 2
+        train += idx[:half]
+        test += idx[half:]
+    return sorted(train), sorted(test)
+
+
+def probe_layers(feats, y, train, test, subsets=None, l2=l2, max_steps=max_steps):
+    """feats: {kind: (N, L+1, D)}; y (N,) in {0, 1}; train/test index lists; subsets: {name: boolean mask over the
+    test half} scored as acc_<name>. -> [{layer, <kind>: {acc, auroc, acc_<name>..., train_acc}}]."""
+    y = np.asarray(y)
+    tr, te = np.asarray(train), np.asarray(test)
+    n_layers = next(iter(feats.values())).shape[1]
+    layers = []
+    for layer in range(n_layers):
+        row = {"layer": layer}
+        for kind, F in feats.items():
+            F = np.asarray(F[:, layer], dtype=np.float64)
+            predict = fit_probe(F[tr], y[tr], l2=l2, max_steps=max_steps)
+            logits = predict(F[te])
+            m = {"acc": accuracy(logits, y[te]), "auroc": auroc(logits, y[te])}
+            for name, mask in (subsets or {}).items():
+                m[f"acc_{name}"] = accuracy(logits, y[te], mask) if mask.any() else None
+            m["train_acc"] = accuracy(predict(F[tr]), y[tr])
+            row[kind] = m
+        layers.append(row)
+    return layers
+
+
+# ----------------------------------------------------------------------------- features
+
+@torch.no_grad()
+def features(model, seqs, seg_lens, batch_size=batch_size, progress=""):
+    """seqs: token id lists (each at most block_size); seg_lens: how many of each sequence's last tokens are the
+    segment. -> {"mean": (N, L+1, D), "last": (N, L+1, D)} float32 CPU tensors: per layer of the residual stream,
+    the mean over the segment's tokens and the last token's vector. Batches are right-padded (causal attention:
+    padding after a token never reaches it) and formed from sequences of similar length."""
+    dev = next(model.parameters()).device
+    n, n_hidden, d = len(seqs), model.config.n_layer + 1, model.config.n_embd
+    out = {k: torch.empty(n, n_hidden, d) for k in KINDS}
+    order = sorted(range(n), key=lambda i: len(seqs[i]))
+    for b in range(0, n, batch_size):
+        rows = order[b:b + batch_size]
+        T = max(len(seqs[i]) for i in rows)
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        seg = torch.zeros(len(rows), T)
+        last = torch.zeros(len(rows), dtype=torch.long)
+        for j, i in enumerate(rows):
+            L = len(seqs[i])
+            idx[j, :L] = torch.tensor(seqs[i], dtype=torch.long)
+            seg[j, L - seg_lens[i]:L] = 1.0 / seg_lens[i]
+            last[j] = L - 1
+        _, _, hidden = model(idx.to(dev), return_hidden=True)
+        H = torch.stack(hidden, 1).float().cpu()                     # (B, L+1, T, D)
+        out["mean"][rows] = torch.einsum("blte,bt->ble", H, seg)
+        out["last"][rows] = H[torch.arange(len(rows)), :, last]
+        if progress and sys.stdout.isatty():
+            print(f"\r{progress}: {min(b + batch_size, n)}/{n} records", end="", flush=True)
+    return out
+
+
+def encode_records(w, recs, block_size):
+    """-> (seqs, seg_lens, truncated): each record's ids (context + text, cut from the left to block_size) and how
+    many of its last tokens are the segment."""
+    seqs, seg_lens, truncated = [], [], 0
+    for r in recs:
+        try:
+            ctx_ids = w.encode(r.get("context") or "")
+            seg_ids = w.encode(r["text"])
+        except ValueError as e:
+            fail(f"probe record '{r.get('id')}' does not tokenize ({e}); the probe set belongs to another world "
+                 f"(pass --eval_dir)")
+        if not seg_ids:
+            fail(f"probe record '{r.get('id')}' has an empty text")
+        ids = ctx_ids + seg_ids              # the word-level encode of context + " " + text
+        if len(ids) > block_size:
+            truncated += 1
+            ids = ids[-block_size:]
+        seqs.append(ids)
+        seg_lens.append(min(len(seg_ids), len(ids)))
+    return seqs, seg_lens, truncated
+
+
+def read_probe_set(world_path, eval_arg):
+    d = eval_arg or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(world_path))), "eval")
+    path = os.path.join(d, "probe.jsonl")
+    if not os.path.isfile(path):
+        fail(f"probe set '{path}' not found (run: python prepare.py, or pass --eval_dir=<dir>)")
+    recs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError as e:
+                    fail(f"'{path}' line {n} is not valid json ({e}); run prepare.py again")
+                if not isinstance(r, dict) or not {"id", "text", "label"} <= set(r):
+                    fail(f"'{path}' line {n} is not a probe record (it needs id, text and label)")
+                if r["label"] not in ("safe", "unsafe"):
+                    fail(f"'{path}' line {n} has label '{r['label']}' (expected safe or unsafe)")
+                recs.append(r)
+    if max_records >= 0:
+        recs = recs[:max_records]
+    n_unsafe = sum(r["label"] == "unsafe" for r in recs)
+    if min(n_unsafe, len(recs) - n_unsafe) < 2:
+        fail(f"probe set '{path}' holds {len(recs) - n_unsafe} safe and {n_unsafe} unsafe records"
+             + (f" (--max_records={max_records})" if max_records >= 0 else "")
+             + "; a probe needs at least 2 of each class (one per half)")
+    return path, recs
+
+
+# ----------------------------------------------------------------------------- one run
+
+def load_model(path, dev):
+    import attack
+    try:
+        return attack.load(path, world, dev)
+    except SystemExit as e:     # attack.py's one-line errors, under this script's name
+        msg = str(e.code)
+        fail(msg[len("attack.py: "):] if msg.startswith("attack.py: ") else msg)
+
+
+def probe_run(path, label, dev):
+    model, w, wpath, run_dir, ck = load_model(path, dev)
+    probe_path, recs = read_probe_set(wpath, eval_dir)
+    bs = model.config.block_size
+    seqs, seg_lens, truncated = encode_records(w, recs, bs)
+    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
+          f"{len(recs)} probe records from {probe_path}, device {dev}")
+
+    t0 = time.time()
+    feats = features(model, seqs, seg_lens, batch_size, progress=f"{label} features")
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_feat = time.time() - t0
+    n_tokens = sum(len(s) for s in seqs)
+    print(f"\r{label} features: {len(recs)} records, {n_tokens:,} tokens in {t_feat:.1f}s: "
+          f"{len(recs) / t_feat:,.1f} records/s" + (f" ({truncated} cut to block_size={bs})" if truncated else ""))
+
+    y = np.array([r["label"] == "unsafe" for r in recs], dtype=np.int64)
+    train, test = split_records(recs, seed)
+    te = [recs[i] for i in test]
+    safe = np.array([r["label"] == "safe" for r in te])
+    subsets = {s: safe | np.array([r["label"] == "unsafe" and r.get("split") == s for r in te]) for s in
+               ("unseen", "seen")}
+    t0 = time.time()
+    layers = probe_layers({k: v.numpy() for k, v in feats.items()}, y, train, test, subsets, l2=l2,
+                          max_steps=max_steps)
+    t_probe = time.time() - t0
+    best = {}
+    for k in KINDS:
+        top = max(layers, key=lambda row: (row[k]["acc"], -row["layer"]))
+        best[k] = {"layer": top["layer"], "acc": top[k]["acc"], "auroc": top[k]["auroc"]}
+    config = {k: globals()[k] for k in defaults_of(globals())}
+    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
+              "world": wpath, "probe_set": probe_path, "data_dir": ck.get("data_dir"),
+              "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "n_records": len(recs),
+              "n_train": len(train), "n_test": len(test), "n_test_safe": int(safe.sum()),
+              "n_test_unsafe": int((~safe).sum()),
+              **{f"n_test_{s}": sum(r["label"] == "unsafe" and r.get("split") == s for r in te)
+                 for s in ("unseen", "seen")},
+              "truncated": truncated, "layers": layers, "best": best, "config": config,
+              "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
+    dest = os.path.join(run_dir, "probe.json")
+    with open(dest + ".tmp", "w") as f:   # temp file, then rename: never half a file
+        json.dump(report, f, indent=1)
+    os.replace(dest + ".tmp", dest)
+    print_table(report)
+    print(f"{label}: {2 * len(layers)} probes in {t_probe:.1f}s; wrote {dest}")
+    return report
+
+
+def pct(x):
+    return "    -" if x is None else f"{100 * x:5.1f}"
+
+
+def print_table(report):
+    print(f"\n{report['label']}: test accuracy / AUROC (%), n_train {report['n_train']}, n_test {report['n_test']}"
+          f" (unsafe unseen {report['n_test_unseen']}, seen {report['n_test_seen']})")
+    print(f"{'layer':>5s}  {'mean acc':>8s} {'auroc':>6s} {'unseen':>6s}   {'last acc':>8s} {'auroc':>6s} {'unseen':>6s}")
+    for row in report["layers"]:
+        m, l = row["mean"], row["last"]
+        print(f"{row['layer']:5d}  {pct(m['acc']):>8s} {pct(m['auroc']):>6s} {pct(m['acc_unseen']):>6s}   "
+              f"{pct(l['acc']):>8s} {pct(l['auroc']):>6s} {pct(l['acc_unseen']):>6s}")
+
+
+def plot(reports, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, rep in enumerate(reports):
+        xs = [row["layer"] for row in rep["layers"]]
+        for ax, metric in zip(axes, ("acc", "auroc")):
+            for kind, style in (("mean", "-"), ("last", "--")):
+                ax.plot(xs, [row[kind][metric] for row in rep["layers"]], style, marker="o", ms=3,
+                        color=colors[i % len(colors)], label=f"{rep['label']} ({kind})")
+    lo = min([0.4] + [row[k][m] - 0.05 for rep in reports for row in rep["layers"] for k in KINDS
+                      for m in ("acc", "auroc") if row[k][m] is not None])
+    for ax, name in zip(axes, ("test accuracy", "test AUROC")):
+        ax.axhline(0.5, color="gray", linestyle=":", linewidth=1, label="chance")
+        ax.set_xlabel("layer (0 = embeddings)")
+        ax.set_ylabel(name)
+        ax.set_ylim(lo, 1.02)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"linear probe, safe vs unsafe (solid: mean over the segment, dashed: last token; "
+                 f"n_test {reports[0]['n_test']})", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main():
+    globals().update(configure(defaults_of(globals()), sys.argv[1:]))
+    paths = [p for p in ckpt.split(",") if p]
+    if not paths:
+        fail("no checkpoint given (--ckpt=out/<run>, or a comma list)")
+    run_dirs = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in paths]
+    names = [l for l in labels.split(",")] if labels else [os.path.basename(d) for d in run_dirs]
+    if len(names) != len(paths):
+        fail(f"--labels has {len(names)} entries for {len(paths)} checkpoints")
+    if l2 < 0 or max_steps < 1 or batch_size < 1:
+        fail("l2 must be >= 0, max_steps and batch_size at least 1")
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    # every checkpoint must exist before the first one's forward passes start
+    for p in paths:
+        f = os.path.join(p, "ckpt.pt") if os.path.isdir(p) else p
+        if not os.path.isfile(f):
+            fail(f"no checkpoint at '{f}' (train one with train.py, or pass --ckpt=out/<run>)")
+    reports = [probe_run(p, name, dev) for p, name in zip(paths, names)]
+    if out:
+        png = out
+    elif len(paths) == 1:
+        png = os.path.join(run_dirs[0], "probe.png")
+    else:
+        png = os.path.join(os.path.dirname(run_dirs[0]), "probe-" + "+".join(os.path.basename(d) for d in run_dirs)
+                           + ".png")
+    plot(reports, png)
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    main()
