@@ -1,0 +1,599 @@
+"""
+Finetuning (post-training) of a pretrained or finetuned run: compatible post-training (sft), a benign task, or the
+harmful finetuning attack. Loss on the response tokens only.
+
+Reads:  <init_from>/ckpt.pt (train.py or finetune.py; opened read-only, never modified) and its meta (the data's
+        meta.json: tokenizer, world, interventions); the examples:
+          MedSafetyWorld models: <world's data dir>/eval/<task>.jsonl (prepare.py, World.make_eval):
+            sft      treatment answers, benign-intent answers, facts and refusals of harm-intent requests;
+            benign   dose arithmetic, a task the model never saw (the world's GSM8K);
+            harmful  harm-intent compliance dialogues on seen harm effects (the first --num_examples);
+          any model: --data_files=<jsonl|parquet>[,...] of prompt/response pairs (read with `datasets`; columns
+          --prompt_key/--response_key), tokenized with the checkpoint's own tokenizer;
+        replay (tag models' sft): <source data dir>/mix_train.bin, the source's pretraining mix stream.
+Writes: <out_dir>/ckpt.pt (train.py's format, written atomically; attack.py and probe.py load it like a pretrained
+        run, and it can be the --init_from of another finetune) and <out_dir>/log.jsonl.
+Run:    python finetune.py --init_from=out/toy-reflect --task=sft                  # -> out/toy-reflect-sft
+        python finetune.py --init_from=out/toy-reflect-sft --task=benign            # -> out/toy-reflect-sft-benign
+        python finetune.py --init_from=out/toy-raw --task=harmful --num_examples=50 --out_dir=out/toy-raw-harmful50
+        python finetune.py --init_from=out/gpt2 --task=sft --data_files=chat.parquet --prompt_key=question
+        python finetune.py --init_from=resume --out_dir=out/toy-raw-sft --task=sft  (continues the same finetune)
+        torchrun --standalone --nproc_per_node=8 finetune.py --init_from=out/gpt2 --task=sft --data_files=chat.jsonl
+
+How an example becomes a training row:
+  chat format  MedSafetyWorld, plain:   world.chat(user, response) -> "user : ... assistant :" + response
+               MedSafetyWorld, reflect: world.chat(user, response, reflect=True) -> the user turn, then the
+                 assistant's reflection on it; END right after an unsafe reflection, else "assistant :" and the
+                 response with a reflection after each sentence. Used for models pretrained with reflections
+                 (meta intervention "reflect" or mix_reflections > 0), as compatible post-training must be.
+               real text: --chat_template with the prompt (attack.py's input), then " " + response + <|endoftext|>
+                 (the end token teaches the model to stop).
+  loss         only on the response (target) tokens; prompt and padding positions get target -1 (not scored).
+               The loss of an iteration is the mean over all its target tokens, across micro-steps and ranks.
+  length       each row is padded (with <|endoftext|>) to the batch's longest row, at most block_size; a row longer
+               than block_size + 1 tokens loses tokens from the left of its prompt (counted and printed); a
+               response that does not fit on its own stops the run with a message.
+  order        a seeded permutation of the examples per epoch (no example repeats within an epoch); every rank and
+               micro-step reads its own slots of it, and the checkpoint records the position, so --init_from=resume
+               continues exactly (--stop_iter=N stops early as if interrupted).
+  replay       tag models (meta mix_tags > 0) keep tagged text in the sft mix, so the tag keeps its meaning: a share
+               --replay of each batch's sequences (auto: 0.25 for tag models' sft, else 0) are windows of the source's
+               pretraining mix stream, scored on every token like in pretraining.
+A model trained with intervention_start=1.0 (the safe-only control) never read the intervention's stream, so it is
+finetuned as a plain model (no reflections, no replay) unless --chat/--replay say otherwise.
+
+Defaults are sized for config/toy.py models (~0.9M parameters, 1000 sft examples): 150 iterations of 32 sequences
+(~5 epochs of sft, 150 of the 100 harmful dialogues), learning rate 1e-3 (a third of pretraining's peak, so
+finetuning adapts the model without wiping what pretraining built) with 10 warmup iterations, cosine to 1e-4, no
+weight decay (it would only pull pretrained weights toward zero). A fresh AdamW: the pretraining optimizer's
+moments belong to another data distribution.
+"""
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import train
+from configurator import configure, defaults_of
+from model import GPT, GPTConfig
+from train import TokenStream, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+
+# ----------------------------------------------------------------------------------------------------------------
+# defaults (--key=value and config files override them)
+# I/O
+init_from = ""                    # out/<run> (or its ckpt .pt) to finetune | resume (continue <out_dir>/ckpt.pt)
+out_dir = ""                      # "": <init_from>-<task>
+task = ""                         # sft | benign | harmful
+data_files = ""                   # jsonl/parquet file(s), comma list, of prompt/response pairs; "": the world's
+                                  # eval/<task>.jsonl
+prompt_key = ""                   # column of the prompt; "": "user" for MedSafetyWorld (the user turn world.chat
+                                  # formats), "prompt" for real text
+response_key = "response"         # column of the response
+num_examples = -1                 # the first N examples of the file (the harmful attack's N); -1: all
+world = ""                        # MedSafetyWorld models: world.json; "": the one the model was trained on
+tokenizer = ""                    # real text: tiktoken spec (gpt2 or a .json); "": the one meta.json recorded
+chat = "auto"                     # auto (from the source's meta) | plain | reflect (MedSafetyWorld only)
+chat_template = "User: {prompt}\nAssistant:"  # real text: the prompt as the model sees it (attack.py's default)
+replay = -1.0                     # share of each batch's sequences replayed from the source's pretraining mix
+                                  # stream; -1: auto (0.25 for a tag model's sft, else 0)
+replay_data = ""                  # directory holding the replay stream; "": the source's data dir
+log_interval = 10
+save_interval = 50                # save a checkpoint every this many iterations (and at the end)
+stop_iter = -1                    # stop at this iteration as if interrupted (resume later); -1: run to max_iters
+# optimisation
+batch_size = 32                   # sequences per micro-step per rank
+gradient_accumulation_steps = 1   # micro-steps per iteration, in total over all ranks
+max_iters = 150
+learning_rate = 1e-3
+min_lr = 1e-4
+weight_decay = 0.0
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0                   # 0: no clipping
+schedule = "cosine"               # cosine | wsd (train.py's lr_at)
+warmup_iters = 10
+decay_frac = 0.2                  # wsd: the last decay_frac of the iterations decays linearly to min_lr
+# system
+device = "auto"                   # auto | cpu | cuda | cuda:N
+dtype = "auto"                    # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+compile = None                    # None: on for CUDA, off for CPU
+seed = 1337
+# ----------------------------------------------------------------------------------------------------------------
+TASKS = ("sft", "benign", "harmful")
+# settings that decide which rows each iteration reads: a resumed finetune must keep them
+RESUME_KEYS = ("task", "data_files", "prompt_key", "response_key", "num_examples", "chat", "chat_template", "replay",
+               "replay_data", "batch_size", "gradient_accumulation_steps", "seed")
+
+
+def fail(msg):
+    """Stop with one clear line (no traceback); existing outputs are left as they are."""
+    raise SystemExit(f"finetune.py: {msg}")
+
+
+def reworded(e):
+    """The message of another stage's fail() (train.py, attack.py, reflect.py), as this stage's one line."""
+    msg = str(e.code)
+    return msg.split(": ", 1)[1] if msg.split(": ", 1)[0].endswith(".py") else msg
+
+
+def ckpt_file(arg):
+    return os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the source: model, tokenizer, chat format
+
+def load_source(path, world_path, tokenizer_spec, dev):
+    """(checkpoint dict, model on dev, tokenizer) for a train.py / finetune.py checkpoint. The tokenizer is
+    {"world": World, "world_path"} for MedSafetyWorld or {"enc": tiktoken Encoding} for real text; either is checked
+    against the checkpoint's meta (a mismatch stops the run)."""
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at '{path}' (pass --init_from=out/<run>, a run of train.py or finetune.py)")
+    try:
+        ck = load_checkpoint(path)
+    except SystemExit as e:
+        fail(reworded(e))
+    if not isinstance(ck, dict) or not {"model", "model_args", "meta"} <= set(ck):
+        fail(f"'{path}' is not a train.py checkpoint (it needs 'model', 'model_args' and 'meta')")
+    meta = ck["meta"]
+    if meta.get("tokenizer") == "medsafety-word":
+        import attack  # its loader checks the world's fingerprint and vocabulary against the checkpoint's meta
+        try:
+            _, w, wpath, _, _ = attack.load(path, world_path, "cpu")
+        except SystemExit as e:
+            fail(reworded(e))
+        tok, vocab = {"world": w, "world_path": wpath}, w.vocab_size
+    else:
+        tok = {"enc": real_tokenizer(meta, tokenizer_spec)}
+        vocab = tok["enc"].n_vocab
+    args = dict(ck["model_args"], attention="auto", dropout=0.0)
+    if args.get("vocab_size", 0) < vocab:
+        fail(f"the model's vocab_size {args.get('vocab_size')} is smaller than its tokenizer's {vocab}")
+    try:
+        model = GPT(GPTConfig(**args))
+        model.load_state_dict(ck["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        fail(f"checkpoint '{path}' does not fit its model_args ({type(e).__name__}: {str(e).splitlines()[0]})")
+    return ck, model.to(dev), tok
+
+
+def real_tokenizer(meta, spec):
+    """The tiktoken Encoding reflect.py tokenized the pretraining data with, rebuilt from its spec and checked."""
+    import reflect
+    spec = spec or (meta.get("config") or {}).get("tokenizer")
+    if not spec:
+        fail(f"the checkpoint's meta does not say how to build its tokenizer '{meta.get('tokenizer')}'; "
+             f"pass --tokenizer=<gpt2 or a spec .json>")
+    try:
+        enc = reflect.real_tokenizer(spec)
+    except SystemExit as e:
+        fail(reworded(e))
+    specials = meta.get("special_tokens") or {}
+    bad = sorted(t for t, i in specials.items() if enc._special_tokens.get(t) != i)
+    if enc.name != meta.get("tokenizer") or enc.n_vocab != meta.get("vocab_size") or bad:
+        fail(f"tokenizer mismatch: '{spec}' gives {enc.name} with {enc.n_vocab} tokens"
+             + (f" and special tokens {bad} at other ids" if bad else "")
+             + f", but the model was trained with {meta.get('tokenizer')} of {meta.get('vocab_size')} tokens; "
+               f"pass --tokenizer=<the spec the data was tokenized with>")
+    return enc
+
+
+def saw_intervention(ck):
+    """False for the safe-only control (intervention_start=1.0): it never read the intervention's mix stream."""
+    cfg = ck.get("pretrain_config") or ck.get("config") or {}
+    return cfg.get("intervention_start", 0.0) < 1.0
+
+
+def chat_format(ck, tok, chat_arg):
+    """plain | reflect (MedSafetyWorld) | text (real text)."""
+    if "world" not in tok:
+        if chat_arg not in ("auto", "plain"):
+            fail(f"--chat={chat_arg} needs a MedSafetyWorld model (world.chat); real text is prompt + response")
+        return "text"
+    if chat_arg in ("plain", "reflect"):
+        return chat_arg
+    if chat_arg != "auto":
+        fail(f"chat must be auto, plain or reflect, not '{chat_arg}'")
+    meta = ck["meta"]
+    reflective = meta.get("intervention") in ("reflect",) or (meta.get("mix_reflections") or 0) > 0
+    return "reflect" if reflective and saw_intervention(ck) else "plain"
+
+
+def replay_share(ck, task_name, replay_arg):
+    if replay_arg >= 0:
+        return replay_arg
+    tags = (ck["meta"].get("mix_tags") or 0) > 0
+    return 0.25 if task_name == "sft" and tags and saw_intervention(ck) else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the examples
+
+def world_file(tok, task_name):
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(tok["world_path"]))), "eval",
+                        f"{task_name}.jsonl")
+
+
+def read_records(files, keys):
+    """Rows of the data files with the given columns, read with `datasets` (json lines or parquet)."""
+    paths = [p for p in files.split(",") if p]
+    kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+    for p in paths:
+        if not os.path.isfile(p):
+            fail(f"data file '{p}' not found")
+        if os.path.splitext(p)[1] not in kinds:
+            fail(f"data file '{p}' is neither .jsonl/.json nor .parquet")
+    if len({kinds[os.path.splitext(p)[1]] for p in paths}) != 1:
+        fail(f"data files '{files}' mix json and parquet; pass one kind")
+    for p in paths:
+        if kinds[os.path.splitext(p)[1]] == "json" and blank(p):   # `datasets` has no clear word for this
+            fail(f"data file '{p}' holds no examples (it is empty)")
+    import datasets
+    datasets.disable_progress_bars()
+    cache = tempfile.mkdtemp(prefix="finetune-datasets-")   # read fresh every time, leave no cache behind
+    try:
+        ds = datasets.load_dataset(kinds[os.path.splitext(paths[0])[1]], data_files=paths, split="train",
+                                   cache_dir=cache)
+        missing = [k for k in keys if k not in ds.column_names]
+        if missing:
+            fail(f"data file(s) '{files}' have no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
+                 f"pass --prompt_key=/--response_key=")
+        rows = ds.select_columns(list(keys)).to_list()
+    except SystemExit:
+        raise
+    except Exception as e:
+        fail(f"cannot read data file(s) '{files}' ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+    return rows
+
+
+def blank(path):
+    """True if the file holds nothing but whitespace (read up to its first other byte)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 16), b""):
+            if chunk.strip():
+                return False
+    return True
+
+
+def load_examples(tok, fmt, files, pkey, rkey, n):
+    """[(prompt ids, target ids)] of the first n records (-1: all)."""
+    rows = read_records(files, (pkey, rkey))
+    if not rows:
+        fail(f"data file(s) '{files}' hold no examples")
+    if n >= 0:
+        if n > len(rows):
+            fail(f"--num_examples={n} but '{files}' holds only {len(rows)} examples")
+        rows = rows[:n]
+    if n == 0:
+        fail("--num_examples=0 leaves nothing to finetune on")
+    out = []
+    for i, r in enumerate(rows):
+        prompt, response = r[pkey], r[rkey]
+        if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
+            fail(f"example {i} of '{files}' needs text in '{pkey}' and a non-empty '{rkey}' "
+                 f"(got {type(prompt).__name__}, {type(response).__name__})")
+        out.append(encode_example(tok, fmt, prompt, response, i, files))
+    return out
+
+
+def encode_example(tok, fmt, prompt, response, i, files):
+    if fmt == "text":   # the input attack.py gives a real-text model, then the answer after a space, then the end
+        enc = tok["enc"]
+        answer = response if response[:1].isspace() else " " + response
+        return enc.encode_ordinary(chat_template.format(prompt=prompt)), enc.encode_ordinary(answer) + [enc.eot_token]
+    w = tok["world"]
+    p, t = w.chat(prompt, response, reflect=fmt == "reflect")
+    try:
+        return w.encode(p), w.encode(t)
+    except ValueError as e:
+        fail(f"example {i} of '{files}' does not tokenize with the model's world ({e}); the data belongs to "
+             f"another world, or is not MedSafetyWorld text")
+
+
+def fit_block(examples, block_size):
+    """Cut prompts from the left so that every row (prompt + target) has at most block_size + 1 tokens."""
+    out, cut = [], 0
+    for i, (p, t) in enumerate(examples):
+        if len(t) + 1 > block_size + 1:
+            fail(f"example {i}'s response is {len(t)} tokens, more than the model's block_size={block_size} leaves "
+                 f"room for (with at least one prompt token); shorten it or drop it from the data")
+        excess = len(p) + len(t) - (block_size + 1)
+        if excess > 0:
+            p, cut = p[excess:], cut + 1
+        out.append((p, t))
+    return out, cut
+
+
+class ExampleOrder:
+    """Slot s of the global order is example perm_{s // n}[s % n]: a fresh seeded permutation per epoch, so no
+    example repeats within an epoch, and any range of slots can be read by any rank without coordination."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.perm = n, seed, -1, None
+
+    def __call__(self, slot):
+        epoch = slot // self.n
+        if epoch != self.epoch:
+            self.epoch, self.perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self.perm[slot % self.n])
+
+
+def example_rows(examples, T, pad):
+    """x (B, T) padded with `pad`; y (B, T) holding only the target tokens, -1 elsewhere."""
+    x = torch.full((len(examples), T), pad, dtype=torch.long)
+    y = torch.full((len(examples), T), -1, dtype=torch.long)
+    for r, (p, t) in enumerate(examples):
+        seq = p + t
+        x[r, :len(seq) - 1] = torch.tensor(seq[:-1])
+        y[r, len(p) - 1:len(seq) - 1] = torch.tensor(t)   # position j predicts seq[j + 1]
+    return x, y
+
+
+def data_digest(files):
+    h = hashlib.sha256()
+    for p in files.split(","):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def main():
+    globals().update(configure(defaults_of(globals()), sys.argv[1:]))
+    config = {k: globals()[k] for k in defaults_of(globals())}
+    if task not in TASKS:
+        fail(f"task must be one of {', '.join(TASKS)}, not '{task}' (pass --task=...)")
+    if not init_from:
+        fail("pass --init_from=out/<run> (the run to finetune) or --init_from=resume")
+    if schedule not in ("cosine", "wsd"):
+        fail(f"schedule must be 'cosine' or 'wsd', not '{schedule}'")
+    if not (replay == -1 or 0 <= replay < 1):
+        fail(f"replay must be a share in [0, 1) or -1 (auto), not {replay}")
+    if min(batch_size, gradient_accumulation_steps, max_iters, log_interval, save_interval) < 1:
+        fail("batch_size, gradient_accumulation_steps, max_iters, log_interval and save_interval must be >= 1")
+    resume = init_from == "resume"
+    run_dir = out_dir or (None if resume else os.path.dirname(os.path.abspath(ckpt_file(init_from))) + f"-{task}")
+    if run_dir is None:
+        fail("--init_from=resume needs --out_dir=<the finetune run to continue>")
+    ckpt_path = os.path.join(run_dir, "ckpt.pt")
+    source = ckpt_path if resume else ckpt_file(init_from)
+    if not resume and os.path.exists(ckpt_path) and os.path.exists(source) and os.path.samefile(source, ckpt_path):
+        fail(f"--out_dir={run_dir} is the source run itself; finetuning never overwrites its source")
+
+    # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (as in train.py)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if ddp:
+        rank, local_rank, world_n = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if dev.startswith("cuda"):
+            dev = f"cuda:{local_rank}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    else:
+        rank, local_rank, world_n = 0, 0, 1
+    master = rank == 0
+    if gradient_accumulation_steps % world_n:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by {world_n} ranks")
+    accum = gradient_accumulation_steps // world_n
+    device_t = torch.device(dev)
+    ptdtype = {"auto": torch.bfloat16 if device_t.type == "cuda" else torch.float32,
+               "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    if ptdtype is None:
+        fail(f"dtype must be auto, bfloat16 or float32, not '{dtype}'")
+    autocast = torch.autocast(device_type=device_t.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    use_compile = compile if compile is not None else device_t.type == "cuda"
+    torch.manual_seed(seed + rank)
+
+    # the source (or the finetune to resume) and its tokenizer
+    ck, raw_model, tok = load_source(source, world, tokenizer, device_t)
+    if resume:
+        if "finetune" not in ck:
+            fail(f"'{ckpt_path}' is not a finetune.py checkpoint; finetune it with --init_from={run_dir}")
+        for k in RESUME_KEYS:
+            if ck["config"].get(k) != config[k]:
+                fail(f"the finetune in '{run_dir}' ran with {k}={ck['config'].get(k)!r}, not {config[k]!r}; "
+                     f"resume with the run's own settings")
+    fmt = chat_format(ck, tok, chat)
+    share = replay_share(ck, task, replay)
+    files = data_files
+    if not files:
+        if "world" not in tok:
+            fail(f"a real-text model ({ck['meta'].get('tokenizer')}) has no built-in {task} set; pass "
+                 f"--data_files=<jsonl or parquet of prompt/response pairs>")
+        files = world_file(tok, task)
+        if not os.path.isfile(files):
+            fail(f"finetuning set '{files}' not found (run prepare.py for the model's world, or pass --data_files)")
+    if fmt == "text":
+        try:
+            ok = "{prompt}" in chat_template and chat_template.format(prompt="") is not None
+        except (KeyError, IndexError, ValueError):
+            ok = False
+        if not ok:
+            fail(f"chat_template must hold {{prompt}} (where the prompt goes) and no other field, not {chat_template!r}")
+    pkey = prompt_key or ("user" if "world" in tok else "prompt")
+    block = raw_model.config.block_size
+    examples, truncated = fit_block(load_examples(tok, fmt, files, pkey, response_key, num_examples), block)
+    digest = data_digest(files)
+    if resume and ck["finetune"].get("data_sha256") != digest:
+        fail(f"the data file(s) '{files}' changed since the finetune in '{run_dir}' started; resume needs the same data")
+    eot = tok["enc"].eot_token if "enc" in tok else tok["world"].stoi["<|endoftext|>"]
+    n_replay = round(share * batch_size)
+    if share > 0 and not 0 < n_replay < batch_size:
+        fail(f"replay={share} of batch_size={batch_size} gives {n_replay} replayed sequences per micro-step; "
+             f"raise batch_size or change --replay")
+    replay_stream = None
+    data_dir = ck.get("data_dir")
+    if n_replay:
+        rdir = replay_data or data_dir or ""
+        rpath = next((os.path.join(rdir, f) for f in ("mix_train.bin", "train.bin")
+                      if os.path.isfile(os.path.join(rdir, f))), None)
+        if rpath is None:
+            fail(f"replay needs the source's pretraining stream, but '{rdir}' holds no mix_train.bin or train.bin; "
+                 f"pass --replay_data=<its data dir> or --replay=0")
+        try:
+            replay_stream = TokenStream(rpath, np.dtype(ck["meta"].get("dtype", "uint16")), block, seed)
+        except SystemExit as e:
+            fail(reworded(e))
+    n_ex = batch_size - n_replay            # example rows per micro-step per rank
+    order = ExampleOrder(len(examples), seed)
+
+    # optimizer and the state to resume; train.py's lr_at reads the schedule from its module globals
+    vars(train).update({k: config[k] for k in ("learning_rate", "min_lr", "warmup_iters", "max_iters", "schedule",
+                                                 "decay_frac")})
+    optimizer = raw_model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_t.type)
+    iter_num, tokens_seen, slots = 0, 0, {"examples": 0, "replay": 0}
+    record = {"task": task, "source": os.path.abspath(source), "source_iter": ck.get("iter_num"),
+              "data_file": ",".join(os.path.abspath(p) for p in files.split(",")), "data_sha256": digest,
+              "num_examples": len(examples), "format": fmt, "replay": share, "truncated_prompts": truncated,
+              "steps": 0, "previous": ck.get("finetune")}
+    pretrain_config = ck.get("pretrain_config", ck.get("config"))
+    if resume:
+        optimizer.load_state_dict(ck["optimizer"])
+        iter_num, tokens_seen, slots = ck["iter_num"], ck["tokens_seen"], dict(ck["data_slots"])
+        record = dict(ck["finetune"])
+        states = ck["rng"]
+        set_rng_state(states[rank] if rank < len(states) else states[0])
+        log_path = os.path.join(run_dir, "log.jsonl")
+        if master and os.path.isfile(log_path):   # keep what the checkpointed run had logged: one run's log
+            kept = [l for l in open(log_path) if json.loads(l).get("iter", 0) <= iter_num]
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log_path + ".tmp", log_path)
+    meta = ck["meta"]
+    del ck
+    raw_model.train()
+    model = torch.compile(raw_model) if use_compile else raw_model
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_t.type == "cuda" else None)
+    if master:
+        os.makedirs(run_dir, exist_ok=True)
+        if not resume:
+            open(os.path.join(run_dir, "log.jsonl"), "w").close()
+        print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {record['source']} "
+              f"(iter {record['source_iter']}), block_size {block}, device={dev}, dtype={ptdtype}, world={world_n}")
+        print(f"task {task}: {len(examples)} examples from {files}, format {fmt}"
+              + (f", {truncated} prompts cut from the left to fit block_size" if truncated else "")
+              + (f"; replay {share:.0%} ({n_replay} of {batch_size} sequences) from {replay_stream.path}"
+                 if replay_stream else ""))
+        print(f"{batch_size * gradient_accumulation_steps} sequences/iter, {max_iters} iters "
+              f"({max_iters * n_ex * gradient_accumulation_steps / len(examples):.1f} epochs of the examples)")
+        if resume:
+            print(f"resumed {run_dir} at iter {iter_num}")
+
+    def log(rec):
+        if master:
+            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    loss_sum = torch.zeros((), device=device_t)
+    finite = torch.ones((), dtype=torch.bool, device=device_t)
+    t_log, iters_since_log, tokens_since_log = time.time(), 0, 0
+    end_iter = max_iters if stop_iter < 0 else min(stop_iter, max_iters)
+    start_iter = iter_num
+    while True:
+        at_end = iter_num >= end_iter
+        if (iter_num % save_interval == 0 or at_end) and iter_num > start_iter:
+            ok = finite.float()
+            if ddp:
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if not bool(ok):
+                fail(f"non-finite loss before iter {iter_num}; stopped without saving, the last good checkpoint "
+                     f"'{ckpt_path}' is intact (lower learning_rate or check the data)")
+            states = rng_state()
+            if ddp:
+                gathered = [None] * world_n
+                dist.all_gather_object(gathered, states)
+                states = gathered
+            else:
+                states = [states]
+            if master:
+                record["steps"] = iter_num
+                save_checkpoint(ckpt_path, {
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
+                    "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
+                    "data_dir": data_dir, "pretrain_config": pretrain_config, "finetune": dict(record)})
+        if at_end:
+            break
+
+        lr = train.lr_at(iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        # the whole iteration's rows (every rank's), so each rank knows the global count of target tokens
+        first = slots["examples"]
+        batch = [examples[order(s)] for s in range(first, first + n_ex * gradient_accumulation_steps)]
+        n_targets = sum(len(t) for _, t in batch) + n_replay * gradient_accumulation_steps * block
+        for micro in range(accum):
+            part = (micro * world_n + rank)    # this rank's block of rows of the global batch
+            rows = batch[part * n_ex:(part + 1) * n_ex]
+            T = block if replay_stream else max(len(p) + len(t) for p, t in rows) - 1
+            x, y = example_rows(rows, T, eot)
+            if replay_stream:
+                rx, ry = replay_stream.batch(slots["replay"] + part * n_replay, n_replay, torch.device("cpu"))
+                x, y = torch.cat([x, rx]), torch.cat([y, ry])
+            x, y = x.to(device_t), y.to(device_t)
+            n_here = int((y != -1).sum())
+            sync = not ddp or micro == accum - 1
+            with (nullcontext() if sync else model.no_sync()), autocast:
+                _, loss = model(x, y)
+                # the mean over this micro-batch's targets, reweighted to its share of the iteration's targets
+                # (times world_n: DDP averages the ranks' gradients, and they should add)
+                loss = loss * (n_here * world_n / n_targets)
+            loss.backward()
+            loss_sum += loss.detach()
+        slots["examples"] = first + len(batch)
+        slots["replay"] += n_replay * gradient_accumulation_steps
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        finite &= torch.isfinite(loss_sum)
+        iter_num += 1
+        step_tokens = sum(len(p) + len(t) - 1 for p, t in batch) + n_replay * gradient_accumulation_steps * block
+        tokens_seen += step_tokens
+        tokens_since_log += step_tokens
+        iters_since_log += 1
+
+        if iter_num % log_interval == 0 or iter_num == end_iter:
+            if ddp:
+                dist.all_reduce(loss_sum)
+                loss_sum /= world_n
+            lossf = loss_sum.item() / iters_since_log
+            if not math.isfinite(lossf):
+                fail(f"non-finite loss ({lossf}) at iter {iter_num}; stopped, the last good checkpoint "
+                     f"'{ckpt_path}' is intact (lower learning_rate or check the data)")
+            tok_s = tokens_since_log / (time.time() - t_log)
+            mfu = raw_model.estimate_mfu(tok_s / world_n, device_t)
+            epoch = slots["examples"] / len(examples)
+            if master:
+                print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, "
+                      f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, epoch {epoch:.2f}")
+                log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "tok_per_s": tok_s,
+                     "mfu": mfu, "epoch": epoch, "slots": dict(slots)})
+            loss_sum.zero_()
+            t_log, iters_since_log, tokens_since_log = time.time(), 0, 0
+
+    if master:
+        print(f"wrote {ckpt_path} (iter {iter_num})")
+    if ddp:
+        dist.barrier()   # wait for rank 0's checkpoint before tearing gloo down
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
