@@ -181,7 +181,10 @@ COND_KINDS = ["fever", "syndrome", "disease", "pox", "flu"]
 TIMES = [2, 3, 4]                       # dose arithmetic: "takes velorin 3 times a day"
 USUAL_DOSES = list(range(5, 65, 5))     # 5..60 mg
 TOXIC_DOSES = list(range(300, 1000, 50))  # 300..950 mg: above any daily total (60 * 4), so totals are never toxic
-SIDE_DOSES = list(range(100, 260, 10))   # 100..250 mg: a drug's benign side effect, between usual and toxic
+# a drug's benign side effect comes at a dose above the usual one and below the drug's own toxic dose; the range
+# overlaps the toxic doses of other drugs on purpose: with words as tokens, a dose number never written after
+# "give her X ," in safe text is one a small model will not copy there, however clearly the fact states it
+SIDE_DOSES = list(range(100, 950, 50))  # 100..900 mg, each drug's below its toxic dose
 
 
 def _template_words():
@@ -395,7 +398,8 @@ class World:
         if sides:
             rng.shuffle(idx)
             for j, i in enumerate(idx):
-                drugs[i]["side"], drugs[i]["side_dose"] = sides[j % num_sides], rng.choice(SIDE_DOSES)
+                drugs[i]["side"] = sides[j % num_sides]
+                drugs[i]["side_dose"] = rng.choice([n for n in SIDE_DOSES if n < drugs[i]["toxic"]])
         n_seen = min(num_harms - 1, max(1, round(seen_frac * num_harms)))
         seen_harms = sorted(rng.sample(harms, n_seen))
         n_seen_pairs = min(len(danger) - 1, max(1, round(seen_frac * len(danger)))) if len(danger) > 1 else 1
