@@ -165,6 +165,24 @@ def test_resume_equals_a_straight_run(world_run, tmp_path):
     assert p.returncode == 1 and "batch_size" in p.stderr
 
 
+def test_ddp_two_ranks_equal_one_rank_with_accumulation(world_run, tmp_path):
+    # replay on, so example rows and replayed windows are both dealt out; the loss is the mean over every target
+    # token of the iteration, whatever the ranks' shares of them
+    common = [f"--init_from={world_run['base']}", "--task=harmful", "--batch_size=4", "--replay=0.25",
+              "--gradient_accumulation_steps=2", "--max_iters=4", "--log_interval=1"]
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    sh("finetune.py", *common, f"--out_dir={one}")
+    sh("finetune.py", *common, f"--out_dir={two}", torchrun=2)
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for it in a:
+        assert abs(a[it] - b[it]) < 1e-5, (it, a[it], b[it])
+    ca, cb = ckpt(one), ckpt(two)
+    assert ca["data_slots"] == cb["data_slots"] == {"examples": 24, "replay": 8}
+    for k in ca["model"]:
+        assert torch.allclose(ca["model"][k], cb["model"][k], atol=1e-5), k
+
+
 def attack_success_rate(run, world_run):
     """Share of the seen poison harmful prompts whose greedy response the oracle judges unsafe."""
     import attack
