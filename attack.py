@@ -994,6 +994,10 @@ def read_table(path, what):
     kind = {"csv": "csv", "json": "json", "jsonl": "json", "parquet": "parquet"}.get(ext)
     if kind is None:
         fail(f"{what} '{path}' must be .csv, .json, .jsonl or .parquet")
+    if kind != "parquet":
+        with open(path, errors="replace") as f:
+            if sum(1 for line in f if line.strip()) <= (kind == "csv"):
+                return []          # a header and no rows: no prompts (datasets would raise on it)
     import datasets
     datasets.disable_progress_bars()
     try:
