@@ -13,7 +13,7 @@ Writes: <out_dir>/data/medsafety/...        prepare.py and reflect.py outputs
 Run:    python study.py                          # the toy study on 2 CPU cores (the README's main job)
         python study.py --profile=gpu --seeds=3  # the same grid larger
         python study.py --only=reflect,none      # only cells whose name contains one of these
-        python study.py --report_only            # rebuild report.md from the finished steps
+        python study.py --report_only=True       # rebuild report.md from the finished steps
 An interrupted study continues where it stopped: finished steps are skipped, an interrupted training resumes
 from its last checkpoint (train.py --init_from=resume).
 """
@@ -338,6 +338,8 @@ def write_report(root, P, cells, n_seeds, wall):
         if seed == 0:
             ax.plot([l["layer"] for l in p["layers"]], [l["mean"]["acc"] for l in p["layers"]], marker="o",
                     label=cell_label(iv, s))
+    if R.probe:
+        ax.set_xticks([l["layer"] for l in next(iter(R.probe.values()))["layers"]])
     ax.axhline(0.5, color="gray", ls=":")
     ax.set(title="linear probe accuracy per layer (seed 0, mean features)", xlabel="layer (0 = embeddings)",
            ylabel="held-out accuracy")
