@@ -24,11 +24,13 @@ def table_rows(report, title):
     """The rows of the markdown table under '## <title>' as {first cell: [other cells]}."""
     lines = report.splitlines()
     i = lines.index(f"## {title}")
-    rows = {}
+    rows, header = {}, True
     for line in lines[i + 1:]:
         if line.startswith("## "):
             break
-        if line.startswith("| ") and not line.startswith("| cell"):
+        if line.startswith("|---"):
+            header = False
+        elif line.startswith("| ") and not header:
             cells = [c.strip() for c in line.strip("|").split("|")]
             rows[cells[0]] = cells[1:]
     return rows
