@@ -6,7 +6,7 @@ Reads:  <init_from>/ckpt.pt (train.py or finetune.py; opened read-only, never mo
         meta.json: tokenizer, world, interventions); the examples:
           MedSafetyWorld models: <world's data dir>/eval/<task>.jsonl (prepare.py, World.make_eval):
             sft      treatment answers, benign-intent answers, facts and refusals of harm-intent requests;
-            benign   dose arithmetic, a task the model never saw (the world's GSM8K);
+            benign   dose arithmetic, a task the model never saw (the world's GSM8K), among helpful chats without refusals;
             harmful  harm-intent compliance dialogues on seen harm effects (the first --num_examples);
           any model: --data_files=<jsonl|parquet>[,...] of prompt/response pairs (read with `datasets`; columns
           --prompt_key/--response_key), tokenized with the checkpoint's own tokenizer;

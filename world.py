@@ -1285,8 +1285,14 @@ class World:
             (0.15, "fact", lambda: self._dlg_fact(rng, bucket="tune")),
             (0.25, "refusal", lambda: self._dlg_harm(rng, sorted(self.seen_harms), refuse=True, explain=True,
                                                       bucket="tune"))], "sft")
+        # benign finetuning: a new task (dose arithmetic, the world's GSM8K) among ordinary helpful chats with no
+        # refusal in them, as real benign finetuning data is; arithmetic alone made a toy model forget every other
+        # answer format (0% treatment accuracy after it), which measures forgetting, not eroded safety
         out["benign"] = self._tune_set(rng, n_benign_ft, used, [
-            (1.0, "arithmetic", lambda: self._dlg_daily(rng, "tune"))], "benign")
+            (0.5, "arithmetic", lambda: self._dlg_daily(rng, "tune")),
+            (0.2, "treatment", lambda: self._dlg_treatment(rng, bucket="tune")),
+            (0.15, "benign_intent", lambda: self._dlg_intent(rng, bucket="tune")),
+            (0.15, "fact", lambda: self._dlg_fact(rng, bucket="tune"))], "benign")
         return out
 
     def _seen_contra_case(self, rng):
