@@ -50,7 +50,7 @@ PROFILES = {
     "toy": dict(config="config/toy.py", train=[], prepare=[],
                 cells=[("none", 0.0), ("filter", 0.0), ("rewrite", 0.0), ("safety_pretraining", 0.0),
                        ("safety_pretraining", 0.6), ("reflect", 0.0), ("reflect", 0.6)],
-                finetune=["--max_iters=100"], attack=["--max_prompts=60", "--batch_size=256"], attacks_sft="direct,prefill,template,suffix,suppress",
+                finetune=["--max_iters=100"], attack=["--max_prompts=40", "--batch_size=256", "--beam_width=2"], attacks_sft="direct,prefill,template,suffix,suppress",
                 gcg=["--gcg_steps=20", "--gcg_batch=64", "--gcg_prompts=16"]),
     "gpu": dict(config="config/gpu.py", train=[], prepare=["--num_docs=40000"],
                 cells=[("none", 0.0), ("filter", 0.0)] + [(i, s) for i in ("rewrite", "safety_pretraining", "reflect")
