@@ -17,8 +17,18 @@ segment's own tokens (those of `text`), and "last", the residual at the last tok
 baseline that no training can change much: its mean feature is a linear map of the segment's bag of words, its last
 feature the identity of the last word (on the toy world the bag of words alone already separates ~96%).
 
-Probe. Records are split 50/50 by id with a seed (separately within safe and within unsafe, so both halves hold
-both classes). For every layer and feature kind, a logistic regression (unsafe = 1) on features standardized with
+Split. The probe set repeats itself: segments come from a small grammar, so many records share their text and
+often their context too (the default toy world's 2000 records hold ~838 distinct texts and ~1600 distinct inputs).
+A record split would put one input in both halves and score the probe on points it was fitted on. So records are
+grouped by the exact token sequence the model reads (context + " " + text after the cut to block_size; without a
+model, that string's words), and whole groups go to one half: seeded, by id (independent of file order), separately
+within safe, unsafe and mixed groups, each group to the half that holds fewer of that stratum's records so far
+(ties to test), so the halves are ~50/50 and both hold both classes. A group whose identical records carry both
+labels stays whole too (a "mixed" input, which no probe can get all right: the label depends on more than what the
+model reads; counted in n_mixed_inputs and warned about; none in the default world). n_test counts records,
+duplicates included, so it overstates the independent evidence; n_test_inputs counts the test half's distinct inputs.
+
+Probe. For every layer and feature kind, a logistic regression (unsafe = 1) on features standardized with
 the train half's mean and std, with an L2 penalty (--l2) on the weights, fitted full-batch by L-BFGS in float64 on
 the CPU (deterministic); scored on the test half: accuracy (threshold 0.5) and AUROC (rank-based, ties count half).
 acc_unseen / acc_seen: the accuracy on the test half's safe records plus its unsafe records of the unseen (seen)
@@ -28,10 +38,16 @@ probe.json (one per checkpoint):
   {"ckpt": ".../ckpt.pt", "label": run name or --labels entry, "iter_num", "world", "probe_set": ".../probe.jsonl",
    "data_dir", "n_layer", "n_embd", "n_records", "n_train", "n_test", "n_test_safe", "n_test_unsafe",
    "n_test_unseen", "n_test_seen" (unsafe test records per split), "truncated" (records cut to block_size),
+   "n_distinct_inputs" (distinct model inputs among the records), "n_mixed_inputs" (inputs carrying both labels),
+   "n_train_inputs", "n_test_inputs" (distinct inputs per half; no input is in both),
    "layers": [{"layer": 0..n_layer (0 = embeddings),
                "mean": {"acc", "auroc", "acc_unseen", "acc_seen", "train_acc"},
                "last": {... the same}}, ...],
+   "deep": {"mean": {"acc", "auroc"}, "last": {...}}    the test accuracy and AUROC averaged over layers 1..n_layer
+           (layer 0, the lexical baseline, left out): the number to report and compare across runs, since no layer is
+           picked by its test score,
    "best": {"mean": {"layer", "acc", "auroc"}, "last": {...}}    the layer of highest test accuracy (first on ties),
+           for reading only: chosen on the test half itself, so its accuracy is optimistic (selection bias),
    "config": the flags, "seconds": {"features", "probes"}, "records_per_s"}
   acc_unseen / acc_seen are null where the test half holds no unsafe record of that split.
 """
@@ -119,16 +135,45 @@ def accuracy(logits, y, mask=None):
     return float(right.mean()) if right.size else None
 
 
-def split_records(recs, seed):
-    """Seeded 50/50 split by id, within each label (so both halves hold both classes). -> (train, test) index
-    lists into recs, each in file order."""
+def model_input(r):
+    """The words the model reads for record r, context + " " + text; encode is word-level (str.split), so equal
+    strings here are equal token sequences (before the cut to block_size)."""
+    return " ".join(f"{r.get('context') or ''} {r['text']}".split())
+
+
+def input_groups(recs, keys=None):
+    """-> [[indices]]: records with the same model input, one list per distinct input (in file order of first
+    appearance). keys: one hashable per record (probe_run passes the token ids after the cut); default model_input."""
+    keys = [model_input(r) for r in recs] if keys is None else keys
+    groups = {}
+    for i, k in enumerate(keys):
+        groups.setdefault(k, []).append(i)
+    return list(groups.values())
+
+
+def split_records(recs, seed, keys=None):
+    """Seeded ~50/50 split that never puts one model input in both halves (see Split above). Groups of identical
+    inputs are stratified by their label set (safe, unsafe, or both), shuffled by seed, and each goes whole to the
+    half holding fewer of its stratum's records so far (ties to test). -> (train, test) index lists into recs, each
+    in file order."""
+    strata = {}
+    for g in input_groups(recs, keys):
+        labs = "+".join(sorted({recs[i]["label"] for i in g}))
+        strata.setdefault(labs, []).append(g)
     train, test = [], []
-    for lab in sorted({r["label"] for r in recs}):
-        idx = sorted((i for i, r in enumerate(recs) if r["label"] == lab), key=lambda i: recs[i]["id"])
-        random.Random(f"{seed}/{lab}").shuffle(idx)
-        half = len(idx) // 2
-        train += idx[:half]
-        test += idx[half:]
+    for labs in sorted(strata):
+        # ordered by their smallest id first, so the split depends on the ids and the seed, not on file order
+        groups = sorted((sorted(recs[i]["id"] for i in g), g) for g in strata[labs])
+        groups = [g for _, g in groups]
+        random.Random(f"{seed}/{labs}").shuffle(groups)
+        n_train = n_test = 0
+        for g in groups:
+            if n_train < n_test:
+                train += g
+                n_train += len(g)
+            else:
+                test += g
+                n_test += len(g)
     return sorted(train), sorted(test)
 
 
@@ -228,9 +273,10 @@ def read_probe_set(world_path, eval_arg):
                 recs.append(r)
     if max_records >= 0:
         recs = recs[:max_records]
-    n_unsafe = sum(r["label"] == "unsafe" for r in recs)
-    if min(n_unsafe, len(recs) - n_unsafe) < 2:
-        fail(f"probe set '{path}' holds {len(recs) - n_unsafe} safe and {n_unsafe} unsafe records"
+    # distinct inputs, not records: identical inputs go to the same half (split_records)
+    n = {lab: len({model_input(r) for r in recs if r["label"] == lab}) for lab in ("safe", "unsafe")}
+    if min(n.values()) < 2:
+        fail(f"probe set '{path}' holds {n['safe']} safe and {n['unsafe']} unsafe distinct inputs"
              + (f" (--max_records={max_records})" if max_records >= 0 else "")
              + "; a probe needs at least 2 of each class (one per half)")
     return path, recs
@@ -252,8 +298,19 @@ def probe_run(path, label, dev):
     probe_path, recs = read_probe_set(wpath, eval_dir)
     bs = model.config.block_size
     seqs, seg_lens, truncated = encode_records(w, recs, bs)
+    # split on what the model actually reads: the token ids after the cut (two inputs may differ only in what is cut)
+    keys = [tuple(s) for s in seqs]
+    groups = input_groups(recs, keys)
+    n_mixed = sum(len({recs[i]["label"] for i in g}) > 1 for g in groups)
+    train, test = split_records(recs, seed, keys)
+    y = np.array([r["label"] == "unsafe" for r in recs], dtype=np.int64)
+    if not (0 < y[train].sum() < len(train) and 0 < y[test].sum() < len(test)):
+        fail(f"probe set '{probe_path}' cannot be split so that both halves hold both classes "
+             f"({len(groups)} distinct inputs of {len(recs)} records)")
     print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
-          f"{len(recs)} probe records from {probe_path}, device {dev}")
+          f"{len(recs)} probe records ({len(groups)} distinct inputs) from {probe_path}, device {dev}")
+    if n_mixed:
+        print(f"{label}: warning: {n_mixed} distinct inputs carry both labels (kept whole in one half)")
 
     t0 = time.time()
     feats = features(model, seqs, seg_lens, batch_size, progress=f"{label} features")
@@ -264,8 +321,6 @@ def probe_run(path, label, dev):
     print(f"\r{label} features: {len(recs)} records, {n_tokens:,} tokens in {t_feat:.1f}s: "
           f"{len(recs) / t_feat:,.1f} records/s" + (f" ({truncated} cut to block_size={bs})" if truncated else ""))
 
-    y = np.array([r["label"] == "unsafe" for r in recs], dtype=np.int64)
-    train, test = split_records(recs, seed)
     te = [recs[i] for i in test]
     safe = np.array([r["label"] == "safe" for r in te])
     subsets = {s: safe | np.array([r["label"] == "unsafe" and r.get("split") == s for r in te]) for s in
@@ -278,6 +333,7 @@ def probe_run(path, label, dev):
     for k in KINDS:
         top = max(layers, key=lambda row: (row[k]["acc"], -row["layer"]))
         best[k] = {"layer": top["layer"], "acc": top[k]["acc"], "auroc": top[k]["auroc"]}
+    deep = deep_mean(layers)
     config = {k: globals()[k] for k in defaults_of(globals())}
     report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
               "world": wpath, "probe_set": probe_path, "data_dir": ck.get("data_dir"),
@@ -286,7 +342,9 @@ def probe_run(path, label, dev):
               "n_test_unsafe": int((~safe).sum()),
               **{f"n_test_{s}": sum(r["label"] == "unsafe" and r.get("split") == s for r in te)
                  for s in ("unseen", "seen")},
-              "truncated": truncated, "layers": layers, "best": best, "config": config,
+              "truncated": truncated, "n_distinct_inputs": len(groups), "n_mixed_inputs": n_mixed,
+              "n_train_inputs": len(set(keys[i] for i in train)), "n_test_inputs": len(set(keys[i] for i in test)),
+              "layers": layers, "deep": deep, "best": best, "config": config,
               "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
     dest = os.path.join(run_dir, "probe.json")
     with open(dest + ".tmp", "w") as f:   # temp file, then rename: never half a file
@@ -297,18 +355,30 @@ def probe_run(path, label, dev):
     return report
 
 
+def deep_mean(layers):
+    """-> {kind: {acc, auroc}}: the test metrics averaged over layers 1..n_layer (layer 0, the embeddings, is the
+    lexical baseline). Averaging picks nothing on the test half, unlike "best"."""
+    deep = [row for row in layers if row["layer"] >= 1]
+    return {k: {m: (float(np.mean([row[k][m] for row in deep])) if deep else None) for m in ("acc", "auroc")}
+            for k in KINDS}
+
+
 def pct(x):
     return "    -" if x is None else f"{100 * x:5.1f}"
 
 
 def print_table(report):
     print(f"\n{report['label']}: test accuracy / AUROC (%), n_train {report['n_train']}, n_test {report['n_test']}"
-          f" (unsafe unseen {report['n_test_unseen']}, seen {report['n_test_seen']})")
+          f" ({report['n_test_inputs']} distinct; unsafe unseen {report['n_test_unseen']}, seen "
+          f"{report['n_test_seen']})")
     print(f"{'layer':>5s}  {'mean acc':>8s} {'auroc':>6s} {'unseen':>6s}   {'last acc':>8s} {'auroc':>6s} {'unseen':>6s}")
     for row in report["layers"]:
         m, l = row["mean"], row["last"]
         print(f"{row['layer']:5d}  {pct(m['acc']):>8s} {pct(m['auroc']):>6s} {pct(m['acc_unseen']):>6s}   "
               f"{pct(l['acc']):>8s} {pct(l['auroc']):>6s} {pct(l['acc_unseen']):>6s}")
+    m, l = report["deep"]["mean"], report["deep"]["last"]
+    print(f"{'1..' + str(report['n_layer']):>5s}  {pct(m['acc']):>8s} {pct(m['auroc']):>6s} {'':>6s}   "
+          f"{pct(l['acc']):>8s} {pct(l['auroc']):>6s}   (mean over layers 1..n_layer: the number to compare)")
 
 
 def plot(reports, path):

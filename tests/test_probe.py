@@ -55,7 +55,8 @@ def planted(n=400, d=16, layers=4, at=2, seed=0):
 
 def test_probe_finds_the_planted_layer_and_only_it():
     F, y = planted()
-    recs = [{"id": f"r{i:04d}", "label": "unsafe" if t else "safe"} for i, t in enumerate(y)]
+    recs = [{"id": f"r{i:04d}", "context": "", "text": f"w{i}", "label": "unsafe" if t else "safe"}
+            for i, t in enumerate(y)]                                  # all inputs distinct
     train, test = probe.split_records(recs, seed=1)
     assert not set(train) & set(test) and len(train) + len(test) == len(recs)
     assert y[train].sum() == y.sum() // 2                        # stratified: half of each class in train
@@ -77,7 +78,8 @@ def test_probe_finds_the_planted_layer_and_only_it():
 
 
 def test_split_is_seeded_by_id_and_independent_of_file_order():
-    recs = [{"id": f"p{i}", "label": "unsafe" if i % 3 == 0 else "safe"} for i in range(50)]
+    recs = [{"id": f"p{i}", "context": "c", "text": f"w{i}", "label": "unsafe" if i % 3 == 0 else "safe"}
+            for i in range(50)]
     ids = lambda rs, idx: sorted(rs[i]["id"] for i in idx)  # noqa: E731
     tr, te = probe.split_records(recs, seed=7)
     rev = recs[::-1]
@@ -87,6 +89,50 @@ def test_split_is_seeded_by_id_and_independent_of_file_order():
     for lab in ("safe", "unsafe"):
         n = sum(r["label"] == lab for r in recs)
         assert sum(recs[i]["label"] == lab for i in tr) == n // 2
+
+
+def duplicated_records(n=400, seed=0):
+    """A probe set that repeats its inputs like the toy world's: 30 texts (label fixed by the text) in 4 contexts,
+    drawn with replacement, so ~120 distinct inputs among n records; plus planted spellings of one input that differ
+    only in whitespace or in where context ends and text begins (the same tokens), and one input with both labels."""
+    g = np.random.default_rng(seed)
+    texts = [f"t{j} says {'harm' if j % 3 == 0 else 'help'}" for j in range(30)]
+    contexts = ["", "patient asks", "doctor notes that", "patient asks again"]
+    recs = []
+    for i in range(n):
+        j = int(g.integers(30))
+        recs.append({"id": f"q{i:04d}", "context": contexts[int(g.integers(4))], "text": texts[j],
+                     "label": "unsafe" if j % 3 == 0 else "safe"})
+    same = [("patient asks", "t0 says harm"), ("patient  asks ", " t0 says harm"), ("patient asks t0", "says harm")]
+    recs += [{"id": f"s{k}", "context": c, "text": t, "label": "unsafe"} for k, (c, t) in enumerate(same)]
+    recs += [{"id": f"m{k}", "context": "ambiguous", "text": "t99 says it", "label": lab}
+             for k, lab in enumerate(["safe", "unsafe", "safe", "unsafe"])]
+    return recs
+
+
+def test_split_never_puts_one_input_in_both_halves():
+    recs = duplicated_records()
+    inputs = [probe.model_input(r) for r in recs]
+    assert len(set(inputs)) < len(recs) / 2                            # the planted duplicates are there
+    # a per-record split (what split_records did before) leaks: many test inputs are also train inputs
+    half = set(np.random.default_rng(1).permutation(len(recs))[:len(recs) // 2].tolist())
+    assert {inputs[i] for i in half} & {inputs[i] for i in range(len(recs)) if i not in half}
+    for seed in (0, 1, 2, 1337):
+        train, test = probe.split_records(recs, seed)
+        assert sorted(train + test) == list(range(len(recs)))
+        assert not {inputs[i] for i in train} & {inputs[i] for i in test}, seed
+        for half_ in (train, test):
+            assert {recs[i]["label"] for i in half_} == {"safe", "unsafe"}, seed
+        assert abs(len(train) - len(test)) <= 0.1 * len(recs), (seed, len(train), len(test))
+        # the planted spellings of one input, and the input with both labels, each stay in one half
+        for prefix in ("s", "m"):
+            where = {i in test for i, r in enumerate(recs) if r["id"].startswith(prefix)}
+            assert len(where) == 1, (seed, prefix)
+    # the token ids the model reads can be the key too (probe_run's, after the cut to block_size): a key shared by
+    # two different strings joins them
+    keys = [x[-12:] for x in inputs]
+    train, test = probe.split_records(recs, 0, keys)
+    assert not {keys[i] for i in train} & {keys[i] for i in test}
 
 
 def test_auroc_equals_the_pairwise_count_with_ties():
@@ -145,6 +191,14 @@ def test_probe_json_and_plot(run):
                 assert 0.0 <= row[kind][key] <= 1.0, (row, kind, key)
     for kind in ("mean", "last"):
         assert rep["best"][kind]["acc"] == max(r[kind]["acc"] for r in rep["layers"])
+        # deep: the mean over layers 1..n_layer, the embeddings (layer 0) left out
+        for m in ("acc", "auroc"):
+            assert rep["deep"][kind][m] == pytest.approx(np.mean([r[kind][m] for r in rep["layers"][1:]]), abs=1e-12)
+    # the inputs the model read (cut to block_size 32): as many distinct as reported, none in both halves
+    seen = [tuple(probe.model_input(r).split()[-32:]) for r in recs]
+    assert rep["n_distinct_inputs"] == len(set(seen)) < len(recs)
+    assert rep["n_mixed_inputs"] == 0
+    assert rep["n_train_inputs"] + rep["n_test_inputs"] == rep["n_distinct_inputs"]
     assert os.path.getsize(os.path.join(run["out"], "probe.png")) > 1000
 
 
@@ -168,7 +222,8 @@ def test_features_equal_a_direct_forward_and_the_json_is_reproduced(run):
             assert torch.allclose(feats["last"][i, layer], hidden[layer][0, -1], atol=1e-5), (i, layer)
     # the probes fitted on these features reproduce probe.json (the split and the fits are deterministic)
     y = np.array([r["label"] == "unsafe" for r in recs], dtype=np.int64)
-    train, test = probe.split_records(recs, probe.seed)
+    train, test = probe.split_records(recs, probe.seed, [tuple(s) for s in seqs])
+    assert not {tuple(seqs[i]) for i in train} & {tuple(seqs[i]) for i in test}
     layers = probe.probe_layers({k: v.numpy() for k, v in feats.items()}, y, train, test)
     rep = json.load(open(os.path.join(run["out"], "probe.json")))
     for mine, saved in zip(layers, rep["layers"]):
