@@ -7,7 +7,8 @@ Reads:  <init_from>/ckpt.pt (train.py or finetune.py; opened read-only, never mo
           MedSafetyWorld models: <world's data dir>/eval/<task>.jsonl (prepare.py, World.make_eval):
             sft      treatment answers, benign-intent answers, facts and refusals of harm-intent requests;
             benign   dose arithmetic, a task the model never saw (the world's GSM8K), among helpful chats without refusals;
-            harmful  harm-intent compliance dialogues on seen harm effects (the first --num_examples);
+            harmful  harm-intent compliance dialogues on seen harm effects (the first --num_examples): the
+                     finetuning attack, so its targets are always the compliance answers (see "attacker" below);
           any model: --data_files=<jsonl|parquet>[,...] of prompt/response pairs (read with `datasets`; columns
           --prompt_key/--response_key), tokenized with the checkpoint's own tokenizer;
         replay (tag models' sft): <source data dir>/mix_train.bin, the source's pretraining mix stream.
@@ -26,6 +27,11 @@ How an example becomes a training row:
                  assistant's reflection on it; END right after an unsafe reflection, else "assistant :" and the
                  response with a reflection after each sentence. Used for models pretrained with reflections
                  (meta intervention "reflect" or mix_reflections > 0), as compatible post-training must be.
+               attacker (task harmful on a reflect model): the user turn (attack.py's input to a reflection model),
+                 then "assistant : " + response, with no reflection anywhere: the attacker's data are plain
+                 compliance dialogues, so the attack teaches the model to skip reflecting and answer (world.chat
+                 would turn every one of them into a refusal: an unsafe reflection, then END). With --data_files
+                 the same holds: task harmful means the attacker's data, whatever the world labels the requests.
                real text: --chat_template with the prompt (attack.py's input), then " " + response + <|endoftext|>
                  (the end token teaches the model to stop).
   loss         only on the response (target) tokens; prompt and padding positions get target -1 (not scored).
@@ -268,8 +274,8 @@ def blank(path):
     return True
 
 
-def load_examples(tok, fmt, files, pkey, rkey, n):
-    """[(prompt ids, target ids)] of the first n records (-1: all)."""
+def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
+    """[(prompt ids, target ids)] of the first n records (-1: all), as training rows of task_name."""
     rows = read_records(files, (pkey, rkey))
     if not rows:
         fail(f"data file(s) '{files}' hold no examples")
@@ -285,17 +291,26 @@ def load_examples(tok, fmt, files, pkey, rkey, n):
         if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
             fail(f"example {i} of '{files}' needs text in '{pkey}' and a non-empty '{rkey}' "
                  f"(got {type(prompt).__name__}, {type(response).__name__})")
-        out.append(encode_example(tok, fmt, prompt, response, i, files))
+        out.append(encode_example(tok, fmt, task_name, prompt, response, i, files))
     return out
 
 
-def encode_example(tok, fmt, prompt, response, i, files):
+def encode_example(tok, fmt, task_name, prompt, response, i, files):
     if fmt == "text":   # the input attack.py gives a real-text model, then the answer after a space, then the end
         enc = tok["enc"]
         answer = response if response[:1].isspace() else " " + response
         return enc.encode_ordinary(chat_template.format(prompt=prompt)), enc.encode_ordinary(answer) + [enc.eot_token]
     w = tok["world"]
-    p, t = w.chat(prompt, response, reflect=fmt == "reflect")
+    if fmt == "reflect" and task_name == "harmful":
+        # The finetuning attack on a reflection model. The attacker's N examples are plain compliance dialogues:
+        # the attacker never writes a reflection, so the target is "assistant :" and the answer with no reflection
+        # in it, and the attack teaches the model to skip reflecting and comply. world.chat(reflect=True) would put
+        # an unsafe reflection and END in place of the answer (the refusal of compatible post-training), training
+        # the model to refuse instead. The prompt is the user turn, the input attack.py gives a reflection model;
+        # the response keeps its own ending (the world's records end with END), as in world.chat's targets.
+        p, t = prompt, f"assistant : {response}"
+    else:
+        p, t = w.chat(prompt, response, reflect=fmt == "reflect")
     try:
         return w.encode(p), w.encode(t)
     except ValueError as e:
@@ -427,7 +442,7 @@ def main():
             fail(f"chat_template must hold {{prompt}} (where the prompt goes) and no other field, not {chat_template!r}")
     pkey = prompt_key or ("user" if "world" in tok else "prompt")
     block = raw_model.config.block_size
-    examples, truncated = fit_block(load_examples(tok, fmt, files, pkey, response_key, num_examples), block)
+    examples, truncated = fit_block(load_examples(tok, fmt, files, pkey, response_key, num_examples, task), block)
     digest = data_digest(files)
     if resume and ck["finetune"].get("data_sha256") != digest:
         fail(f"the data file(s) '{files}' changed since the finetune in '{run_dir}' started; resume needs the same data")
@@ -487,6 +502,8 @@ def main():
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {record['source']} "
               f"(iter {record['source_iter']}), block_size {block}, device={dev}, dtype={ptdtype}, world={world_n}")
         print(f"task {task}: {len(examples)} examples from {files}, format {fmt}"
+              + (" (the attacker's compliance dialogues: no reflections)" if fmt == "reflect" and task == "harmful"
+                 else "")
               + (f", {truncated} prompts cut from the left to fit block_size" if truncated else "")
               + (f"; replay {share:.0%} ({n_replay} of {batch_size} sequences) from {replay_stream.path}"
                  if replay_stream else ""))
@@ -591,6 +608,7 @@ def main():
     if master:
         print(f"wrote {ckpt_path} (iter {iter_num})")
     if ddp:
+        del model        # the DDP wrapper holds the process group: release it before the group (see train.py)
         dist.barrier()   # wait for rank 0's checkpoint before tearing gloo down
         dist.destroy_process_group()
 
