@@ -393,7 +393,10 @@ def main():
             t_log, iters_since_log = time.time(), 0
 
     if ddp:
-        # wait for rank 0's final checkpoint: tearing gloo down while a peer still works aborts the process
+        # drop the DDP wrapper first: its reducer holds the process group, which would otherwise be destroyed at
+        # interpreter exit, after the threads it joins are gone (rank 1 once aborted there: "terminate called
+        # without an active exception"); then wait for rank 0's final checkpoint before tearing gloo down
+        del model
         dist.barrier()
         dist.destroy_process_group()
 
