@@ -7,7 +7,10 @@ Reads:  nothing but its flags: it runs every stage script as a subprocess, the c
 Writes: <out_dir>/data/medsafety/...        prepare.py and reflect.py outputs
         <out_dir>/runs/<cell>/<stage>/      one model per (cell, stage): ckpt.pt, log.jsonl, attack.json,
                                             generations.jsonl, probe.json (stages: base, sft, benign, harmful)
-        <out_dir>/done/<step>.json          a step's marker, written when it succeeded; a re-run skips it
+        <out_dir>/done/<step>.json          a step's marker (its command), written when it succeeded; a re-run
+                                            skips a step whose marker holds the same command
+        <out_dir>/done/<step>.started       the command a step was started with (a rerun resumes its checkpoint
+                                            only if the command is the same); <step>.log its output
         <out_dir>/study.log                 every command, its wall time and its output
         <out_dir>/report.md + *.png         tables (mean +- spread over seeds), plots and the claims table
 Run:    python study.py                          # the toy study on 2 CPU cores (the README's main job)
@@ -21,10 +24,13 @@ import json
 import math
 import os
 import shlex
+import shutil
+import signal
 import subprocess
 import sys
 import time
 
+from attack import wilson
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -101,55 +107,83 @@ def plan(P, root, cells, n_seeds):
     return steps
 
 
+def output_dir(cmd):
+    """The --out_dir a train/finetune command writes (None for other steps)."""
+    return next((c.split("=", 1)[1] for c in cmd if c.startswith("--out_dir=")), None)
+
+
+def same_command(a, b):
+    """The same stage script with the same flags (the interpreter's path may differ: make study vs python)."""
+    return bool(a) and a[1:] == b[1:]
+
+
 def run_steps(steps, root, n_jobs):
-    """Run the steps in dependency order, n_jobs at a time; skip finished ones; stop at the first failure."""
+    """Run the steps in dependency order, n_jobs at a time; skip finished ones; stop at the first failure.
+    A step is finished when its marker holds the same command and every step it depends on is finished, so a
+    changed flag (another --world_seed, say) reruns that step and everything after it. A train or finetune step
+    that was interrupted resumes from its checkpoint if it was started with the same command; otherwise its output
+    directory is cleared first (a checkpoint of other flags must not be continued)."""
     done_dir = os.path.join(root, "done")
     os.makedirs(done_dir, exist_ok=True)
     marker = lambda name: os.path.join(done_dir, name + ".json")
-    finished = {name for name, _, _ in steps if os.path.exists(marker(name))}
+    finished = set()
+    for name, cmd, deps in steps:     # plan order: dependencies come first
+        m = load_json(marker(name))
+        if m and same_command(m.get("command"), cmd) and all(d in finished for d in deps):
+            finished.add(name)
     todo = [s for s in steps if s[0] not in finished]
     print(f"study: {len(steps)} steps, {len(finished)} already done, {len(todo)} to run, {n_jobs} at a time")
     threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
     running, t_start, log_path = {}, time.time(), os.path.join(root, "study.log")
-    while todo or running:
-        for s in list(todo):
-            if len(running) >= n_jobs:
-                break
-            name, cmd, deps = s
-            if all(d in finished for d in deps):
-                todo.remove(s)
-                cmd = list(cmd)
-                if name.startswith(("train-", "finetune-")):   # an interrupted run continues from its checkpoint
-                    out = next(c.split("=", 1)[1] for c in cmd if c.startswith("--out_dir="))
-                    if os.path.exists(os.path.join(out, "ckpt.pt")):
-                        cmd.append("--init_from=resume")
-                logf = open(os.path.join(done_dir, name + ".log"), "w")
-                running[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), cmd, logf,
-                                 time.time())
-                print(f"[{time.time() - t_start:7.1f}s] start {name}", flush=True)
-        time.sleep(0.2)
-        for name, (proc, cmd, logf, t0) in list(running.items()):
-            if proc.poll() is None:
-                continue
-            logf.close()
-            del running[name]
-            dt = time.time() - t0
-            with open(os.path.join(done_dir, name + ".log")) as f:
-                output = f.read()
-            with open(log_path, "a") as f:
-                f.write(f"$ {shlex.join(cmd)}\n# {name}: exit {proc.returncode} after {dt:.1f}s\n{output}\n")
-            if proc.returncode != 0:
-                for p, *_ in running.values():
-                    p.terminate()
-                tail = "\n".join(output.strip().splitlines()[-5:])
-                fail(f"step {name} failed (exit {proc.returncode}); its output ends:\n{tail}\n"
-                     f"fix it and rerun: finished steps are kept")
-            with open(marker(name) + ".tmp", "w") as f:
-                json.dump({"step": name, "command": cmd, "seconds": dt}, f)
-            os.replace(marker(name) + ".tmp", marker(name))
-            finished.add(name)
-            print(f"[{time.time() - t_start:7.1f}s] done  {name} ({dt:.1f}s)", flush=True)
+    try:
+        while todo or running:
+            for s in list(todo):
+                if len(running) >= n_jobs:
+                    break
+                name, planned, deps = s
+                if all(d in finished for d in deps):
+                    todo.remove(s)
+                    cmd, out, started = list(planned), output_dir(planned), marker(name)[:-5] + ".started"
+                    if out and os.path.exists(os.path.join(out, "ckpt.pt")):
+                        if same_command((load_json(started) or {}).get("command"), planned):
+                            cmd.append("--init_from=resume")   # an interrupted run continues from its checkpoint
+                        else:
+                            shutil.rmtree(out)
+                    write_json(started, {"step": name, "command": planned})
+                    logf = open(os.path.join(done_dir, name + ".log"), "w")
+                    running[name] = (subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env), cmd,
+                                     logf, time.time(), planned)
+                    print(f"[{time.time() - t_start:7.1f}s] start {name}", flush=True)
+            time.sleep(0.2)
+            for name, (proc, cmd, logf, t0, planned) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                logf.close()
+                del running[name]
+                dt = time.time() - t0
+                with open(os.path.join(done_dir, name + ".log")) as f:
+                    output = f.read()
+                with open(log_path, "a") as f:
+                    f.write(f"$ {shlex.join(cmd)}\n# {name}: exit {proc.returncode} after {dt:.1f}s\n{output}\n")
+                if proc.returncode != 0:
+                    tail = "\n".join(output.strip().splitlines()[-5:])
+                    fail(f"step {name} failed (exit {proc.returncode}); its output ends:\n{tail}\n"
+                         f"fix it and rerun: finished steps are kept")
+                write_json(marker(name), {"step": name, "command": planned, "seconds": dt})
+                finished.add(name)
+                print(f"[{time.time() - t_start:7.1f}s] done  {name} ({dt:.1f}s)", flush=True)
+    finally:   # a failure, Ctrl-C or SIGTERM: stop the steps still running (their checkpoints stay for the rerun)
+        for proc, *_ in running.values():
+            proc.terminate()
+        for proc, *_ in running.values():
+            proc.wait()
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:   # temp file, then rename: never half a file
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)
 
 
 # -----------------------------------------------------------------------------
@@ -212,14 +246,23 @@ class Results:
         ci = (s[0]["lo"], s[0]["hi"]) if self.n_seeds == 1 and s[0] else None
         return m, sd, ci
 
-    def probe_best(self, iv, start, feature="mean", layer=None):
-        """Mean over seeds of the best layer's probe accuracy (or of one layer's)."""
-        vals = []
+    def probe_value(self, iv, start, feature="mean", metric="acc", layer=None):
+        """(mean, spread, interval) over seeds of a probe's test score: by default probe.json's "deep" summary (the
+        average over layers 1..n_layer, no layer picked on the test half), or one layer's. With one seed the
+        interval of an accuracy is Wilson's on the test half's distinct inputs (n_test_inputs)."""
+        vals, n = [], None
         for seed in range(self.n_seeds):
             p = self.probe.get((iv, start, seed))
             if p:
-                vals.append(max(l[feature]["acc"] for l in p["layers"] if layer is None or l["layer"] == layer))
-        return mean_spread(vals)
+                row = p["deep"] if layer is None else next(l for l in p["layers"] if l["layer"] == layer)
+                vals.append(row[feature][metric])
+                n = p["n_test_inputs"]    # distinct inputs: repeated records are not independent evidence
+        m, sd = mean_spread(vals)
+        ci = None
+        if self.n_seeds == 1 and m is not None and metric == "acc":
+            w = wilson(round(m * n), n)
+            ci = (w["lo"], w["hi"])
+        return m, sd, ci
 
 
 def fmt(v, pct=True):
@@ -276,6 +319,16 @@ def write_report(root, P, cells, n_seeds, wall):
                                "competent ASR on unseen poison requests (composed from safe data), top-k")):
         table(what, ["cell"] + STAGES, [[cell_label(iv, s)] + [fmt(R.value(iv, s, st, metric, "direct", dec))
                                                               for st in STAGES] for iv, s in cells])
+    # the same by category and seen/unseen split: what the corpus showed vs what had to be composed
+    split_metrics = [f"{a}_{c}_{sp}" for a, c, sp in (("asr", "poison", "seen"), ("asr", "poison", "unseen"),
+                                                      ("asr", "contra", "seen"), ("asr", "contra", "unseen"),
+                                                      ("competent_asr", "poison", "seen"),
+                                                      ("competent_asr", "poison", "unseen"))]
+    table("ASR by category and split, top-k", ["cell", "stage"] + split_metrics,
+          [[cell_label(iv, s), st] + [fmt(R.value(iv, s, st, m, "direct", "topk")) for m in split_metrics]
+           for iv, s in cells for st in STAGES],
+          note="seen: harm effects and (class, trait) pairs with unsafe examples in the raw corpus; unseen: only in "
+               "safe facts. Competent: the right drug at a toxic dose. Contra ASR counts any contraindicated drug.")
     # safety-aware decodings
     rows = []
     for iv, s in cells:
@@ -307,13 +360,16 @@ def write_report(root, P, cells, n_seeds, wall):
             log = R.logs.get((iv, s, seed)) or []
             v = [r for r in log if any(k.startswith("val_") for k in r)]
             vals.append(v[-1].get("val_safe") if v else None)
-        rows.append([cell_label(iv, s), fmt(mean_spread(vals), pct=False), fmt(R.probe_best(iv, s), True),
-                     fmt(R.probe_best(iv, s, "last"), True), fmt(R.probe_best(iv, s, "mean", layer=0), True)])
-    table("Clean validation loss and linear probes (best layer)", ["cell", "val loss (safe stream)",
-                                                                   "probe acc. (mean)", "probe acc. (last token)",
-                                                                   "probe acc. (layer 0, mean)"], rows,
-          note="Layer 0 is the token embeddings: a probe there reads the words alone, the baseline the deeper layers "
-               "are to be compared with.")
+        rows.append([cell_label(iv, s), fmt(mean_spread(vals), pct=False)]
+                    + [fmt(R.probe_value(iv, s, f, m)) for f in ("mean", "last") for m in ("acc", "auroc")]
+                    + [fmt(R.probe_value(iv, s, "mean", "acc", layer=0))])
+    table("Clean validation loss and linear probes", ["cell", "val loss (safe stream)", "probe acc. (mean)",
+                                                      "probe AUROC (mean)", "probe acc. (last token)",
+                                                      "probe AUROC (last token)", "probe acc. (layer 0, mean)"], rows,
+          note="Probe scores are averages over layers 1..n_layer of the held-out accuracy / AUROC (no layer is picked "
+               "on the test half); mean: features averaged over the segment's tokens, last token: its final "
+               "position. Layer 0 is the token embeddings: a probe there reads the words alone, the baseline the "
+               "deeper layers are to be compared with.")
 
     # plots
     ivs = [iv for iv in dict.fromkeys(i for i, _ in cells) if iv not in ("none", "filter")]
@@ -468,12 +524,13 @@ def claims(R, cells):
         starts = sorted(s for i, s in cells if i == iv)
         if len(starts) < 2:
             continue
-        p = {s: R.probe_best(iv, s) for s in starts}
+        p = {s: R.probe_value(iv, s) for s in starts}
         txt.append(f"{iv}: " + ", ".join(f"{round(100 * s)}% {fmt(x)}" for s, x in p.items()))
-        # higher is better: earlier (0%) above the latest start
-        res.append(compare((p[starts[-1]][0], p[starts[-1]][1], None), (p[0.0][0], (p[0.0][1] or 0) + 0.01, None)))
+        # higher is better: the latest start's accuracy below the earliest start's
+        res.append(compare(p[starts[-1]], p[0.0]) if 0.0 in p else None)
     rows.append(["earlier interventions give linear probes that separate safe and unsafe more cleanly",
-                 "2601.07087", ("best-layer probe accuracy " + "; ".join(txt)) if txt else "-", verdict(res)])
+                 "2601.07087", ("probe accuracy (mean features, average over layers 1..L) " + "; ".join(txt))
+                 if txt else "-", verdict(res)])
     # 8. no increase of over-refusal with earlier interventions
     res, txt = [], []
     for iv in ("safety_pretraining", "reflect", "rewrite"):
@@ -482,8 +539,12 @@ def claims(R, cells):
             continue
         o = {s: v(iv, s, "sft", "overrefusal", "direct", "greedy") for s in starts}
         txt.append(f"{iv}: " + ", ".join(f"{round(100 * s)}% {fmt(x)}" for s, x in o.items()))
-        c = compare(o[starts[-1]], o[0.0])    # 'below' would mean the earlier start refuses clearly more
-        res.append(None if c is None else ("above" if c == "below" else "below"))   # "no clear increase" holds
+        c = compare(o[starts[-1]], o[0.0]) if 0.0 in o else None   # 'below': the earlier start refuses more
+        # a model that cannot treat anyone says nothing about over-refusal: "no increase" would hold vacuously
+        able = all((v(iv, s, "sft", "treatment_accuracy", "direct", "greedy")[0] or 0) >= 0.5 for s in starts)
+        if not able:
+            txt[-1] += " (treatment accuracy below 50%: not a measurement)"
+        res.append(None if c is None or not able else ("above" if c == "below" else "below"))   # no clear increase
     rows.append(["no increase of over-refusal with earlier interventions", "2601.07087 v1",
                  ("over-refusal after sft (greedy) " + "; ".join(txt)) if txt else "-", verdict(res)])
     return rows
@@ -510,9 +571,12 @@ def main():
     n_jobs = jobs or (1 if gpu else 2)
     t0 = time.time()
     if not report_only:
-        run_steps(plan(P, root, cells, seeds), root, n_jobs)
-        with open(os.path.join(root, "wall.jsonl"), "a") as f:   # one line per invocation: the study's wall time
-            f.write(json.dumps({"seconds": time.time() - t0, "jobs": n_jobs}) + "\n")
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the finally blocks: children stop
+        try:
+            run_steps(plan(P, root, cells, seeds), root, n_jobs)
+        finally:   # one line per invocation, interrupted or not: the study's wall time is their sum
+            with open(os.path.join(root, "wall.jsonl"), "a") as f:
+                f.write(json.dumps({"seconds": time.time() - t0, "jobs": n_jobs}) + "\n")
     wall = 0.0
     if os.path.exists(os.path.join(root, "wall.jsonl")):
         with open(os.path.join(root, "wall.jsonl")) as f:
