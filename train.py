@@ -17,7 +17,15 @@ Data order: each stream is cut into windows of block_size + 1 tokens; an epoch v
 seeded random order. Window slots are dealt out so that every rank and micro-step reads its own windows, and a
 checkpoint records how many slots each stream has used, so a resumed run reads exactly what the
 uninterrupted one would have read.
+
+Branching (--branch_from=<run>): runs of one study share their beginning. Every intervention's safe stream is the
+same filtered corpus (and the filter run's mix stream is that corpus too), and a stream's window order depends only
+on the seed, so a run started at 60% reads, for its first 60%, exactly what the safe-only run reads. Such a run can
+start from the other run's checkpoint at that iteration instead of recomputing it: the result is the run it would
+have been (tests/test_train.py checks it against a straight run). train.py refuses a branch whose source trained
+with other settings, read other bytes, or stopped past this run's switch.
 """
+import hashlib
 import json
 import math
 import os
@@ -44,6 +52,8 @@ eval_interval = 200               # evaluate val loss and save a checkpoint ever
 eval_iters = 20                   # val batches per evaluation
 log_interval = 10
 stop_iter = -1                    # stop at this iteration as if interrupted (resume later); -1: run to max_iters
+branch_from = ""                  # a run whose checkpoint this run starts from, as if it had trained that far itself
+                                  # (allowed when both read the same windows up to there: see branch_point)
 # curriculum
 intervention_start = 0.0          # share of the token budget read from the safe stream before the mix stream
 # model
@@ -180,17 +190,53 @@ def curriculum_phase(it, switch_iter, streams):
     return streams[0] if len(streams) == 1 else ("safe" if it < switch_iter else "mix")
 
 
-def main():
-    globals().update(configure(defaults_of(globals()), sys.argv[1:]))
-    config = {k: globals()[k] for k in defaults_of(globals())}
-    if init_from not in ("scratch", "resume"):
-        fail(f"init_from must be 'scratch' or 'resume', not '{init_from}'")
-    if schedule not in ("cosine", "wsd"):
-        fail(f"schedule must be 'cosine' or 'wsd', not '{schedule}'")
-    if not 0.0 <= intervention_start <= 1.0:
-        fail(f"intervention_start must lie in [0, 1], not {intervention_start}")
+# settings that do not change the trained weights up to a branch point: where the data is, when it switches, and
+# bookkeeping. Every other setting must be the source run's own.
+BRANCH_FREE_KEYS = {"out_dir", "data", "init_from", "branch_from", "stop_iter", "intervention_start", "eval_interval",
+                    "eval_iters", "log_interval"}
 
-    # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def branch_point(src, config, files, switch_iter):
+    """Check that this run may start from the checkpoint `src` (another run's, at iteration N = src["iter_num"]):
+    the same settings but for BRANCH_FREE_KEYS, and for iterations [0, N) this run reads one stream whose bytes equal
+    the one stream the source read. -> this run's data slots at N. Stops with one line otherwise."""
+    n = src["iter_num"]
+    diff = sorted(k for k in config if k not in BRANCH_FREE_KEYS and src["config"].get(k) != config[k])
+    if diff:
+        k = diff[0]
+        fail(f"--branch_from: the source trained with {k}={src['config'].get(k)!r}, this run asks for {config[k]!r} "
+             f"(only {', '.join(sorted(BRANCH_FREE_KEYS - {'out_dir', 'init_from', 'branch_from'}))} may differ)")
+    read = [s for s, c in src["data_slots"].items() if c > 0]
+    if len(read) != 1:
+        fail(f"--branch_from: the source read {len(read)} streams before iter {n}; a branch needs one")
+    mine = "train" if "train" in files else ("safe" if n <= switch_iter else ("mix" if switch_iter == 0 else None))
+    if mine is None:
+        fail(f"--branch_from: the source stopped at iter {n}, past this run's switch to the mix stream at iter "
+             f"{switch_iter}; branch from a checkpoint at or before the switch")
+    try:
+        _, _, src_files = find_data(src["data_dir"])
+        src_path = src_files[read[0]][0]
+    except (SystemExit, KeyError):
+        fail(f"--branch_from: the source's data '{src['data_dir']}' (stream {read[0]}) is gone; it is needed to "
+             f"check that both runs read the same tokens")
+    if file_sha256(src_path) != file_sha256(files[mine][0]):
+        fail(f"--branch_from: the source read '{src_path}', which differs from this run's {mine} stream "
+             f"'{files[mine][0]}'; the runs did not read the same tokens")
+    return {s: (src["data_slots"][read[0]] if s == mine else 0) for s in files}
+
+
+def setup_device(device, dtype, gradient_accumulation_steps, fail):
+    """Distributed setup and precision, shared with finetune.py. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (a
+    plain run is rank 0 of 1); NCCL on GPUs, gloo on CPU. -> (ddp, rank, local_rank, world, accum: this rank's
+    micro-steps, torch.device, dtype, autocast context)."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
@@ -201,17 +247,30 @@ def main():
         dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
     else:
         rank, local_rank, world = 0, 0, 1
-    master = rank == 0
     if gradient_accumulation_steps % world:
         fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by {world} ranks")
-    accum = gradient_accumulation_steps // world  # micro-steps of this rank
     device_t = torch.device(dev)
     ptdtype = {"auto": torch.bfloat16 if device_t.type == "cuda" else torch.float32,
                "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
     if ptdtype is None:
         fail(f"dtype must be auto, bfloat16 or float32, not '{dtype}'")
-    autocast = (torch.autocast(device_type=device_t.type, dtype=ptdtype)
-                if ptdtype != torch.float32 else nullcontext())
+    autocast = torch.autocast(device_type=device_t.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    return ddp, rank, local_rank, world, gradient_accumulation_steps // world, device_t, ptdtype, autocast
+
+
+def main():
+    globals().update(configure(defaults_of(globals()), sys.argv[1:]))
+    config = {k: globals()[k] for k in defaults_of(globals())}
+    if init_from not in ("scratch", "resume"):
+        fail(f"init_from must be 'scratch' or 'resume', not '{init_from}'")
+    if schedule not in ("cosine", "wsd"):
+        fail(f"schedule must be 'cosine' or 'wsd', not '{schedule}'")
+    if not 0.0 <= intervention_start <= 1.0:
+        fail(f"intervention_start must lie in [0, 1], not {intervention_start}")
+
+    ddp, rank, local_rank, world, accum, device_t, ptdtype, autocast = setup_device(
+        device, dtype, gradient_accumulation_steps, fail)
+    master = rank == 0
     use_compile = compile if compile is not None else device_t.type == "cuda"
     torch.manual_seed(seed + rank)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -237,11 +296,15 @@ def main():
     if model_args["vocab_size"] < meta["vocab_size"]:
         fail(f"vocab_size={vocab_size} is smaller than the tokenizer's {meta['vocab_size']} (meta.json)")
     ckpt = None
-    if init_from == "resume":
-        ckpt = load_checkpoint(ckpt_path)
+    branch = init_from == "scratch" and bool(branch_from)     # a resumed branch continues its own checkpoint
+    read_path = ckpt_path
+    if branch:
+        read_path = os.path.join(branch_from, "ckpt.pt") if os.path.isdir(branch_from) else branch_from
+    if init_from == "resume" or branch:
+        ckpt = load_checkpoint(read_path)
         for k in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
             if ckpt["model_args"][k] != model_args[k]:
-                fail(f"checkpoint '{ckpt_path}' has {k}={ckpt['model_args'][k]} but this run asks for "
+                fail(f"checkpoint '{read_path}' has {k}={ckpt['model_args'][k]} but this run asks for "
                      f"{model_args[k]}; resume with the run's own config")
         model_args = dict(ckpt["model_args"], attention=attention, dropout=dropout)
     model = GPT(GPTConfig(**model_args))
@@ -254,11 +317,23 @@ def main():
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, tokens_seen, slots = ckpt["iter_num"], ckpt["tokens_seen"], dict(ckpt["data_slots"])
+        if branch:
+            slots = branch_point(ckpt, config, files, switch_iter)
         states = ckpt["rng"]
         set_rng_state(states[rank] if rank < len(states) else states[0])
-        # log.jsonl: keep only what the checkpointed run had logged, so the resumed log reads as one run
+        # log.jsonl: keep only what the checkpointed run had logged, so the resumed log reads as one run; a branch
+        # starts with the source's training records (its val records measured the source's own streams)
         log_path = os.path.join(out_dir, "log.jsonl")
-        if master and os.path.isfile(log_path):
+        if master and branch:
+            os.makedirs(out_dir, exist_ok=True)
+            src_log = os.path.join(os.path.dirname(os.path.abspath(read_path)), "log.jsonl")
+            kept = [l for l in (open(src_log) if os.path.isfile(src_log) else [])
+                    if "loss" in json.loads(l) and json.loads(l)["iter"] <= iter_num]
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(kept)
+                f.write(json.dumps({"iter": iter_num, "branched_from": os.path.abspath(read_path)}) + "\n")
+            os.replace(log_path + ".tmp", log_path)
+        elif master and os.path.isfile(log_path):
             kept = [l for l in open(log_path) if json.loads(l).get("iter", 0) <= iter_num]
             with open(log_path + ".tmp", "w") as f:
                 f.writelines(kept)
@@ -270,10 +345,10 @@ def main():
         model = DDP(model, device_ids=[local_rank] if device_t.type == "cuda" else None)
     if master:
         os.makedirs(out_dir, exist_ok=True)
-        if init_from == "scratch":  # a new run starts a new log
+        if init_from == "scratch" and not branch:  # a new run starts a new log
             open(os.path.join(out_dir, "log.jsonl"), "w").close()
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, attention={raw_model.config.attention}, "
-              f"device={dev}, dtype={ptdtype}, compile={use_compile}, world={world}")
+              f"device={device_t}, dtype={ptdtype}, compile={use_compile}, world={world}")
         print(f"data: {data_dir} ({', '.join(f'{s}: {t.n} windows' for s, t in train_streams.items())}), "
               f"{tokens_per_iter:,} tokens/iter, budget {tokens_per_iter * max_iters:,} tokens")
         if curriculum:
@@ -281,6 +356,9 @@ def main():
                   f"(intervention_start={intervention_start})")
         if init_from == "resume":
             print(f"resumed from {ckpt_path} at iter {iter_num} ({tokens_seen:,} tokens seen)")
+        elif branch:
+            print(f"branched from {branch_from} at iter {iter_num} ({tokens_seen:,} tokens seen; it read the same "
+                  f"windows: slots {slots})")
 
     @torch.no_grad()
     def evaluate():
