@@ -70,6 +70,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import attack
 import train
 from configurator import configure, defaults_of
 from model import GPT, GPTConfig
@@ -154,7 +155,7 @@ def load_source(path, world_path, tokenizer_spec, dev):
         fail(f"'{path}' is not a train.py checkpoint (it needs 'model', 'model_args' and 'meta')")
     meta = ck["meta"]
     if meta.get("tokenizer") == "medsafety-word":
-        import attack  # its loader checks the world's fingerprint and vocabulary against the checkpoint's meta
+        # attack.py's loader checks the world's fingerprint and vocabulary against the checkpoint's meta
         try:
             _, w, wpath, _, _ = attack.load(path, world_path, "cpu")
         except SystemExit as e:
@@ -195,12 +196,6 @@ def real_tokenizer(meta, spec):
     return enc
 
 
-def saw_intervention(ck):
-    """False for the safe-only control (intervention_start=1.0): it never read the intervention's mix stream."""
-    cfg = ck.get("pretrain_config") or ck.get("config") or {}
-    return cfg.get("intervention_start", 0.0) < 1.0
-
-
 def chat_format(ck, tok, chat_arg):
     """plain | reflect (MedSafetyWorld) | text (real text)."""
     if "world" not in tok:
@@ -211,16 +206,14 @@ def chat_format(ck, tok, chat_arg):
         return chat_arg
     if chat_arg != "auto":
         fail(f"chat must be auto, plain or reflect, not '{chat_arg}'")
-    meta = ck["meta"]
-    reflective = meta.get("intervention") in ("reflect",) or (meta.get("mix_reflections") or 0) > 0
-    return "reflect" if reflective and saw_intervention(ck) else "plain"
+    # one answer to "did this model learn reflections / tags?" for post-training and attacks
+    return "reflect" if attack.model_info(ck)["reflective"] else "plain"
 
 
 def replay_share(ck, task_name, replay_arg):
     if replay_arg >= 0:
         return replay_arg
-    tags = (ck["meta"].get("mix_tags") or 0) > 0
-    return 0.25 if task_name == "sft" and tags and saw_intervention(ck) else 0.0
+    return 0.25 if task_name == "sft" and attack.model_info(ck)["tagged"] else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,27 +383,9 @@ def main():
     if not resume and os.path.exists(ckpt_path) and os.path.exists(source) and os.path.samefile(source, ckpt_path):
         fail(f"--out_dir={run_dir} is the source run itself; finetuning never overwrites its source")
 
-    # distributed setup: torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (as in train.py)
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        rank, local_rank, world_n = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if dev.startswith("cuda"):
-            dev = f"cuda:{local_rank}"
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
-    else:
-        rank, local_rank, world_n = 0, 0, 1
+    ddp, rank, local_rank, world_n, accum, device_t, ptdtype, autocast = train.setup_device(
+        device, dtype, gradient_accumulation_steps, fail)
     master = rank == 0
-    if gradient_accumulation_steps % world_n:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by {world_n} ranks")
-    accum = gradient_accumulation_steps // world_n
-    device_t = torch.device(dev)
-    ptdtype = {"auto": torch.bfloat16 if device_t.type == "cuda" else torch.float32,
-               "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
-    if ptdtype is None:
-        fail(f"dtype must be auto, bfloat16 or float32, not '{dtype}'")
-    autocast = torch.autocast(device_type=device_t.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
     use_compile = compile if compile is not None else device_t.type == "cuda"
     torch.manual_seed(seed + rank)
 
@@ -500,7 +475,7 @@ def main():
         if not resume:
             open(os.path.join(run_dir, "log.jsonl"), "w").close()
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {record['source']} "
-              f"(iter {record['source_iter']}), block_size {block}, device={dev}, dtype={ptdtype}, world={world_n}")
+              f"(iter {record['source_iter']}), block_size {block}, device={device_t}, dtype={ptdtype}, world={world_n}")
         print(f"task {task}: {len(examples)} examples from {files}, format {fmt}"
               + (" (the attacker's compliance dialogues: no reflections)" if fmt == "reflect" and task == "harmful"
                  else "")
