@@ -57,7 +57,7 @@ PROFILES = {
                 cells=[("none", 0.0), ("filter", 0.0), ("rewrite", 0.0), ("safety_pretraining", 0.0),
                        ("safety_pretraining", 0.6), ("reflect", 0.0), ("reflect", 0.6)],
                 finetune=["--max_iters=100"], attack=["--max_prompts=40", "--batch_size=256", "--beam_width=2"], attacks_sft="direct,prefill,template,suffix,suppress",
-                gcg=["--gcg_steps=20", "--gcg_batch=64", "--gcg_prompts=16"]),
+                gcg=["--gcg_steps=10", "--gcg_batch=64", "--gcg_prompts=16"]),   # the loss flattens by ~10 steps here
     "gpu": dict(config="config/gpu.py", train=[], prepare=["--num_docs=40000"],
                 cells=[("none", 0.0), ("filter", 0.0)] + [(i, s) for i in ("rewrite", "safety_pretraining", "reflect")
                                                           for s in (0.0, 0.2, 0.6)],
@@ -80,15 +80,43 @@ def plan(P, root, cells, n_seeds):
     """Every step of the study: (name, command, dependencies). Commands are the stage scripts' own CLIs."""
     py, data = sys.executable, os.path.join(root, "data")
     steps = [("prepare", [py, "prepare.py", f"--out_dir={data}", f"--world_seed={world_seed}"] + P["prepare"], [])]
-    for iv in sorted({i for i, _ in cells}):
+    # Shared safe prefixes. Every intervention's safe stream is the filtered corpus, which is also the filter run's
+    # stream, and a stream's order depends only on the seed: so the runs started at s > 0 and the filter run read the
+    # same windows until s x max_iters. One "prefix" run per (start, seed) trains that far on the filtered corpus;
+    # those runs branch from it (train.py --branch_from checks it is exact). Used where two or more runs share it.
+    # Which prefixes exist follows from the profile's whole grid, not from --only, so that a cell's command (and its
+    # done marker) is the same whichever cells are selected.
+    import train
+    max_iters = configure(defaults_of(vars(train)), [P["config"]] + P["train"])["max_iters"]
+    grid = P["cells"]
+    later = sorted({s for _, s in grid if s > 0})
+    prefixes = [s for s in later if sum(st == s for _, st in grid) + (("filter", 0.0) in grid) >= 2]
+    source = lambda iv, start: start if start in prefixes else (
+        prefixes[-1] if (iv, start) == ("filter", 0.0) and prefixes else None)
+    used = {source(iv, s) for iv, s in cells} - {None}
+    used = [s for s in prefixes if used and s <= max(used)]     # and the earlier prefixes they continue
+    for iv in sorted({i for i, _ in cells} | ({"filter"} if used else set())):
         steps.append((f"reflect-{iv}", [py, "reflect.py", f"--data_root={data}", f"--intervention={iv}"], ["prepare"]))
+    prefix_dir = lambda s, seed: os.path.join(root, "runs", f"prefix-start{round(s * 100):02d}-seed{seed}")
+    prefix_step = lambda s, seed: f"train-prefix-start{round(s * 100):02d}-seed{seed}"
+    for k, s in enumerate(used):
+        for seed in range(n_seeds):     # a later prefix continues the earlier one
+            chain = [f"--branch_from={prefix_dir(used[k - 1], seed)}"] if k else []
+            steps.append((prefix_step(s, seed), [py, "train.py", P["config"], f"--data={data}/medsafety/filter",
+                                                 f"--out_dir={prefix_dir(s, seed)}", f"--stop_iter={round(s * max_iters)}",
+                                                 f"--seed={1337 + seed}"] + P["train"] + chain,
+                          ["reflect-filter"] + ([prefix_step(used[k - 1], seed)] if k else [])))
     for iv, start in cells:
         for seed in range(n_seeds):
             cell = cell_name(iv, start, seed)
             run = lambda stage: os.path.join(root, "runs", cell, stage)
+            # the filter run continues the furthest prefix; a run started at s branches from the prefix at s
+            src = source(iv, start)
+            branch = [f"--branch_from={prefix_dir(src, seed)}"] if src is not None else []
+            deps = [f"reflect-{iv}"] + ([prefix_step(src, seed)] if branch else [])
             steps.append((f"train-{cell}", [py, "train.py", P["config"], f"--data={data}/medsafety/{iv}",
                                             f"--out_dir={run('base')}", f"--intervention_start={start}",
-                                            f"--seed={1337 + seed}"] + P["train"], [f"reflect-{iv}"]))
+                                            f"--seed={1337 + seed}"] + P["train"] + branch, deps))
             steps.append((f"finetune-{cell}-sft", [py, "finetune.py", f"--init_from={run('base')}", "--task=sft",
                                                   f"--out_dir={run('sft')}", f"--seed={1337 + seed}"] + P["finetune"],
                           [f"train-{cell}"]))
@@ -131,7 +159,9 @@ def run_steps(steps, root, n_jobs):
         m = load_json(marker(name))
         if m and same_command(m.get("command"), cmd) and all(d in finished for d in deps):
             finished.add(name)
-    todo = [s for s in steps if s[0] not in finished]
+    # pretraining runs first whenever one is ready: they are the long steps on every cell's critical path, so the
+    # short finetune/attack/probe steps fill the other core instead of a lone training run ending the study
+    todo = sorted((s for s in steps if s[0] not in finished), key=lambda s: not s[0].startswith("train-"))
     print(f"study: {len(steps)} steps, {len(finished)} already done, {len(todo)} to run, {n_jobs} at a time")
     threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
     env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, PYTHONUNBUFFERED="1")
