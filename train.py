@@ -324,19 +324,15 @@ def main():
         # log.jsonl: keep only what the checkpointed run had logged, so the resumed log reads as one run; a branch
         # starts with the source's training records (its val records measured the source's own streams)
         log_path = os.path.join(out_dir, "log.jsonl")
-        if master and branch:
-            os.makedirs(out_dir, exist_ok=True)
-            src_log = os.path.join(os.path.dirname(os.path.abspath(read_path)), "log.jsonl")
-            kept = [l for l in (open(src_log) if os.path.isfile(src_log) else [])
-                    if "loss" in json.loads(l) and json.loads(l)["iter"] <= iter_num]
+        src_log = os.path.join(os.path.dirname(os.path.abspath(read_path)), "log.jsonl")
+        if master and (branch or os.path.isfile(src_log)):   # (resuming, src_log is this run's own log)
+            records = [json.loads(l) for l in open(src_log)] if os.path.isfile(src_log) else []
+            kept = [r for r in records if r.get("iter", 0) <= iter_num and ("loss" in r or not branch)]
+            if branch:
+                kept.append({"iter": iter_num, "branched_from": os.path.abspath(read_path)})
+                os.makedirs(out_dir, exist_ok=True)
             with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
-                f.write(json.dumps({"iter": iter_num, "branched_from": os.path.abspath(read_path)}) + "\n")
-            os.replace(log_path + ".tmp", log_path)
-        elif master and os.path.isfile(log_path):
-            kept = [l for l in open(log_path) if json.loads(l).get("iter", 0) <= iter_num]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
+                f.writelines(json.dumps(r) + "\n" for r in kept)
             os.replace(log_path + ".tmp", log_path)
         del ckpt
     if use_compile:
