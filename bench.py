@@ -7,12 +7,16 @@ Run:    python bench.py                                   # kernel + training ta
         python bench.py --what=kernel --dtype=bfloat16    # attention: triton vs sdpa vs manual, fwd and bwd
         python bench.py --what=train --profile=config/gpt2_124m.py --train_iters=30
         python bench.py --what=loop --profile=config/toy.py  # CPU: train.py against a bare PyTorch loop
+        python bench.py --what=nanogpt --shapes="4,4,128,128,32;8,8,256,128,16"   # model.py vs a nanoGPT GPT-2
 
 kernel: forward and backward time and TFLOPS of the three attention backends, causal, per shape
         (FLOPs: forward 2 matmuls of 2*B*H*T*T*D, halved by causality; backward 2.5x the forward).
 train:  tokens/s and MFU of the profile's model on random tokens (the model, optimizer and precision train.py uses).
 loop:   train.py's own tokens/s (from its log.jsonl) against the same model in a bare loop: train.py's data
         reading, logging and checkpointing must cost (almost) nothing.
+nanogpt: model.py against NanoGPT2 below (nanoGPT's model.py with bias=False: learned positions, LayerNorm, a 4x GELU
+        MLP, SDPA, tied embeddings) at the same n_layer x n_embd, trained side by side in one process with AdamW,
+        fp32, steps alternating, --train_iters timed steps each; shapes "n_layer,n_head,n_embd,T,B;...".
 """
 import json
 import os
@@ -26,7 +30,7 @@ import torch
 
 from configurator import configure, defaults_of
 
-what = "all"                      # kernel | train | loop | all (on CPU, all = kernel + loop)
+what = "all"                      # kernel | train | loop | nanogpt | all (on CPU, all = kernel + loop)
 dtype = "auto"                    # auto: bfloat16 on CUDA, float32 on CPU | float16 | float32
 shapes = "auto"                   # "B,H,T,D;B,H,T,D;..." or auto (GPU: T 1k-8k, D 64/128; CPU: small)
 profile = "config/toy.py"
@@ -55,6 +59,75 @@ def timeit(fn, reps=None):
         fn()
         times.append(time.perf_counter() - t)
     return 1e3 * float(np.median(times))
+
+
+class NanoGPT2(torch.nn.Module):
+    """The reference of the `nanogpt` table: karpathy/nanoGPT's GPT with bias=False, written out here (checked
+    against nanoGPT's model.py: the same parameter count and, with its weights copied in, the same logits)."""
+
+    def __init__(self, n_layer, n_head, n_embd, block_size, vocab_size):
+        super().__init__()
+        nn = torch.nn
+        self.n_head, self.n_embd = n_head, n_embd
+        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList()
+        for _ in range(n_layer):
+            b = nn.Module()
+            b.ln_1, b.ln_2 = nn.LayerNorm(n_embd, bias=False), nn.LayerNorm(n_embd, bias=False)
+            b.c_attn, b.c_proj = nn.Linear(n_embd, 3 * n_embd, bias=False), nn.Linear(n_embd, n_embd, bias=False)
+            b.c_fc, b.mlp_proj = nn.Linear(n_embd, 4 * n_embd, bias=False), nn.Linear(4 * n_embd, n_embd, bias=False)
+            self.h.append(b)
+        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx, targets):
+        import torch.nn.functional as F
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for b in self.h:
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in b.c_attn(b.ln_1(x)).split(self.n_embd, 2))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + b.c_proj(y.transpose(1, 2).contiguous().view(B, T, self.n_embd))
+            x = x + b.mlp_proj(F.gelu(b.c_fc(b.ln_2(x))))
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def bench_nanogpt():
+    """model.py against NanoGPT2 at the same shape, side by side in one process (alternating steps)."""
+    from model import GPT, GPTConfig
+    cases = [tuple(int(x) for x in s.split(",")) for s in
+             ("4,4,128,128,32;8,8,256,128,16" if shapes == "auto" else shapes).split(";")]
+    vocab = 274   # the toy world's vocabulary
+    print(f"\nmodel.py against nanoGPT's GPT-2 (NanoGPT2), fp32, AdamW, SDPA, {torch.get_num_threads()} threads, "
+          f"{train_iters} timed steps each, alternating, on {dev}")
+    print(f"{'shape':>16} | {'params ours':>11} | {'params nanoGPT':>14} | {'ours tok/s':>10} | {'nanoGPT tok/s':>13} "
+          f"| {'ratio':>5}")
+    for L, H, C, T, B in cases:
+        torch.manual_seed(0)
+        models = {"ours": GPT(GPTConfig(n_layer=L, n_head=H, n_embd=C, block_size=T, vocab_size=vocab,
+                                        attention="sdpa")).to(dev),
+                  "nanogpt": NanoGPT2(L, H, C, T, vocab).to(dev)}
+        opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, m in models.items()}
+        data = torch.randint(0, vocab, (4, B, T + 1), device=dev)
+        times = {k: [] for k in models}
+        for i in range(warmup_iters + train_iters):
+            for k, m in models.items():
+                w = data[i % 4]
+                t = time.perf_counter()
+                _, loss = m(w[:, :-1], w[:, 1:])
+                loss.backward()
+                opts[k].step()
+                opts[k].zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.synchronize()
+                if i >= warmup_iters:
+                    times[k].append(time.perf_counter() - t)
+        ours, ref = (B * T / float(np.median(times[k])) for k in ("ours", "nanogpt"))
+        n = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+        print(f"{f'{L}x{C}, T={T}, B={B}':>16} | {n['ours']:>11,} | {n['nanogpt']:>14,} | {ours:>10,.0f} | "
+              f"{ref:>13,.0f} | {ours / ref:>5.2f}")
 
 
 def bench_kernel():
@@ -184,3 +257,5 @@ if what == "train" or (what == "all" and cuda):
     bench_train()
 if what == "loop" or (what == "all" and not cuda):
     bench_loop()
+if what == "nanogpt":
+    bench_nanogpt()

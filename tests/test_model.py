@@ -95,8 +95,7 @@ def test_hidden_states_are_the_residual_stream_after_every_layer():
     assert len(hidden) == m.config.n_layer + 1
     assert torch.equal(hidden[0], m.wte(idx))
     assert torch.allclose(logits, m.lm_head(m.ln_f(hidden[-1])))
-    cos, sin = m.rope_cos[:11], m.rope_sin[:11]
-    assert torch.allclose(hidden[1], m.h[0](hidden[0], cos, sin))
+    assert torch.allclose(hidden[1], m.h[0](hidden[0], m.rope[:11, None]))
 
 
 def test_architecture_tied_embeddings_no_biases_and_scaled_residual_init():
@@ -113,10 +112,10 @@ def test_architecture_tied_embeddings_no_biases_and_scaled_residual_init():
 
 def test_rope_rotates_relative_positions_only():
     # <rope(q, i), rope(k, j)> depends on i - j only: shifting both positions leaves the score unchanged
-    cos, sin = M.rope_tables(32, 8, 10000.0)
+    rot = M.rope_tables(32, 8, 10000.0)
     q, k = torch.randn(8), torch.randn(8)
     def score(i, j):
-        return (M.apply_rope(q[None, None, None], cos[i], sin[i]) * M.apply_rope(k[None, None, None], cos[j], sin[j])).sum()
+        return (M.apply_rope(q[None], rot[i]) * M.apply_rope(k[None], rot[j])).sum()
     assert torch.allclose(score(3, 1), score(13, 11), atol=1e-5)
     assert not torch.allclose(score(3, 1), score(3, 2), atol=1e-3)
 
@@ -156,3 +155,53 @@ def test_configurator_checks_keys_and_types(tmp_path):
     profile.write_text("max_iters = 5\nmax_iter = 6\n")
     with pytest.raises(ConfigError, match="unknown key 'max_iter'"):
         configure(defaults, [str(profile)])
+
+
+def reference_forward(m, idx):
+    """The model as it was written before the CPU speed-up (2026-11-30): rotate-half RoPE with concatenations, one
+    c_fc matmul chunked into gate and up, F.rms_norm; the same weights. model.py must give the same numbers."""
+    import torch.nn.functional as F
+    cfg = m.config
+    D = cfg.n_embd // cfg.n_head
+    inv = 1.0 / (cfg.rope_base ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    ang = torch.outer(torch.arange(idx.size(1), dtype=torch.float32), inv)
+    cos, sin = ang.cos(), ang.sin()
+
+    def rope(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+    def norm(x, ln):
+        return F.rms_norm(x, (x.size(-1),), ln.weight, ln.eps)
+    B, T = idx.shape
+    x = m.wte(idx)
+    for blk in m.h:
+        q, k, v = blk.attn.c_attn(norm(x, blk.ln_1)).view(B, T, 3, cfg.n_head, D).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(rope(q), rope(k), v, is_causal=True)
+        x = x + blk.attn.c_proj(y.transpose(1, 2).reshape(B, T, cfg.n_embd))
+        gate, up = blk.mlp.c_fc(norm(x, blk.ln_2)).chunk(2, dim=-1)
+        x = x + blk.mlp.c_proj(F.silu(gate) * up)
+    return m.lm_head(norm(x, m.ln_f))
+
+
+@pytest.mark.parametrize("shape", [dict(n_layer=2, n_head=2, n_embd=32), dict(n_layer=3, n_head=4, n_embd=128)])
+def test_model_equals_the_previous_implementation_in_logits_and_gradients(shape):
+    # the speed-up (RoPE on complex pairs with q/k rows read in pair order, gate and up as two matmuls, RMSNorm's
+    # gradient written out) must change nothing but fp32 rounding: relative error <= 1e-5 in logits and gradients
+    torch.manual_seed(5)
+    m = tiny(**shape)
+    with torch.no_grad():   # sharper attention than at init, so that a wrong rotation shows in the logits
+        for blk in m.h:
+            blk.attn.c_attn.weight.mul_(8)
+    idx = torch.randint(0, 61, (3, 29))
+    logits, loss = m(idx, idx.roll(-1, 1))
+    ref = reference_forward(m, idx)
+    assert (logits - ref).norm() <= 1e-5 * ref.norm()
+    grads = torch.autograd.grad(loss, list(m.parameters()))
+    ref_loss = torch.nn.functional.cross_entropy(ref.view(-1, ref.size(-1)), idx.roll(-1, 1).reshape(-1))
+    ref_grads = torch.autograd.grad(ref_loss, list(m.parameters()))
+    for (name, _), g, r in zip(m.named_parameters(), grads, ref_grads):
+        assert (g - r).norm() <= 1e-5 * r.norm() + 1e-12, name
+    # and a change the test must catch: an unpermuted q/k row order is a different model
+    m.h[0].attn.qk_rows.copy_(torch.arange(m.h[0].attn.qk_rows.numel()))
+    assert (m(idx)[0] - ref).norm() > 1e-3 * ref.norm()
