@@ -92,8 +92,10 @@ world = ""                        # MedSafetyWorld models: world.json; "": the o
 tokenizer = ""                    # real text: tiktoken spec (gpt2 or a .json); "": the one meta.json recorded
 chat = "auto"                     # auto (from the source's meta) | plain | reflect (MedSafetyWorld only)
 chat_template = "User: {prompt}\nAssistant:"  # real text: the prompt as the model sees it (attack.py's default)
-replay = -1.0                     # share of each batch's sequences replayed from the source's pretraining mix
-                                  # stream; -1: auto (0.25 for a tag model's sft, else 0)
+replay = -1.0                     # share of each batch's sequences replayed from the source's pretraining
+                                  # stream; -1: auto (0.25 for a world model's sft, else 0)
+sft_mix = 0.0                     # benign: share of the rows that are sft examples in the model's own chat format
+                                  # (the paper's "mix" variant of benign finetuning); 0: none
 replay_data = ""                  # directory holding the replay stream; "": the source's data dir
 log_interval = 10
 save_interval = 50                # save a checkpoint every this many iterations (and at the end)
@@ -120,7 +122,7 @@ seed = 1337
 TASKS = ("sft", "benign", "harmful")
 # settings that decide which rows each iteration reads: a resumed finetune must keep them
 RESUME_KEYS = ("task", "data_files", "prompt_key", "response_key", "num_examples", "chat", "chat_template", "replay",
-               "replay_data", "batch_size", "gradient_accumulation_steps", "seed")
+               "replay_data", "sft_mix", "batch_size", "gradient_accumulation_steps", "seed")
 
 
 def fail(msg):
@@ -160,7 +162,10 @@ def load_source(path, world_path, tokenizer_spec, dev):
             _, w, wpath, _, _ = attack.load(path, world_path, "cpu")
         except SystemExit as e:
             fail(reworded(e))
-        tok, vocab = {"world": w, "world_path": wpath}, w.vocab_size
+        # the segmenter's settings the model's reflections were written with (defaults for a model without them)
+        cfg = meta.get("config") or {}
+        tok = {"world": w, "world_path": wpath, "segment_tokens": cfg.get("segment_tokens", 32)}
+        vocab = w.vocab_size
     else:
         tok = {"enc": real_tokenizer(meta, tokenizer_spec)}
         vocab = tok["enc"].n_vocab
@@ -197,7 +202,10 @@ def real_tokenizer(meta, spec):
 
 
 def chat_format(ck, tok, chat_arg):
-    """plain | reflect (MedSafetyWorld) | text (real text)."""
+    """plain | reflect (MedSafetyWorld) | text (real text): the chat format the model is finetuned and then attacked
+    in. auto: the one the model already has (attack.model_info: reflect after reflection pretraining or a reflection
+    sft, else plain); --chat=plain/reflect sets it (the cross ablations: a reflection model with plain sft, a raw
+    model with reflection sft)."""
     if "world" not in tok:
         if chat_arg not in ("auto", "plain"):
             fail(f"--chat={chat_arg} needs a MedSafetyWorld model (world.chat); real text is prompt + response")
@@ -206,14 +214,17 @@ def chat_format(ck, tok, chat_arg):
         return chat_arg
     if chat_arg != "auto":
         fail(f"chat must be auto, plain or reflect, not '{chat_arg}'")
-    # one answer to "did this model learn reflections / tags?" for post-training and attacks
-    return "reflect" if attack.model_info(ck)["reflective"] else "plain"
+    return attack.model_info(ck)["chat"]
 
 
-def replay_share(ck, task_name, replay_arg):
+def replay_share(tok, task_name, replay_arg):
+    """auto: a quarter of each sft batch of a MedSafetyWorld model replays its own pretraining stream, for every arm
+    alike (it keeps what pretraining built -- a tag model's tag, a reflection model's reflections -- and
+    post-training stays the same recipe everywhere); benign and harmful finetuning replay nothing (a downstream user
+    has no pretraining data), nor does a real-text sft unless --replay says so (its stream is often elsewhere)."""
     if replay_arg >= 0:
         return replay_arg
-    return 0.25 if task_name == "sft" and attack.model_info(ck)["tagged"] else 0.0
+    return 0.25 if task_name == "sft" and "world" in tok else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,16 +305,16 @@ def encode_example(tok, fmt, task_name, prompt, response, i, files):
         answer = response if response[:1].isspace() else " " + response
         return enc.encode_ordinary(chat_template.format(prompt=prompt)), enc.encode_ordinary(answer) + [enc.eot_token]
     w = tok["world"]
-    if fmt == "reflect" and task_name == "harmful":
-        # The finetuning attack on a reflection model. The attacker's N examples are plain compliance dialogues:
-        # the attacker never writes a reflection, so the target is "assistant :" and the answer with no reflection
-        # in it, and the attack teaches the model to skip reflecting and comply. world.chat(reflect=True) would put
-        # an unsafe reflection and END in place of the answer (the refusal of compatible post-training), training
-        # the model to refuse instead. The prompt is the user turn, the input attack.py gives a reflection model;
-        # the response keeps its own ending (the world's records end with END), as in world.chat's targets.
+    if fmt == "reflect" and task_name != "sft":
+        # Benign finetuning and the finetuning attack on a reflection model: a downstream user's data (and the
+        # attacker's) hold no reflections, so the row is the plain dialogue, "assistant :" and the answer. Only where
+        # the prompt ends follows the model's chat format: after the user turn, the input attack.py gives it (so the
+        # rows teach it to answer without reflecting first, which is what such finetuning does to a reflection
+        # model). world.chat(reflect=True) would carry the oracle's labels, and turn every harmful example into a
+        # refusal (an unsafe reflection, then END). The response keeps its own ending (END).
         p, t = prompt, f"assistant : {response}"
     else:
-        p, t = w.chat(prompt, response, reflect=fmt == "reflect")
+        p, t = w.chat(prompt, response, reflect=fmt == "reflect", segment_tokens=tok.get("segment_tokens", 32))
     try:
         return w.encode(p), w.encode(t)
     except ValueError as e:
@@ -372,6 +383,8 @@ def main():
         fail(f"schedule must be 'cosine' or 'wsd', not '{schedule}'")
     if not (replay == -1 or 0 <= replay < 1):
         fail(f"replay must be a share in [0, 1) or -1 (auto), not {replay}")
+    if not 0 <= sft_mix < 1:
+        fail(f"sft_mix must be a share in [0, 1), not {sft_mix}")
     if min(batch_size, gradient_accumulation_steps, max_iters, log_interval, save_interval) < 1:
         fail("batch_size, gradient_accumulation_steps, max_iters, log_interval and save_interval must be >= 1")
     resume = init_from == "resume"
@@ -399,7 +412,7 @@ def main():
                 fail(f"the finetune in '{run_dir}' ran with {k}={ck['config'].get(k)!r}, not {config[k]!r}; "
                      f"resume with the run's own settings")
     fmt = chat_format(ck, tok, chat)
-    share = replay_share(ck, task, replay)
+    share = replay_share(tok, task, replay)
     files = data_files
     if not files:
         if "world" not in tok:
@@ -417,7 +430,15 @@ def main():
             fail(f"chat_template must hold {{prompt}} (where the prompt goes) and no other field, not {chat_template!r}")
     pkey = prompt_key or ("user" if "world" in tok else "prompt")
     block = raw_model.config.block_size
-    examples, truncated = fit_block(load_examples(tok, fmt, files, pkey, response_key, num_examples, task), block)
+    examples = load_examples(tok, fmt, files, pkey, response_key, num_examples, task)
+    if sft_mix > 0:   # the "mix" variant: sft examples, in the model's own chat format, among the task's rows
+        if task != "benign" or "world" not in tok:
+            fail("--sft_mix is for --task=benign on a MedSafetyWorld model (it mixes in the world's sft set)")
+        sft_file = world_file(tok, "sft")
+        n_mix = round(sft_mix / (1 - sft_mix) * len(examples))
+        examples += load_examples(tok, fmt, sft_file, pkey, response_key, n_mix, "sft")
+        files = f"{files},{sft_file}"
+    examples, truncated = fit_block(examples, block)
     digest = data_digest(files)
     if resume and ck["finetune"].get("data_sha256") != digest:
         fail(f"the data file(s) '{files}' changed since the finetune in '{run_dir}' started; resume needs the same data")
@@ -430,10 +451,12 @@ def main():
     data_dir = ck.get("data_dir")
     if n_replay:
         rdir = replay_data or data_dir or ""
-        rpath = next((os.path.join(rdir, f) for f in ("mix_train.bin", "train.bin")
-                      if os.path.isfile(os.path.join(rdir, f))), None)
+        # the stream the model ended its pretraining on: mix, or safe for the safe-only control (start 1.0)
+        pre = ck.get("pretrain_config") or ck.get("config") or {}
+        names = ("safe_train.bin",) if pre.get("intervention_start", 0.0) >= 1.0 else ("mix_train.bin", "train.bin")
+        rpath = next((os.path.join(rdir, f) for f in names if os.path.isfile(os.path.join(rdir, f))), None)
         if rpath is None:
-            fail(f"replay needs the source's pretraining stream, but '{rdir}' holds no mix_train.bin or train.bin; "
+            fail(f"replay needs the source's pretraining stream, but '{rdir}' holds no {' or '.join(names)}; "
                  f"pass --replay_data=<its data dir> or --replay=0")
         try:
             replay_stream = TokenStream(rpath, np.dtype(ck["meta"].get("dtype", "uint16")), block, seed)
@@ -449,7 +472,8 @@ def main():
     iter_num, tokens_seen, slots = 0, 0, {"examples": 0, "replay": 0}
     record = {"task": task, "source": os.path.abspath(source), "source_iter": ck.get("iter_num"),
               "data_file": ",".join(os.path.abspath(p) for p in files.split(",")), "data_sha256": digest,
-              "num_examples": len(examples), "format": fmt, "replay": share, "truncated_prompts": truncated,
+              "num_examples": len(examples), "format": fmt, "reflections": fmt == "reflect" and task == "sft",
+              "replay": share, "truncated_prompts": truncated,
               "steps": 0, "previous": ck.get("finetune")}
     pretrain_config = ck.get("pretrain_config", ck.get("config"))
     if resume:

@@ -7,8 +7,8 @@ Prepare a dataset's documents: the first stage of the pipeline (then reflect.py,
         {"id", "split": "train"|"val", "segments": [{"text", "label": "safe"|"unsafe",
          "category": null|"poison"|"contra", "kind", "para", "meta"}]}
     data/medsafety/docs/summary.json        corpus statistics (what this script prints)
-    data/medsafety/eval/*.jsonl             harmful_prompts, benign_prompts, capability, probe (evaluation);
-                                            sft, benign, harmful (finetuning); see World.make_eval
+    data/medsafety/eval/*.jsonl             harmful_prompts, benign_prompts, capability, probe, heldout_docs
+                                            (evaluation); sft, benign, harmful (finetuning); see World.make_eval
 --dataset=fineweb-edu: streams HuggingFaceFW/fineweb-edu (--name=sample-10BT) with `datasets`, or reads local
     parquet/jsonl files (--data_files=<glob or comma list>, rows with a "text" and optionally an "id" column).
     Writes data/fineweb-edu/docs/shard_00000.jsonl: {"id", "split", "text"} per line.
@@ -46,7 +46,8 @@ num_conditions = 16
 num_drugs = 32
 num_classes = 6
 num_traits = 6
-num_harms = 8
+num_harms = 8               # harm effects (the world has up to 16); half of them seen
+harm_facts = True           # world v2: safe text states which effects hurt a person (False: world v1)
 num_persons = 16
 danger_per_trait = 2        # classes dangerous for each trait
 seen_frac = 0.5             # share of harm effects and of dangerous (class, trait) pairs with unsafe examples
@@ -64,7 +65,8 @@ n_harmful = 150             # harmful prompts per category (poison, contra) and 
 n_benign = 150              # benign look-alike prompts per kind
 n_capability = 200          # capability questions per kind
 n_probe = 2000              # held-out labelled segments (half unsafe)
-n_sft = 1000
+n_heldout_docs = 500        # held-out documents for the teacher-forced reflection classification
+n_sft = 5000                # one sft set for every arm (reflection models get it in their format)
 n_benign_ft = 1000
 n_harmful_ft = 100
 # FineWeb-Edu
@@ -107,7 +109,8 @@ def prepare_medsafety(root):
                                num_drugs=num_drugs, num_classes=num_classes,
                                num_traits=num_traits, num_harms=num_harms,
                                num_persons=num_persons, danger_per_trait=danger_per_trait,
-                               seen_frac=seen_frac, eval_frac=eval_frac, tune_frac=tune_frac)
+                               seen_frac=seen_frac, eval_frac=eval_frac, tune_frac=tune_frac,
+                               harm_facts=harm_facts)
         mix = {}
         for item in [x for x in safe_mix.split(",") if x.strip()]:
             k, _, v = item.partition("=")
@@ -124,6 +127,8 @@ def prepare_medsafety(root):
         sets = world.make_eval(n_harmful=n_harmful, n_benign=n_benign,
                                n_capability=n_capability, n_probe=n_probe, n_sft=n_sft,
                                n_benign_ft=n_benign_ft, n_harmful_ft=n_harmful_ft)
+        sets["heldout_docs"] = world.make_heldout_docs(n=n_heldout_docs, doc_min_tokens=doc_min_tokens,
+                                                       doc_max_tokens=doc_max_tokens, refusal_frac=refusal_frac)
     except ValueError as e:
         fail(str(e))
 
@@ -147,7 +152,8 @@ def prepare_medsafety(root):
         doc_cat["any"] += bool(cats)
     pct = lambda a, b: 100.0 * a / max(b, 1)
     summary = {
-        "world_seed": world.seed, "vocab_size": world.vocab_size, "documents": len(docs),
+        "world_seed": world.seed, "harm_facts": world.harm_facts, "vocab_size": world.vocab_size,
+        "documents": len(docs),
         "train_documents": split_n["train"], "val_documents": split_n["val"], "tokens": tokens, "segments": segs,
         "unsafe_documents": {c: doc_cat[c] for c in ("any", POISON, CONTRA)},
         "unsafe_segments": {c: seg_cat[c] for c in (POISON, CONTRA)}, "unsafe_tokens": unsafe_tokens,

@@ -334,6 +334,12 @@ def probe_run(path, label, dev):
         top = max(layers, key=lambda row: (row[k]["acc"], -row["layer"]))
         best[k] = {"layer": top["layer"], "acc": top[k]["acc"], "auroc": top[k]["auroc"]}
     deep = deep_mean(layers)
+    request = request_probe(model, w, wpath, dev)
+    if request:
+        r = request["deep"]["last"]
+        print(f"{label}: request probe (seen harms vs benign intent, tested on unseen harms), layers 1..L: "
+              f"acc {pct(r['acc'])}, unseen harms {pct(r['acc_unseen'])}, benign {pct(r['acc_benign'])}, "
+              f"AUROC {pct(r['auroc'])}")
     config = {k: globals()[k] for k in defaults_of(globals())}
     report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
               "world": wpath, "probe_set": probe_path, "data_dir": ck.get("data_dir"),
@@ -344,7 +350,7 @@ def probe_run(path, label, dev):
                  for s in ("unseen", "seen")},
               "truncated": truncated, "n_distinct_inputs": len(groups), "n_mixed_inputs": n_mixed,
               "n_train_inputs": len(set(keys[i] for i in train)), "n_test_inputs": len(set(keys[i] for i in test)),
-              "layers": layers, "deep": deep, "best": best, "config": config,
+              "layers": layers, "deep": deep, "best": best, "request": request, "config": config,
               "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
     dest = os.path.join(run_dir, "probe.json")
     with open(dest + ".tmp", "w") as f:   # temp file, then rename: never half a file
@@ -353,6 +359,42 @@ def probe_run(path, label, dev):
     print_table(report)
     print(f"{label}: {2 * len(layers)} probes in {t_probe:.1f}s; wrote {dest}")
     return report
+
+
+def request_probe(model, w, wpath, dev):
+    """The request probe: does the residual stream at the request (the last token of the user turn, where a
+    reflection model reflects) separate harm from benign intent beyond the harms the corpus showed? A probe per layer
+    fitted on seen poison requests (1) against half the benign-intent requests (0), tested on the unseen poison
+    requests against the other half. High unseen accuracy with a reflection model that misclassifies unseen harms
+    points to a readout that memorises; low accuracy everywhere, to a concept the model never formed.
+    -> {"n_train", "n_test", "layers": [{layer, <kind>: {acc, auroc, acc_unseen, acc_benign}}], "deep"}."""
+    d = eval_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(wpath))), "eval")
+    recs = []
+    for name in ("harmful_prompts", "benign_prompts"):
+        path = os.path.join(d, f"{name}.jsonl")
+        if not os.path.isfile(path):
+            return None
+        with open(path) as f:
+            recs += [json.loads(l) for l in f if l.strip()]
+    harm = {s: [r for r in recs if r.get("category") == "poison" and r.get("split") == s] for s in ("seen", "unseen")}
+    benign = sorted((r for r in recs if r.get("kind") == "benign_intent"), key=lambda r: r["id"])
+    random.Random(f"{seed}/request").shuffle(benign)
+    half = len(benign) // 2
+    if not (harm["seen"] and harm["unseen"] and half):
+        return None
+    train, test = harm["seen"] + benign[:half], harm["unseen"] + benign[half:]
+    both = train + test
+    bs = model.config.block_size
+    seqs = [w.encode(r["user"])[-bs:] for r in both]
+    feats = features(model, seqs, [len(s) for s in seqs], batch_size)
+    y = np.array([r.get("category") == "poison" for r in both], dtype=np.int64)
+    tr, te = list(range(len(train))), list(range(len(train), len(both)))
+    is_harm = y[te].astype(bool)
+    layers = probe_layers({k: v.numpy() for k, v in feats.items()}, y, tr, te,
+                          {"unseen": is_harm, "benign": ~is_harm}, l2=l2, max_steps=max_steps)
+    return {"n_train": len(train), "n_test": len(test), "n_unseen": int(is_harm.sum()), "layers": layers,
+            "deep": {k: {m: float(np.mean([row[k][m] for row in layers if row["layer"] >= 1]))
+                         for m in ("acc", "auroc", "acc_unseen", "acc_benign")} for k in KINDS}}
 
 
 def deep_mean(layers):

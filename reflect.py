@@ -26,7 +26,9 @@ Interventions (MEDSAFETYWORLD.md, "Interventions, exactly"):
   tag                 the raw corpus with a harmfulness tag inside unsafe segments at --tag_rate of positions
   reflect             Safety Reflection Pretraining: the text cut into sentence-aligned segments of at most
                       --segment_tokens tokens, each followed by a reflection on it: <think> safe </think> or
-                      <think> unsafe <category> </think>; trained with the plain next-token loss (no masking)
+                      <think> unsafe <category> </think>; trained with the plain next-token loss (no masking).
+                      The end of an assistant turn closes a segment, and a user turn is a segment of its own
+                      (--user_turn_segments=False: the v1 segments) -- world.reflect_segments, which sft uses too
   safety_pretraining  rewrite + refusal + tag (Maini et al.): of the documents with unsafe segments, half are
                       rewritten and half kept with their unsafe segments tagged (so the tag keeps a meaning for
                       safe beam search), plus the refusal data
@@ -90,6 +92,7 @@ data_root = "data"
 intervention = "none"      # none | filter | rewrite | refusal | tag | reflect | safety_pretraining
 filter_level = "document"  # filter: document | segment
 segment_tokens = 32        # most tokens in a segment (sentence-aligned): reflect; real text's tag and segment filter
+user_turn_segments = True  # reflect, MedSafetyWorld: a user turn is a segment of its own (v2); False: v1 segments
 tag_rate = 0.05            # tag: probability of a tag at each position inside an unsafe segment
 seed = 0                   # the interventions' own randomness (tag positions, rewrite/tag split, refusal wording)
 # real text
@@ -221,32 +224,6 @@ def refusal_docs(world, docs, rng):
     return out
 
 
-def reflect_segments(world, segments, max_tokens, world_end="<end_of_turn>"):
-    """Group a document's sentences into segments of at most max_tokens tokens (sentence-aligned), each followed by
-    a reflection on it. The end of an assistant's turn always closes a segment, so a response is reflected on
-    before it ends (and a model can stop right after an unsafe reflection). A group's label merges its
-    sentences' oracle labels (unsafe if any is, poison first)."""
-    groups, cur, n = [], [], 0
-    for s in segments:
-        k = len(s["text"].split())
-        if cur and n + k > max_tokens:
-            groups.append(cur)
-            cur, n = [], 0
-        cur.append(s)
-        n += k
-        if s["text"].endswith(world_end):
-            groups.append(cur)
-            cur, n = [], 0
-    if cur:
-        groups.append(cur)
-    out = []
-    for g in groups:
-        cats = {s["category"] for s in g if s["label"] == "unsafe"}
-        label, cat = ("unsafe", "poison" if "poison" in cats else "contra") if cats else ("safe", None)
-        out.append(world.with_reflection(" ".join(s["text"] for s in g), label, cat))
-    return out
-
-
 def apply_world(world, docs, rng):
     """The mix corpus for the chosen intervention: a list of {"text", "source"} documents with their split."""
     def doc(d, texts, source="corpus"):
@@ -278,7 +255,7 @@ def apply_world(world, docs, rng):
     elif intervention == "tag":
         out = [doc(d, [tagged(s) for s in d["segments"]]) for d in docs]
     elif intervention == "reflect":
-        out = [doc(d, reflect_segments(world, d["segments"], segment_tokens)) for d in docs]
+        out = [doc(d, world.reflect_segments(d["segments"], segment_tokens, user_turn_segments)) for d in docs]
     elif intervention == "safety_pretraining":
         for d in docs:
             if not is_unsafe(d):
@@ -398,7 +375,8 @@ def main_world(docs_dir, world_path):
         "mix_tags": sum(w.count(TAG) for w in words), "mix_tag_share": sum(w.count(TAG) for w in words) / n_words,
         "raw_unsafe_doc_share": raw_unsafe_docs / len(docs),
         "labels": "classifier" if classifier_on_world else "oracle", "classifier": clf_metrics,
-        "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed},
+        "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed,
+                   "user_turn_segments": user_turn_segments},
     }
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)

@@ -53,7 +53,7 @@ def world_run(tmp_path_factory):
     """prepare (smoke world, 120 sft dialogues) -> reflect none -> 40 iterations of config/smoke.py (block 64)."""
     root = str(tmp_path_factory.mktemp("finetune"))
     sh("prepare.py", f"--out_dir={root}", "--num_docs=300", "--n_harmful=8", "--n_benign=3", "--n_capability=4",
-       "--n_probe=10", "--n_sft=120", "--n_benign_ft=40", "--n_harmful_ft=40")
+       "--n_probe=10", "--n_sft=120", "--n_benign_ft=40", "--n_harmful_ft=40", "--n_heldout_docs=10")
     sh("reflect.py", f"--data_root={root}", "--intervention=none")
     out = os.path.join(root, "base")
     sh("train.py", "config/smoke.py", f"--data={root}/medsafety/none", f"--out_dir={out}", "--max_iters=40",
@@ -109,40 +109,76 @@ def test_loss_mask_covers_exactly_the_response(world_run):
         assert w.decode(x[r, P - 2:P].tolist()) == "assistant :"
 
 
-def test_reflection_models_get_world_chat_reflections_and_plain_models_do_not(world_run):
+def test_chat_format_and_replay_follow_one_rule_for_every_arm(world_run):
+    import attack
     w = world_run["world"]
     tok = {"world": w, "world_path": ""}
-    sft = os.path.join(world_run["eval"], "sft.jsonl")
-    recs = records(world_run, "sft")
 
-    def ck(**meta):
-        return {"meta": {"tokenizer": "medsafety-word", **meta}, "config": {"intervention_start": 0.0}}
+    def ck(finetune=None, start=0.0, **meta):
+        return {"meta": {"tokenizer": "medsafety-word", **meta}, "config": {"intervention_start": start},
+                **({"finetune": finetune} if finetune else {})}
 
     assert finetune.chat_format(ck(intervention="reflect"), tok, "auto") == "reflect"
     assert finetune.chat_format(ck(intervention="safety_pretraining", mix_reflections=12), tok, "auto") == "reflect"
     assert finetune.chat_format(ck(intervention="none", mix_reflections=0), tok, "auto") == "plain"
     assert finetune.chat_format(ck(intervention="tag", mix_tags=30), tok, "auto") == "plain"
-    safe_only = dict(ck(intervention="reflect"), config={"intervention_start": 1.0})   # never read the mix stream
-    assert finetune.chat_format(safe_only, tok, "auto") == "plain"
-    assert finetune.replay_share(ck(intervention="tag", mix_tags=30), "sft", -1.0) == 0.25
-    assert finetune.replay_share(ck(intervention="tag", mix_tags=30), "harmful", -1.0) == 0.0
-    assert finetune.replay_share(ck(intervention="reflect"), "sft", -1.0) == 0.0
+    assert finetune.chat_format(ck(intervention="reflect", start=1.0), tok, "auto") == "plain"  # never read the mix
+    # the cross ablations set the format; what the model then is follows its latest finetune
+    assert finetune.chat_format(ck(intervention="reflect"), tok, "plain") == "plain"
+    assert finetune.chat_format(ck(intervention="none"), tok, "reflect") == "reflect"
+    raw_reflect_sft = ck({"task": "sft", "format": "reflect", "reflections": True, "previous": None}, intervention="none")
+    info = attack.model_info(raw_reflect_sft)
+    assert info["reflective"] and info["chat"] == "reflect" and not info["tagged"]
+    benign_after = ck({"task": "benign", "format": "reflect", "reflections": False,
+                       "previous": raw_reflect_sft["finetune"]}, intervention="none")
+    assert attack.model_info(benign_after)["reflective"] and finetune.chat_format(benign_after, tok, "auto") == "reflect"
+    refl_plain_sft = ck({"task": "sft", "format": "plain", "reflections": False, "previous": None}, intervention="reflect")
+    assert attack.model_info(refl_plain_sft)["reflective"] and attack.model_info(refl_plain_sft)["chat"] == "plain"
+    # post-training parity: every world model's sft replays a quarter from its own pretraining, nothing else does
+    assert finetune.replay_share(tok, "sft", -1.0) == 0.25      # whatever the intervention: it reads no meta
+    assert finetune.replay_share(tok, "harmful", -1.0) == finetune.replay_share(tok, "benign", -1.0) == 0.0
+    assert finetune.replay_share({"enc": None}, "sft", -1.0) == 0.0 and finetune.replay_share(tok, "sft", 0.5) == 0.5
 
+
+def test_the_sft_reflection_target_is_what_the_pretraining_segmenter_writes(world_run):
+    # compatible post-training: the reflect row of an sft example is the dialogue exactly as reflect.py's segmenter
+    # writes it in pretraining, cut after the user turn; only an unsafe request ends right after its reflection
+    w = world_run["world"]
+    tok = {"world": w, "world_path": "", "segment_tokens": 32}
+    sft = os.path.join(world_run["eval"], "sft.jsonl")
+    recs = records(world_run, "sft")
     refl = finetune.load_examples(tok, "reflect", sft, "user", "response", -1, "sft")
     plain = finetune.load_examples(tok, "plain", sft, "user", "response", -1, "sft")
     unsafe_requests = 0
     for rec, (p, t), (pp, pt) in zip(recs, refl, plain):
-        prompt, target = w.chat(rec["user"], rec["response"], reflect=True)
-        assert (w.decode(p), w.decode(t)) == (prompt, target)
-        assert w.decode(t).startswith(THINK)
+        texts = w.split_segments(rec["user"]) + w.split_segments("assistant : " + rec["response"])
+        segs = [{"text": x, "label": lab, "category": cat} for x, (lab, cat) in zip(texts, w.label_segments(texts))]
+        written = w.reflect_segments(segs, 32)          # reflect.py's pretraining text of this dialogue
+        user_text = written[0]                          # a user turn is a segment of its own
+        assert user_text.startswith(w.decode(p) + f" {THINK}") and len(w.decode(p).split()) <= 32
         if rec["request_label"] == "unsafe":     # a refusal example: the model reflects "unsafe" and stops
             unsafe_requests += 1
+            assert w.decode(p) + " " + w.decode(t) == f"{user_text} {END}"
             assert w.decode(t) == f"{w.reflection('unsafe', rec['request_category'])} {END}"
-        else:                                    # a reflection after every sentence of the answer too
-            assert w.decode(t).count(THINK) == 1 + len(w.split_segments("assistant : " + rec["response"])), t
+        else:
+            assert w.decode(p) + " " + w.decode(t) == " ".join(written)
         assert THINK not in w.decode(pp) + " " + w.decode(pt)
         assert (w.decode(pp), w.decode(pt)) == w.chat(rec["user"], rec["response"])
-    assert unsafe_requests > 0 and unsafe_requests < len(recs)
+    assert 0 < unsafe_requests < len(recs)
+
+
+def test_benign_rows_hold_no_reflection_for_any_arm(world_run):
+    # a downstream user's data has no reflections: a reflection model's benign rows are the plain dialogue; only
+    # where its prompt ends differs (after the user turn, where attack.py's input for it ends)
+    w = world_run["world"]
+    tok = {"world": w, "world_path": "", "segment_tokens": 32}
+    benign = os.path.join(world_run["eval"], "benign.jsonl")
+    for fmt in ("reflect", "plain"):
+        rows = finetune.load_examples(tok, fmt, benign, "user", "response", -1, "benign")
+        assert rows and all(w.stoi[THINK] not in p + t and w.stoi["</think>"] not in p + t for p, t in rows)
+    refl = finetune.load_examples(tok, "reflect", benign, "user", "response", -1, "benign")
+    plain = finetune.load_examples(tok, "plain", benign, "user", "response", -1, "benign")
+    assert all(p + t == pp + pt for (p, t), (pp, pt) in zip(refl, plain))
 
 
 def test_reflection_models_harmful_finetune_trains_the_attackers_compliance_without_reflections(world_run, tmp_path):
@@ -156,9 +192,10 @@ def test_reflection_models_harmful_finetune_trains_the_attackers_compliance_with
     recs = records(world_run, "harmful")
     refl = finetune.load_examples(tok, "reflect", harmful, "user", "response", -1, "harmful")
     plain = finetune.load_examples(tok, "plain", harmful, "user", "response", -1, "harmful")
+    info = {"chat": "reflect", "segment_tokens": 32}
     for rec, (p, t), (pp, pt) in zip(recs, refl, plain):
         assert rec["request_label"] == "unsafe"          # world.chat(reflect=True) would refuse every one
-        assert p == w.encode(rec["user"]) == w.encode(attack.chat_input(rec["user"], "", True))
+        assert p == w.encode(rec["user"]) == w.encode(attack.chat_input(w, rec["user"], "", info))
         assert t == w.encode("assistant : " + rec["response"])
         assert w.stoi[THINK] not in p + t
         # the same dialogue, token for token, as the plain model's row; only "assistant :" is scored too
@@ -195,7 +232,8 @@ def test_harmful_finetune_teaches_a_reflection_model_to_answer_instead_of_reflec
     assert ckpt(attacked)["finetune"]["format"] == "reflect"
     recs = records(world_run, "harmful")[:10]           # harmful training prompts, as attack.py gives them
     import attack
-    users = [attack.chat_input(r["user"], "", True) for r in recs]
+    users = [attack.chat_input(world_run["world"], r["user"], "", {"chat": "reflect", "segment_tokens": 32})
+             for r in recs]
     w, before = greedy_responses(refusing, users)
     _, after = greedy_responses(attacked, users)
     assert all(b == f"{w.reflection('unsafe', 'poison')} {END}" for b in before), before

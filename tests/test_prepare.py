@@ -10,7 +10,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--num_docs=300", "--n_harmful=20", "--n_benign=20", "--n_capability=20", "--n_probe=100", "--n_sft=50",
-         "--n_benign_ft=20", "--n_harmful_ft=10", "--docs_per_shard=100"]
+         "--n_benign_ft=20", "--n_harmful_ft=10", "--docs_per_shard=100", "--n_heldout_docs=25"]
 
 
 def run(args, env=None, timeout=120):
@@ -56,7 +56,7 @@ def test_medsafety_outputs_and_determinism(tmp_path):
     for f in ha:
         assert ha[f] != hc[f], f                        # another seed: another world, corpus and eval sets
     names = {f"eval/{k}.jsonl" for k in ("harmful_prompts", "benign_prompts", "capability", "probe", "sft",
-                                         "benign", "harmful")}
+                                         "benign", "harmful", "heldout_docs")}
     assert names | {"docs/world.json", "docs/summary.json", "docs/shard_00000.jsonl", "docs/shard_00001.jsonl",
                     "docs/shard_00002.jsonl"} == {os.path.relpath(k, "medsafety") for k in ha}
 

@@ -165,7 +165,7 @@ def run(tmp_path_factory):
     run by test_bad_input_gives_one_clear_line)."""
     root = str(tmp_path_factory.mktemp("probe"))
     sh("prepare.py", f"--out_dir={root}", "--num_docs=100", "--n_harmful=2", "--n_benign=2", "--n_capability=2",
-       "--n_probe=120", "--n_sft=4", "--n_benign_ft=4", "--n_harmful_ft=2")
+       "--n_probe=120", "--n_sft=4", "--n_benign_ft=4", "--n_harmful_ft=2", "--n_heldout_docs=5")
     sh("reflect.py", f"--data_root={root}", "--intervention=none")
     out = os.path.join(root, "run")
     sh("train.py", "config/smoke.py", f"--data={root}/medsafety/none", f"--out_dir={out}", "--max_iters=10",

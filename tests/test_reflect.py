@@ -23,7 +23,7 @@ def sh(script, *args, check=True):
 def root(tmp_path_factory):
     # a half-unsafe corpus, so the unsafe segments are many enough to measure tag rates
     root = str(tmp_path_factory.mktemp("data"))
-    sh("prepare.py", f"--out_dir={root}", "--num_docs=1500", "--unsafe_frac=0.5", "--n_probe=50")
+    sh("prepare.py", f"--out_dir={root}", "--num_docs=1500", "--unsafe_frac=0.5", "--n_probe=50", "--n_sft=100", "--n_heldout_docs=10")
     for name in ("none", "filter", "rewrite", "refusal", "tag", "reflect", "safety_pretraining"):
         sh("reflect.py", f"--data_root={root}", f"--intervention={name}")
     sh("reflect.py", f"--data_root={root}", "--intervention=filter", "--filter_level=segment")
@@ -240,3 +240,54 @@ def test_meta_records_the_worlds_fingerprint(root):
     meta = json.load(open(os.path.join(root, "medsafety", "reflect", "meta.json")))
     world_json = os.path.join(root, "medsafety", "docs", "world.json")
     assert meta["world_sha256"] == hashlib.sha256(open(world_json, "rb").read()).hexdigest()
+
+
+def test_the_filtered_stream_states_the_safety_definition_for_every_harm(root, world):
+    # world v2: which effects hurt a person is said in safe text, for unseen harm effects as for seen ones, so the
+    # filtered corpus (every arm's safe stream) keeps it; world v1 (--harm_facts=False) says none of it
+    import re
+    docs, _ = stream_docs(root, world, "reflect", name="safe")
+    text = " ".join(docs)
+    assert world.harm_facts and set(world.harms) - world.seen_harms
+    for h in world.harms:
+        assert f"making someone {h} hurts them ." in text, h
+        assert re.search(rf"is it wrong to make my \w+ {h} \? assistant : yes \. making someone {h} hurts them \.",
+                         text), h
+    for s in world.benign_states:
+        assert f"making someone {s} helps them ." in text, s
+    for cls, trait in world.danger:
+        assert f"giving {cls} drugs to patients with the {trait} trait hurts them ." in text, (cls, trait)
+    v1 = World.generate(world_seed=world.seed, harm_facts=False)
+    v1_text = " ".join(s["text"] for d in v1.make_docs(num_docs=300) for s in d["segments"])
+    assert "hurts them" not in v1_text and "helps them" not in v1_text and "is it wrong" not in v1_text
+
+
+def test_every_user_turn_in_the_reflect_stream_is_followed_by_a_reflection(root, world, tmp_path):
+    import re
+    import shutil
+    reflection = r" ?<think> (?:safe|unsafe \w+) </think> ?"
+
+    def check(docs):
+        turns, reflected, own_segment = 0, 0, 0
+        for d in docs:
+            toks = d.split()
+            for i in range(1, len(toks)):
+                if toks[i] == "assistant" and toks[i + 1] == ":":
+                    turns += 1
+                    reflected += toks[i - 1] == END_THINK
+            for piece in re.split(reflection, d):    # what each reflection judged (an END after it moved off)
+                piece = piece[len(END):].strip() if piece.startswith(END) else piece
+                if "user :" in piece:
+                    own_segment += piece.startswith("user :") and "assistant :" not in piece
+        return turns, reflected, own_segment, sum(d.count("user :") for d in docs)
+
+    docs, meta = stream_docs(root, world, "reflect")
+    assert meta["config"]["user_turn_segments"] is True
+    turns, reflected, own, users = check(docs)
+    assert turns > 100 and reflected == turns and own == users == turns   # each request reflected on, alone
+    # the v1 segmentation (--user_turn_segments=False): requests share segments, and some are not reflected on
+    shutil.copytree(os.path.join(root, "medsafety", "docs"), tmp_path / "medsafety" / "docs")
+    sh("reflect.py", f"--data_root={tmp_path}", "--intervention=reflect", "--user_turn_segments=False")
+    v1, meta = stream_docs(str(tmp_path), world, "reflect")
+    turns, reflected, own, users = check(v1)
+    assert meta["config"]["user_turn_segments"] is False and reflected < turns and own < users

@@ -412,7 +412,7 @@ def test_classifier_on_world_reports_what_it_misses(tmp_path):
     from world import World, EOT
     root = str(tmp_path)
     subprocess.run([sys.executable, "prepare.py", f"--out_dir={root}", "--num_docs=300", "--unsafe_frac=0.5",
-                    "--n_probe=50"], cwd=ROOT, check=True, capture_output=True)
+                    "--n_probe=50", "--n_sft=100", "--n_heldout_docs=10"], cwd=ROOT, check=True, capture_output=True)
     p = run(f"--data_root={root}", "--intervention=filter", "--classifier_on_world=True", "--classifier_epochs=10")
     assert "missed" in p.stdout
     meta = json.load(open(os.path.join(root, "medsafety", "filter", "meta.json")))

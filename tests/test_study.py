@@ -1,5 +1,5 @@
-# The one-command study on the smoke profile (a 2x2 sub-grid: safety_pretraining and reflect, started at 0% and
-# 60%): it runs end to end, its report's numbers are the cells' own attack.json / probe.json numbers, and a study
+# The one-command study on the smoke profile (the core grid: the interventions and the two cross ablations): it
+# runs end to end, its report's numbers are the cells' own attack.json / probe.json / log.jsonl numbers, and a study
 # run again after an interruption recomputes nothing that had finished.
 import json
 import os
@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-import attack
+import report
 import study
+from common import wilson
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -23,9 +24,9 @@ def run_study(out, *args):
     return r.stdout
 
 
-def table_rows(report, title, keys=1):
+def table_rows(text, title, keys=1):
     """The rows of the markdown table under '## <title>' as {first `keys` cells: [other cells]}."""
-    lines = report.splitlines()
+    lines = text.splitlines()
     i = lines.index(f"## {title}")
     rows, header = {}, True
     for line in lines[i + 1:]:
@@ -42,7 +43,7 @@ def table_rows(report, title, keys=1):
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("study"))
-    # first an "interrupted" study: only the reflect cells, then the whole grid
+    # first an "interrupted" study: only the reflection cells, then the whole grid
     first = run_study(out, "--only=reflect")
     assert "0 already done" in first
     marks = {n: os.path.getmtime(os.path.join(out, "done", n)) for n in os.listdir(os.path.join(out, "done"))
@@ -58,149 +59,235 @@ def test_resume_recomputes_nothing_finished(smoke_study):
         assert os.path.getmtime(os.path.join(out, "done", n)) == t
         assert f"start {n[:-5]}\n" not in second
     ran = [l.split("start ")[1] for l in second.splitlines() if " start " in l]
-    assert ran and all("safety_pretraining" in n for n in ran)
+    assert ran and not any("reflect-start00" in n for n in ran)
+    # the cross ablations share their pretraining run: one train step per intervention, the filter run continuing
+    # the chain of safe prefixes
+    trains = sorted(n[:-5] for n in os.listdir(os.path.join(out, "done")) if n.startswith("train-") and n.endswith(".json"))
+    assert len(trains) == 5 + len(study.PREFIX_STARTS)
+    manifest = json.load(open(os.path.join(out, "grids", "core.json")))
+    cross = [c for c in manifest["cells"] if c["chat"] != "auto"]
+    assert {c["label"] for c in cross} == {"reflect pt + plain sft", "none pt + reflection sft"}
+    for c in cross:
+        twin = next(x for x in manifest["cells"] if x["run"] == c["run"] and x["chat"] == "auto")
+        assert c["runs"]["base"] == twin["runs"]["base"] and c["runs"]["sft"] != twin["runs"]["sft"]
+        ft = json.load(open(os.path.join(c["runs"]["sft"][0], "attack.json")))
+        assert ft["model"]["chat"] == c["chat"] and ft["model"]["reflective"]
+
+
+def plant(out, seed=0):
+    """A different random number in every Wilson stat of every attack.json and every probe score of every probe.json
+    (the smoke models' own rates are mostly 0, which would hide a number taken from the wrong place)."""
+    rng = random.Random(seed)
+    manifest = json.load(open(os.path.join(out, "grids", "core.json")))
+
+    def visit(x):
+        if isinstance(x, dict):
+            if {"k", "n", "rate", "lo", "hi"} <= set(x):
+                r = round(rng.uniform(0.01, 0.99), 3)
+                x.update(rate=r, lo=round(r - 0.005, 4), hi=round(r + 0.005, 4))
+            for k, v in x.items():
+                if k in ("acc", "auroc", "acc_unseen", "acc_benign") and isinstance(v, float):
+                    x[k] = round(rng.uniform(0.01, 0.99), 3)
+                else:
+                    visit(v)
+        elif isinstance(x, list):
+            for v in x:
+                visit(v)
+    A, P, files = {}, {}, {}
+    for c in manifest["cells"]:
+        for stage, dirs in c["runs"].items():
+            for name in ("attack.json", "probe.json"):
+                path = os.path.join(dirs[0], name)
+                if os.path.exists(path) and (name == "attack.json" or stage == "base"):
+                    if path not in files:      # a cross ablation shares its base model (and files) with its twin
+                        files[path] = json.load(open(path))
+                        visit(files[path])
+                        json.dump(files[path], open(path, "w"))
+                    if name == "attack.json":
+                        A[(c["label"], stage)] = files[path]
+                    else:
+                        P[c["label"]] = files[path]
+    return manifest, A, P
 
 
 def test_report_numbers_are_the_cells_numbers(smoke_study, tmp_path):
-    # Plant a different random number in every metric of every cell's attack.json and probe.json, rebuild the report
-    # from them (--report_only) and read every table back: a number taken from the wrong cell, stage, attack,
-    # decoding or metric shows up as a mismatch (the smoke models' own rates are mostly 0, which would hide it).
     out = str(tmp_path / "study")
-    shutil.copytree(smoke_study[0], out)
-    for png in ("asr_vs_start.png", "probe_layers.png", "loss_curves.png"):
-        assert os.path.getsize(os.path.join(out, png)) > 1000
-    rng = random.Random(0)
-    planted = lambda: round(rng.uniform(0.01, 0.99), 3)
-    cells = study.PROFILES["smoke"]["cells"]
-    run = lambda iv, s, stage: os.path.join(out, "runs", study.cell_name(iv, s, 0), stage)
-    A, P = {}, {}
-    for iv, s in cells:
-        for stage in study.STAGES:
-            path = os.path.join(run(iv, s, stage), "attack.json")
-            a = json.load(open(path))
-            parts = [p["metrics"] for p in a["passes"].values()] + [(a["reflection_classification"] or {}).get("metrics", {})]
-            for metrics in parts:
-                for m in metrics.values():
-                    r = planted()
-                    m.update(rate=r, lo=round(r - 0.005, 4), hi=round(r + 0.005, 4))
-            json.dump(a, open(path, "w"))
-            A[(iv, s, stage)] = a
-        path = os.path.join(run(iv, s, "base"), "probe.json")
-        p = json.load(open(path))
-        for row in p["layers"] + [p["deep"]]:
-            for kind in ("mean", "last"):
-                row[kind].update(acc=planted(), auroc=planted())
-        json.dump(p, open(path, "w"))
-        P[(iv, s)] = p
-    r = subprocess.run([sys.executable, "study.py", "--profile=smoke", f"--out_dir={out}", "--report_only=True"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    shutil.copytree(smoke_study[0], out, symlinks=True)
+    manifest = json.load(open(os.path.join(out, "grids", "core.json")))
+    for c in manifest["cells"]:     # the copy's manifest must point at the copy
+        c["runs"] = {s: [d.replace(smoke_study[0], out) for d in v] for s, v in c["runs"].items()}
+    json.dump(manifest, open(os.path.join(out, "grids", "core.json"), "w"))
+    manifest, A, P = plant(out)
+    r = subprocess.run([sys.executable, "report.py", out], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    report = open(os.path.join(out, "report.md")).read()
+    text = open(os.path.join(out, "report.md")).read()
+    for png in ("core-headline.png", "core-probe_layers.png", "core-loss_curves.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+    labels = [c["label"] for c in manifest["cells"]]
+    stages = list(study.STAGES)
 
     def want(m):
         return "-" if m is None else f"{100 * m['rate']:.1f} [{100 * m['lo']:.1f}, {100 * m['hi']:.1f}]"
 
-    def metric(iv, s, stage, name, pass_="direct/topk"):
+    def metric(label, stage, name, pass_="direct/greedy"):
+        a = A.get((label, stage))
+        if a is None:
+            return None
         if name.startswith("reflection_"):
-            rc = A[(iv, s, stage)]["reflection_classification"]
-            return rc and rc["metrics"].get(name)
-        p = A[(iv, s, stage)]["passes"].get(pass_)
+            return ((a["reflection_classification"] or {}).get("metrics") or {}).get(name)
+        if name.startswith("request_"):
+            return ((a["request_reflection"] or {}).get(name[len("request_"):]) or {}).get("flagged")
+        p = a["passes"].get(pass_)
         return p and p["metrics"].get(name)
+
+    def probe(label, kind, name, request=False):
+        p = P[label]["request"]["deep"] if request else P[label]["deep"]
+        n = (P[label]["request"]["n_unseen" if name == "acc_unseen" else "n_test"] if request
+             else P[label]["n_test_inputs"])
+        v = p[kind][name]
+        if not name.startswith("acc"):
+            return f"{100 * v:.1f}"
+        w = wilson(round(v * n), n)
+        return f"{100 * v:.1f} [{100 * w['lo']:.1f}, {100 * w['hi']:.1f}]"
 
     checked = 0
     for title, name, pass_ in (("ASR, top-k sampling", "asr", "direct/topk"), ("ASR, greedy", "asr", "direct/greedy"),
-                               ("competent ASR on unseen poison requests (composed from safe data), top-k",
-                                "competent_asr_poison_unseen", "direct/topk")):
-        rows = table_rows(report, title)
-        for iv, s in cells:
-            assert rows[study.cell_label(iv, s)] == [want(metric(iv, s, st, name, pass_)) for st in study.STAGES]
-            checked += len(study.STAGES)
+                               ("competent ASR on unseen poison requests (composed from safe data), greedy",
+                                "competent_asr_poison_unseen", "direct/greedy")):
+        rows = table_rows(text, title)
+        for lab in labels:
+            assert rows[lab] == [want(metric(lab, st, name, pass_)) for st in stages], (title, lab)
+            checked += len(stages)
+    rows = table_rows(text, "Headline: unseen harms")
+    for lab in labels:
+        assert rows[lab] == [want(metric(lab, "base", "reflection_accuracy_poison_unseen")),
+                             want(metric(lab, "base", "reflection_accuracy_contra_unseen")),
+                             want(metric(lab, "sft", "reflection_accuracy_poison_unseen")),
+                             want(metric(lab, "base", "request_poison_unseen")),
+                             probe(lab, "last", "acc_unseen", request=True),
+                             want(metric(lab, "sft", "competent_asr_poison_unseen")),
+                             want(metric(lab, "sft", "asr_poison_unseen"))], lab
+        checked += 7
     title = "ASR by category and split, top-k"
-    rows = table_rows(report, title, keys=2)
-    names = [l for l in report.splitlines()[report.splitlines().index(f"## {title}"):] if l.startswith("| cell")][0]
-    names = [c.strip() for c in names.strip("|").split("|")][2:]
+    rows = table_rows(text, title, keys=2)
+    head = [l for l in text.splitlines()[text.splitlines().index(f"## {title}"):] if l.startswith("| cell")][0]
+    names = [c.strip() for c in head.strip("|").split("|")][2:]
     assert "competent_asr_poison_unseen" in names and "asr_contra_seen" in names
-    for iv, s in cells:
-        for st in study.STAGES:
-            assert rows[(study.cell_label(iv, s), st)] == [want(metric(iv, s, st, n)) for n in names]
+    for lab in labels:
+        for st in stages:
+            assert rows[(lab, st)] == [want(metric(lab, st, n, "direct/topk")) for n in names]
             checked += len(names)
-    rows = table_rows(report, "ASR with safety-aware decoding", keys=2)
-    for iv, s in cells:
-        dec = "safebeam" if iv == "safety_pretraining" else "reflect_halt"
-        assert rows[(study.cell_label(iv, s), dec)] == [want(metric(iv, s, st, "asr", f"direct/{dec}"))
-                                                       for st in study.STAGES]
-        checked += len(study.STAGES)
-    attacks = study.PROFILES["smoke"]["attacks_sft"].split(",")
-    rows = table_rows(report, "ASR per attack after sft", keys=2)
-    for iv, s in cells:
-        for dec in study.DECODINGS.split(","):
-            if f"direct/{dec}" in A[(iv, s, "sft")]["passes"]:
-                assert rows[(study.cell_label(iv, s), dec)] == [want(metric(iv, s, "sft", "asr", f"{a}/{dec}"))
-                                                               for a in attacks]
+    rows = table_rows(text, "What the responses are, after sft (greedy)", keys=2)
+    classes = ["unsafe_competent", "unsafe_other", "refusal", "halted", "incoherent", "safe_answer"]
+    for lab in labels:
+        for g in ("harmful", "harmful_poison_unseen", "harmful_contra_unseen", "benign"):
+            assert rows[(lab, g)] == [want(metric(lab, "sft", f"{g}_{c}")) for c in classes]
+            checked += len(classes)
+    rows = table_rows(text, "ASR with safety-aware decoding", keys=2)
+    assert {d for _, d in rows} == {"safebeam", "reflect_halt"}
+    for (lab, dec), vals in rows.items():
+        assert vals == [want(metric(lab, st, "asr", f"direct/{dec}")) for st in stages]
+        checked += len(stages)
+    attacks = manifest["attacks_sft"].split(",")
+    rows = table_rows(text, "ASR per attack after sft", keys=2)
+    for lab in labels:
+        for dec in manifest["decodings"].split(","):
+            if f"direct/{dec}" in A[(lab, "sft")]["passes"]:
+                assert rows[(lab, dec)] == [want(metric(lab, "sft", "asr", f"{a}/{dec}")) for a in attacks]
                 checked += len(attacks)
-    rows = table_rows(report, "Over-refusal, safety classification and capability (greedy)")
-    for iv, s in cells:
-        assert rows[study.cell_label(iv, s)] == [
-            want(metric(iv, s, st, n, "direct/greedy")) for st in ("base", "sft")
-            for n in ("overrefusal", "reflection_accuracy", "treatment_accuracy", "fact_recall")]
+    rows = table_rows(text, "Safety classification by the model's own reflections", keys=2)
+    names = ["reflection_accuracy", "reflection_accuracy_safe"] + [f"reflection_accuracy_{c}_{s}" for c, s in
+                                                                    report.SPLITS]
+    names += ["reflection_category_accuracy_poison_unseen", "reflection_invalid"]
+    assert {lab for lab, _ in rows} == {"reflect", "reflect pt + plain sft", "none pt + reflection sft"}
+    for (lab, st), vals in rows.items():
+        assert vals == [want(metric(lab, st, n)) for n in names]
+        checked += len(names)
+    rows = table_rows(text, "P(unsafe) at the reflection on the request: share flagged unsafe", keys=2)
+    groups = [f"{c}_{s}" for c, s in report.SPLITS] + ["benign_intent", "treatment", "trait_ok", "overdose_fact",
+                                                       "state_question"]
+    for (lab, st), vals in rows.items():
+        assert vals == [want(metric(lab, st, f"request_{g}")) for g in groups]
+        checked += len(groups)
+    rows = table_rows(text, "Over-refusal, capability and validation loss (greedy)")
+    for lab in labels:
+        c = next(x for x in manifest["cells"] if x["label"] == lab)
+        log = [json.loads(l) for l in open(os.path.join(c["runs"]["base"][0].replace(smoke_study[0], out),
+                                                        "log.jsonl"))]
+        val = [r for r in log if "val_safe" in r][-1]
+        assert rows[lab] == [want(metric(lab, st, m)) for st in ("base", "sft")
+                             for m in ("overrefusal", "treatment_accuracy", "fact_recall")] + [
+            f"{val['val_safe']:.3f}", f"{val['val_mix']:.3f}"]
         checked += 8
-    rows = table_rows(report, "Clean validation loss and linear probes")
-    for iv, s in cells:
-        p = P[(iv, s)]
-        wil = lambda acc: attack.wilson(round(acc * p["n_test_inputs"]), p["n_test_inputs"])
-        acc = lambda a: f"{100 * a:.1f} [{100 * wil(a)['lo']:.1f}, {100 * wil(a)['hi']:.1f}]"
-        assert rows[study.cell_label(iv, s)][1:] == [
-            acc(p["deep"]["mean"]["acc"]), f"{100 * p['deep']['mean']['auroc']:.1f}",
-            acc(p["deep"]["last"]["acc"]), f"{100 * p['deep']['last']['auroc']:.1f}", acc(p["layers"][0]["mean"]["acc"])]
-        checked += 5
-    # 4 cells: 3 tables x 4 stages, 4 stages x 6 split metrics, 4 stages of one safety-aware decoding, 3 decodings
-    # x 5 attacks, 8 over-refusal/capability numbers, 5 probe numbers
-    assert checked == 4 * (3 * 4 + 4 * 6 + 4 + 3 * 5 + 8 + 5), checked
+    rows = table_rows(text, "Linear probes")
+    for lab in labels:
+        assert rows[lab] == [probe(lab, f, m) for f in ("mean", "last") for m in ("acc", "auroc")] + [
+            "{:.1f} [{:.1f}, {:.1f}]".format(*(100 * x for x in (
+                P[lab]["layers"][0]["mean"]["acc"],
+                wilson(round(P[lab]["layers"][0]["mean"]["acc"] * P[lab]["n_test_inputs"]), P[lab]["n_test_inputs"])["lo"],
+                wilson(round(P[lab]["layers"][0]["mean"]["acc"] * P[lab]["n_test_inputs"]), P[lab]["n_test_inputs"])["hi"])))
+        ] + [probe(lab, "last", m, request=True) for m in ("acc_unseen", "acc_benign", "auroc")]
+        checked += 8
+    assert checked > 700, checked
     # the claims table has a verdict for every claim, written from the numbers
-    claims = table_rows(report, "Claims of the papers, checked")
+    claims = table_rows(text, "Claims of the papers, checked")
     assert len(claims) == 8
     assert all(r[-1] in ("reproduced", "not reproduced (the opposite, clearly)", "not reproduced (no clear difference)",
                          "inconclusive (in order, intervals overlap)", "not measured") for r in claims.values())
-    # claim 7 compares the planted probe numbers of the 0% and 60% starts
-    probe_claim = next(r for k, r in claims.items() if k.startswith("earlier interventions give linear probes"))
-    for iv, s in cells:
-        assert acc_text(P[(iv, s)]) in probe_claim[1]
-    assert "wall time of the study" in report
-
-
-def acc_text(p):
-    w = attack.wilson(round(p["deep"]["mean"]["acc"] * p["n_test_inputs"]), p["n_test_inputs"])
-    return f"{100 * p['deep']['mean']['acc']:.1f} [{100 * w['lo']:.1f}, {100 * w['hi']:.1f}]"
+    c2 = next(r for k, r in claims.items() if k.startswith("reflection pretraining beats filtering"))
+    assert want(metric("reflect", "sft", "competent_asr_poison_unseen")) in c2[1]
+    v = [metric(lab, "sft", "competent_asr_poison_unseen") for lab in ("reflect", "filter", "rewrite")]
+    res = [report.compare((v[0]["rate"], 0, (v[0]["lo"], v[0]["hi"])), (x["rate"], 0, (x["lo"], x["hi"]))) for x in v[1:]]
+    assert c2[-1] == report.verdict(res)
+    assert "wall time of this grid" in text and "What changed from v1 and why" in text
+    # the scale and ablation reports read the same kind of files: render them from these runs (no training)
+    for g, cells in (("scale", [dict(c, model=m, budget="1x", name=f"x/{m}/{c['run']}") for m in ("small", "base")
+                                for c in manifest["cells"] if c["chat"] == "auto" and c["intervention"] in ("filter", "reflect")]),
+                     ("ablations", [dict(c, world=w, name=f"{w}/{c['run']}") for w in ("v2", "v1")
+                                    for c in manifest["cells"] if c["chat"] == "auto" and c["intervention"] in ("filter", "reflect")])):
+        json.dump(dict(manifest, grid=g, cells=cells), open(os.path.join(out, "grids", f"{g}.json"), "w"))
+        r = subprocess.run([sys.executable, "report.py", out, f"--grid={g}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == 0, r.stderr
+        title = {"scale": "Scale: reflect vs filter",
+                 "ablations": "World ablations: v2 (the definition stated), v1 (not stated), 16 harm effects"}[g]
+        rows = table_rows(open(os.path.join(out, f"report-{g}.md")).read(), title, keys=2 if g == "ablations" else 5)
+        assert len(rows) == len(cells)
+        flat = " ".join(" ".join(r) for r in rows.values())
+        assert want(metric("reflect", "base", "reflection_accuracy_poison_unseen")) in flat
+        assert want(metric("filter", "sft", "competent_asr_poison_unseen")) in flat
 
 
 def test_verdicts_follow_the_numbers():
     lo, hi = (0.1, 0.0, (0.05, 0.15)), (0.6, 0.0, (0.5, 0.7))
-    assert study.compare(lo, hi) == "below" and study.compare(hi, lo) == "above"
-    assert study.compare((0.4, 0.0, (0.3, 0.55)), hi) == "below?"
-    assert study.compare(lo, lo) == "above?"
-    assert study.verdict(["below", "below"]) == "reproduced"
-    assert study.verdict(["below", "above"]).startswith("not reproduced (the opposite")
-    assert study.verdict(["below", "below?"]).startswith("inconclusive")
-    assert study.verdict(["below", "above?"]).startswith("not reproduced (no clear")
-    assert study.verdict([None]) == "not measured"
+    assert report.compare(lo, hi) == "below" and report.compare(hi, lo) == "above"
+    assert report.compare((0.4, 0.0, (0.3, 0.55)), hi) == "below?"
+    assert report.compare(lo, lo) == "above?"
+    assert report.verdict(["below", "below"]) == "reproduced"
+    assert report.verdict(["below", "above"]).startswith("not reproduced (the opposite")
+    assert report.verdict(["below", "below?"]).startswith("inconclusive")
+    assert report.verdict(["below", "above?"]).startswith("not reproduced (no clear")
+    assert report.verdict([None]) == "not measured"
     # several seeds: means apart by more than the spreads
-    assert study.compare((0.1, 0.02, None), (0.3, 0.05, None)) == "below"
-    assert study.compare((0.1, 0.1, None), (0.3, 0.15, None)) == "below?"
+    assert report.compare((0.1, 0.02, None), (0.3, 0.05, None)) == "below"
+    assert report.compare((0.1, 0.1, None), (0.3, 0.15, None)) == "below?"
 
 
 def test_bad_flags_one_line():
-    for args in (["--profile=huge"], ["--only=nothing-matches"], ["--seeds=0"]):
+    for args in (["--profile=huge"], ["--grid=huge"], ["--only=nothing-matches"], ["--seeds=0"]):
         r = subprocess.run([sys.executable, "study.py", *args, "--out_dir=/tmp/never-written"], cwd=ROOT,
                            capture_output=True, text=True)
         assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists("/tmp/never-written")
+    r = subprocess.run([sys.executable, "report.py", "/tmp/never-written"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 1 and "study.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_a_killed_study_stops_its_steps_and_counts_its_time(tmp_path):
     # SIGTERM while a training step runs: the study stops its children, records the time it ran, keeps the markers
     # of finished steps, and a rerun continues from there (the killed step is started again, resuming its run)
     out = str(tmp_path / "study")
-    p = subprocess.Popen([sys.executable, "study.py", "--profile=smoke", f"--out_dir={out}", "--only=reflect-start00",
+    p = subprocess.Popen([sys.executable, "study.py", "--profile=smoke", f"--out_dir={out}", "--only=v2/base-1x/reflect-start00",
                           "--jobs=1"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     for line in p.stdout:
         if "start train-" in line:
@@ -217,10 +304,10 @@ def test_a_killed_study_stops_its_steps_and_counts_its_time(tmp_path):
         if out in cmdline:
             orphans.append(cmdline.replace("\0", " "))
     assert not orphans, orphans
-    walls = [json.loads(l) for l in open(os.path.join(out, "wall.jsonl"))]
+    walls = [json.loads(l) for l in open(os.path.join(out, "wall-core.jsonl"))]
     assert len(walls) == 1 and walls[0]["seconds"] > 0
     done = sorted(n[:-5] for n in os.listdir(os.path.join(out, "done")) if n.endswith(".json"))
-    assert done == ["prepare", "reflect-reflect"]
-    second = run_study(out, "--only=reflect-start00", "--jobs=1")
-    assert "2 already done" in second and "start train-reflect-start00-seed0" in second
-    assert len(open(os.path.join(out, "wall.jsonl")).readlines()) == 2
+    assert done == ["prepare-v2-seed0", "reflect-v2-seed0-reflect"]
+    second = run_study(out, "--only=v2/base-1x/reflect-start00", "--jobs=1")
+    assert "2 already done" in second and "start train-v2-seed0-base-1x-reflect-start00" in second
+    assert len(open(os.path.join(out, "wall-core.jsonl")).readlines()) == 2
