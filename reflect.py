@@ -93,6 +93,8 @@ intervention = "none"      # none | filter | rewrite | refusal | tag | reflect |
 filter_level = "document"  # filter: document | segment
 segment_tokens = 32        # most tokens in a segment (sentence-aligned): reflect; real text's tag and segment filter
 user_turn_segments = True  # reflect, MedSafetyWorld: a user turn is a segment of its own (v2); False: v1 segments
+dose = 1.0                 # MedSafetyWorld: < 1 writes the dose-matched control <intervention>-dose<NN>: documents
+                           # take the intervention until the mix stream holds this share of its intervention tokens
 tag_rate = 0.05            # tag: probability of a tag at each position inside an unsafe segment
 seed = 0                   # the interventions' own randomness (tag positions, rewrite/tag split, refusal wording)
 # real text
@@ -268,6 +270,25 @@ def apply_world(world, docs, rng):
     return out
 
 
+def dose_matched(mix, safe_of, added, size, target_share, rng):
+    """The dose-matched control's mix stream (the timing paper's caveat: a later start also reads fewer intervention
+    tokens). Every document starts as its safe version (an unsafe one is left out); in a seeded order documents then
+    take their intervention version until the stream's share of intervention tokens reaches target_share (dose x the
+    full mix stream's share: 0.4 matches what a 60% start reads from the mix stream in 40% of its budget). The
+    result differs from the full share by at most one document's worth."""
+    order = list(range(len(mix)))
+    rng.shuffle(order)
+    total = sum(size(d) for d in safe_of.values())
+    chosen, n = set(), 0
+    for i in order:
+        if n >= target_share * total:
+            break
+        chosen.add(i)
+        n += added(mix[i])
+        total += added(mix[i])        # the intervention version replaces the safe one (or is added)
+    return [m if i in chosen else safe_of[m["id"]] for i, m in enumerate(mix) if i in chosen or m["id"] in safe_of]
+
+
 def world_classifier(docs):
     """Replace the oracle's labels by the built-in classifier's (trained on the train split's segments with their
     oracle labels), keeping the oracle's as s["oracle"], and count what the classifier gets wrong."""
@@ -323,13 +344,21 @@ def main_world(docs_dir, world_path):
     clf_metrics = world_classifier(docs) if classifier_on_world else None
     rng = random.Random(f"reflect-{intervention}-{seed}")
     mix = apply_world(world, docs, rng)
-    safe = [{"split": d["split"], "text": " ".join(s["text"] for s in d["segments"]), "source": "corpus"}
-            for d in docs if not is_unsafe(d)]
+    safe = [{"id": d["id"], "split": d["split"], "text": " ".join(s["text"] for s in d["segments"]),
+             "source": "corpus"} for d in docs if not is_unsafe(d)]
+    # intervention tokens: what the mix stream holds that the safe stream does not (the reflections added to a safe
+    # document; every token of an unsafe document as the intervention writes it, and of an added refusal dialogue)
+    safe_of = {d["id"]: d for d in safe}
+    size = lambda d: len(d["text"].split()) + 1          # + its end-of-text token
+    added = lambda m: size(m) - (size(safe_of[m["id"]]) if m["id"] in safe_of else 0)
+    full_share = sum(map(added, mix)) / sum(map(size, mix))
+    if dose < 1:
+        mix = dose_matched(mix, safe_of, added, size, dose * full_share, random.Random(f"dose-{intervention}-{seed}"))
     encode, eot = world.encode, world.stoi[EOT]
     dtype = np.uint16 if world.vocab_size <= 65536 else np.uint32
 
     # write into a temporary directory, then swap it in: a failure never leaves half the streams behind
-    out_dir = os.path.join(data_root, dataset, intervention)
+    out_dir = os.path.join(data_root, dataset, intervention + (f"-dose{round(100 * dose):02d}" if dose < 1 else ""))
     tmp_dir = out_dir + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -374,9 +403,12 @@ def main_world(docs_dir, world_path):
         "mix_reflections": reflections, "mix_reflection_share": reflection_tokens / n_words,
         "mix_tags": sum(w.count(TAG) for w in words), "mix_tag_share": sum(w.count(TAG) for w in words) / n_words,
         "raw_unsafe_doc_share": raw_unsafe_docs / len(docs),
+        "mix_intervention_tokens": sum(added(m) for m in mix_train),
+        "mix_intervention_share": sum(added(m) for m in mix_train) / n_words,
+        "dose": dose, "dose_target_share": dose * full_share if dose < 1 else None,
         "labels": "classifier" if classifier_on_world else "oracle", "classifier": clf_metrics,
         "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed,
-                   "user_turn_segments": user_turn_segments},
+                   "user_turn_segments": user_turn_segments, "dose": dose},
     }
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
@@ -1165,6 +1197,10 @@ def main(argv=None):
         fail(f"tag_rate must lie in [0, 1], not {tag_rate}")
     if segment_tokens < 1:
         fail(f"segment_tokens must be at least 1, not {segment_tokens}")
+    if not 0.0 < dose <= 1.0:
+        fail(f"dose must lie in (0, 1], not {dose}")
+    if dose < 1 and (intervention in ("none", "filter") or dataset != "medsafety"):
+        fail(f"--dose needs a MedSafetyWorld intervention that changes the corpus, not '{intervention}'")
     if chunk_chars < 1 or num_proc < 0:
         fail(f"chunk_chars must be at least 1 and num_proc at least 0 (0: one per core)")
     if not 0.0 <= classifier_holdout < 1.0:

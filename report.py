@@ -62,7 +62,8 @@ class Results:
 
     def __init__(self, manifest):
         self.m, self.n = manifest, manifest["seeds"]
-        self.cells = {c["label"] if manifest["grid"] == "core" else c["name"]: c for c in manifest["cells"]}
+        by_label = manifest["grid"] in ("core", "curriculum")    # labels are unique there; elsewhere names
+        self.cells = {c["label"] if by_label else c["name"]: c for c in manifest["cells"]}
         self.attack, self.probe, self.logs = {}, {}, {}
         for key, c in self.cells.items():
             for stage, dirs in c["runs"].items():
@@ -411,7 +412,7 @@ def curriculum_claims(R):
     v = R.value
     starts = {}
     for key, c in R.cells.items():
-        if c["chat"] == "auto" and c["intervention"] in ("safety_pretraining", "reflect"):
+        if c["chat"] == "auto" and c["intervention"] in ("safety_pretraining", "reflect") and c.get("dose", 1) == 1:
             starts.setdefault(c["intervention"], {})[c["start"]] = key
     rows = []
     multi = {iv: s for iv, s in starts.items() if len(s) > 1}
@@ -513,10 +514,115 @@ def ablations_report(R, root, doc):
                    "not. harms16: 8 seen and 8 unseen harm effects instead of 4 and 4.")
 
 
+def curriculum_report(R, root, doc):
+    """The timing paper's study: starts 0/20/60% per intervention, the safe-only control (the filter run, a 100%
+    start), and the dose-matched controls; tokens read, ASR by stage and decoding, probes, claims 5-8."""
+    cells = list(R.cells)
+    v = R.value
+    rows = []
+    for key, c in R.cells.items():
+        counts = []
+        for k in range(R.n):
+            a = R.attack.get((key, k, "base"))
+            meta = a and load_json(os.path.join(a["data_dir"], "meta.json"))
+            if meta and a.get("tokens_seen"):
+                mix = (1 - c["start"]) * a["tokens_seen"]
+                counts.append((a["tokens_seen"], mix, mix * meta["mix_intervention_share"],
+                               mix * meta["mix_reflection_share"], mix * meta["mix_tag_share"]))
+        def mean(j):
+            m, sd = mean_spread([x[j] for x in counts])
+            return "-" if m is None else f"{m:,.0f}" + (f" ± {sd:,.0f}" if sd else "")
+        rows.append([key, f"{round(100 * c['start'])}%" if c["intervention"] != "filter" else "100% (safe-only)",
+                     mean(0), mean(1), mean(2), mean(3), mean(4)])
+    doc.table("Tokens read", ["cell", "start", "pretraining tokens", "from the mix stream", "intervention tokens",
+                              "reflection tokens", "tags"], rows,
+              note="Expected counts: tokens read from the mix stream x the stream's share (meta.json). Intervention "
+                   "tokens: what the mix stream holds that the safe stream does not (reflections added to a safe "
+                   "document; all of an unsafe document as the intervention writes it; refusal dialogues). The "
+                   "dose-matched control starts at 0% on a stream that holds the share of intervention tokens a 60% "
+                   "start reads, spread over the whole run. The filter run reads exactly a 100% start's windows.")
+    for dec in ("topk", "greedy", "safebeam", "reflect_halt"):
+        rows = [[key] + [fmt(v(key, st, "asr", "direct", dec)) for st in STAGES] for key in cells]
+        rows = [r for r in rows if any(x != "-" for x in r[1:])]
+        doc.table(f"ASR by start, {dec}", ["cell"] + list(STAGES), rows)
+    rows = [[key, fmt(R.probe_value(key)), fmt(R.probe_value(key, "mean", "auroc")),
+             fmt(v(key, "sft", "overrefusal")), fmt(v(key, "sft", "treatment_accuracy")),
+             fmt(v(key, "sft", "competent_asr_poison_unseen"))] for key in cells]
+    doc.table("Probes, over-refusal and capability", ["cell", "segment probe acc. (layers 1..L)", "AUROC",
+                                                      "over-refusal (sft, greedy)", "treatment acc. (sft)",
+                                                      "competent ASR poison unseen (sft)"], rows)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ivs = [iv for iv in ("safety_pretraining", "reflect") if any(c["intervention"] == iv for c in R.cells.values())]
+    fig, axes = plt.subplots(1, len(ivs), figsize=(6.5 * len(ivs), 4.2), squeeze=False)
+    for ax, iv in zip(axes[0], ivs):
+        by_start = {c["start"]: key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] == 1}
+        if "filter" in R.cells:
+            by_start[1.0] = "filter"
+        dose = next((key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] < 1), None)
+        for st in ("base", "sft", "benign"):
+            for dec, style in (("topk", "-"), (("safebeam" if iv == "safety_pretraining" else "reflect_halt"), ":")):
+                pts = [(x, v(key, st, "asr", "direct", dec)) for x, key in sorted(by_start.items())]
+                pts = [(x, y) for x, y in pts if y[0] is not None]
+                if pts:
+                    line = ax.errorbar([x for x, _ in pts], [y[0] for _, y in pts], yerr=[y[1] or 0 for _, y in pts],
+                                       ls=style, marker="o", capsize=3, label=f"{st}, {dec}")
+                    d = dose and v(dose, st, "asr", "direct", dec)
+                    if d and d[0] is not None:
+                        ax.errorbar([-0.06], [d[0]], yerr=[d[1] or 0], marker="*", ms=10, capsize=3,
+                                    color=line[0].get_color())
+        ax.set(title=f"{iv}: ASR vs start (mean ± sd over {R.n} seeds; star at -0.06: dose-matched 0% start)",
+               xlabel="intervention start (share of the token budget; 1 = safe-only)", ylim=(-0.02, 1.02))
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "curriculum-asr_vs_start.png"), dpi=110)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(ivs), figsize=(6.5 * len(ivs), 4), squeeze=False)
+    for ax, iv in zip(axes[0], ivs):
+        for key, c in R.cells.items():
+            if c["intervention"] in (iv, "filter"):
+                per = [R.probe.get((key, k)) for k in range(R.n)]
+                per = [p for p in per if p]
+                if per:
+                    layers = [l["layer"] for l in per[0]["layers"]]
+                    ax.plot(layers, [mean_spread([p["layers"][i]["mean"]["acc"] for p in per])[0]
+                                     for i in range(len(layers))], marker="o", label=key)
+        ax.axhline(0.5, color="gray", ls=":")
+        ax.set(title=f"{iv}: segment probe accuracy per layer (mean over seeds)", xlabel="layer (0 = embeddings)",
+               ylabel="held-out accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(root, "curriculum-probe_layers.png"), dpi=110)
+    plt.close(fig)
+    doc.text("## Plots", "![ASR vs start](curriculum-asr_vs_start.png)",
+             "![probe accuracy per layer](curriculum-probe_layers.png)")
+    rows = curriculum_claims(R)
+    for iv in ivs:       # the paper's caveat: when, or how much?
+        dose = next((key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] < 1), None)
+        late = next((key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] == 1
+                     and c["start"] == PREFIX_LATE), None)
+        early = next((key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] == 1
+                      and c["start"] == 0), None)
+        if dose and late and early:
+            d, l, e = (v(k, "benign", "asr", "direct", "topk") for k in (dose, late, early))
+            rows.append([f"{iv}: a late start's robustness comes from when, not how much (the dose-matched 0% start is "
+                         f"less robust than the 60% start)", "2601.07087 (its caveat, measured)",
+                         f"ASR after benign ft (top-k): 60% start {fmt(l)}, dose-matched 0% start {fmt(d)}, 0% start "
+                         f"{fmt(e)}", verdict([compare(l, d)])])
+    doc.table("Claims of the timing paper, checked", ["claim", "source", "measured here", "verdict"], rows,
+              note="Verdicts from the numbers: the stated order with means apart by more than their spreads (several "
+                   "seeds) or non-overlapping 95% intervals (one seed) is 'reproduced'.")
+
+
+PREFIX_LATE = 0.6   # the late start the dose-matched control is matched to
+
+
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("--"):
-        fail("usage: python report.py <study out_dir> [--grid=core|scale|ablations]")
+        fail("usage: python report.py <study out_dir> [--grid=core|scale|ablations|curriculum]")
     root, rest = args[0], args[1:]
     globals().update(configure(defaults_of(globals()), rest))
     manifest = load_json(os.path.join(root, "grids", f"{grid}.json"))
@@ -526,9 +632,11 @@ def main(argv=None):
     doc = Doc()
     title = {"core": "Safety interventions during pretraining: the study on MedSafetyWorld",
              "scale": "Scale: reflect vs filter by model size and token budget",
-             "ablations": "World ablations"}.get(grid, f"The {grid} grid")
+             "ablations": "World ablations",
+             "curriculum": "The safety curriculum: when to start the intervention"}.get(grid, f"The {grid} grid")
     header(doc, R, root, title)
-    {"scale": scale_report, "ablations": ablations_report}.get(grid, core_report)(R, root, doc)
+    {"scale": scale_report, "ablations": ablations_report, "curriculum": curriculum_report}.get(
+        grid, core_report)(R, root, doc)
     path = os.path.join(root, "report.md" if grid == "core" else f"report-{grid}.md")
     doc.write(path)
     print(f"report.py: wrote {path}")

@@ -13,6 +13,7 @@ Run:    python study.py                              # the toy study: the core g
         python study.py --grid=core --seeds=3         # the same on three worlds
         python study.py --grid=scale                  # reflect vs filter at 3 model sizes x 2 token budgets
         python study.py --grid=ablations --seeds=3    # world v1 vs v2, 16 harm effects vs 8
+        python study.py --grid=curriculum --seeds=3   # starts 0/20/60/100% and dose-matched controls
         python study.py --only=reflect                # only cells whose name contains one of these
 A rerun skips finished steps, resumes an interrupted training from its checkpoint, and reruns a step whose flags
 changed together with everything after it. Grids share steps: run them into one --out_dir and no model is trained
@@ -32,7 +33,7 @@ from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
 profile = "toy"            # smoke | toy | gpu: model sizes, set sizes, finetuning and attack settings
-grid = "core"              # core | scale | ablations: which cells (see GRIDS)
+grid = "core"              # core | scale | ablations | curriculum: which cells (see GRIDS)
 seeds = 1                  # worlds per cell: seed k is world world_seed + k, trained with seed 1337 + k
 out_dir = ""               # "": out/study (out/study-<profile> for other profiles)
 only = ""                  # comma list: run only cells whose name contains one of these ("" = all)
@@ -67,14 +68,17 @@ DECODINGS = "greedy,topk,safebeam,reflect_halt"   # attack.py skips a decoding a
 STAGES = ("base", "sft", "benign", "harmful")
 
 
-def cell(intervention, start=0.0, chat="auto", world="v2", model="base", budget="1x", stages=STAGES):
-    """One cell of a grid: a pretraining run (intervention, start, world, model, budget) and its post-training
-    (chat: auto, or plain / reflect for the cross ablations), at the given stages."""
+def cell(intervention, start=0.0, chat="auto", world="v2", model="base", budget="1x", stages=STAGES, dose=1.0):
+    """One cell of a grid: a pretraining run (intervention, start, world, model, budget; dose < 1: the dose-matched
+    control's data, reflect.py --dose) and its post-training (chat: auto, or plain / reflect for the cross
+    ablations), at the given stages."""
+    data = intervention + (f"-dose{round(100 * dose):02d}" if dose < 1 else "")
     c = dict(intervention=intervention, start=start, chat=chat, world=world, model=model, budget=budget,
-             stages=list(stages))
-    c["run"] = f"{intervention}-start{round(start * 100):02d}"
+             stages=list(stages), dose=dose, data=data)
+    c["run"] = f"{data}-start{round(start * 100):02d}"
     c["label"] = {"plain": f"{intervention} pt + plain sft", "reflect": f"{intervention} pt + reflection sft"}.get(
-        chat, intervention if intervention in ("none", "filter") or start == 0 else f"{intervention} @{round(start * 100)}%")
+        chat, f"{intervention} dose-matched" if dose < 1 else
+        intervention if intervention in ("none", "filter") or start == 0 else f"{intervention} @{round(start * 100)}%")
     c["name"] = f"{world}/{model}-{budget}/{c['run']}" + ("" if chat == "auto" else f"/{chat}-sft")
     return c
 
@@ -93,6 +97,12 @@ GRIDS = {
                         for iv in ("filter", "reflect")],
     # the world ablations beside world v2: no stated safety definition (v1), and 16 harm effects instead of 8
     "ablations": lambda P: [cell(iv, world=w, stages=("base", "sft")) for w in WORLDS for iv in ("filter", "reflect")],
+    # the safety curriculum (2601.07087): starts at 0, 20 and 60% of the token budget, the safe-only control (the
+    # filter run: a 100% start reads exactly its windows), and a dose-matched control per intervention: a 0% start
+    # whose stream holds the intervention tokens a 60% start reads (when vs how much)
+    "curriculum": lambda P: [cell(iv, s) for iv in ("safety_pretraining", "reflect") for s in (0.0,) + PREFIX_STARTS]
+                            + [cell("filter")] + [cell(iv, dose=1 - PREFIX_STARTS[-1])
+                                                  for iv in ("safety_pretraining", "reflect")],
 }
 
 
@@ -150,14 +160,15 @@ def plan(P, root, cells, n_seeds):
                         [f"prepare-{wk}"])
                     prev = s
                 branch = prev
-            add(f"reflect-{wk}-{c['intervention']}", [py, "reflect.py", f"--data_root={data}",
-                                                       f"--intervention={c['intervention']}"], [f"prepare-{wk}"])
+            add(f"reflect-{wk}-{c['data']}", [py, "reflect.py", f"--data_root={data}",
+                                               f"--intervention={c['intervention']}"]
+                + ([f"--dose={c['dose']}"] if c["dose"] < 1 else []), [f"prepare-{wk}"])
             pre = f"{group}-{c['run']}"
             base = os.path.join(runs, c["run"], "base")
-            add(f"train-{pre}", train_cmd + [f"--data={data}/medsafety/{c['intervention']}", f"--out_dir={base}",
+            add(f"train-{pre}", train_cmd + [f"--data={data}/medsafety/{c['data']}", f"--out_dir={base}",
                                              f"--intervention_start={c['start']}"]
                 + ([f"--branch_from={runs}/prefix-start{round(branch * 100):02d}"] if branch else []),
-                [f"reflect-{wk}-{c['intervention']}"]
+                [f"reflect-{wk}-{c['data']}"]
                 + ([f"train-prefix-{group}-start{round(branch * 100):02d}"] if branch else []))
             add(f"probe-{pre}", [py, "probe.py", f"--ckpt={base}"], [f"train-{pre}"])
             chat = [] if c["chat"] == "auto" else [f"--chat={c['chat']}"]

@@ -291,3 +291,33 @@ def test_every_user_turn_in_the_reflect_stream_is_followed_by_a_reflection(root,
     v1, meta = stream_docs(str(tmp_path), world, "reflect")
     turns, reflected, own, users = check(v1)
     assert meta["config"]["user_turn_segments"] is False and reflected < turns and own < users
+
+
+@pytest.mark.parametrize("intervention", ["reflect", "safety_pretraining"])
+def test_the_dose_matched_control_holds_the_stated_intervention_tokens(root, world, intervention, tmp_path):
+    # the timing paper's caveat: a 60% start reads 40% of its budget from the mix stream. The dose-matched control
+    # (--dose=0.4) is a 0% start whose stream holds 0.4 x the mix stream's share of intervention tokens: each of its
+    # documents is the intervention's version of a document (or an added refusal dialogue) or its safe version
+    import shutil
+    shutil.copytree(os.path.join(root, "medsafety", "docs"), tmp_path / "medsafety" / "docs")
+    sh("reflect.py", f"--data_root={tmp_path}", f"--intervention={intervention}")
+    sh("reflect.py", f"--data_root={tmp_path}", f"--intervention={intervention}", "--dose=0.4")
+    full, fmeta = stream_docs(str(tmp_path), world, intervention)
+    dosed, dmeta = stream_docs(str(tmp_path), world, f"{intervention}-dose40")
+    safe, _ = stream_docs(str(tmp_path), world, intervention, name="safe")
+    raw = {" ".join(s["text"] for s in d["segments"]): d for d in raw_docs(root) if d["split"] == "train"}
+    safe_set, full_set = set(safe), set(full)
+    strip = lambda t: " ".join(x for x in t.split() if x not in (THINK, END_THINK, "safe", "unsafe", "poison", "contra"))
+    # intervention tokens of a document: all of it if the safe stream lacks it, else what it adds (reflections)
+    added = lambda d: len(d.split()) + 1 if strip(d) not in safe_set else len(d.split()) - len(strip(d).split())
+    assert all(d in full_set or d in safe_set for d in dosed)
+    n_added = sum(map(added, dosed))
+    assert n_added == dmeta["mix_intervention_tokens"]
+    assert sum(map(added, full)) == fmeta["mix_intervention_tokens"]
+    total = sum(len(d.split()) + 1 for d in dosed)
+    target = 0.4 * fmeta["mix_intervention_tokens"] / fmeta["tokens"]["mix_train"] * total
+    assert dmeta["dose"] == 0.4 and dmeta["dose_target_share"] == pytest.approx(
+        0.4 * fmeta["mix_intervention_share"], rel=0.02)          # (the share over train and val together)
+    assert abs(n_added - target) <= max(map(added, full)) + 0.02 * target
+    assert 0 < sum(d in full_set and d not in safe_set for d in dosed) < len(full) - len(safe_set & full_set)
+    assert raw and len(dosed) < len(full) + len(safe)

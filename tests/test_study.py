@@ -311,3 +311,75 @@ def test_a_killed_study_stops_its_steps_and_counts_its_time(tmp_path):
     second = run_study(out, "--only=v2/base-1x/reflect-start00", "--jobs=1")
     assert "2 already done" in second and "start train-v2-seed0-base-1x-reflect-start00" in second
     assert len(open(os.path.join(out, "wall-core.jsonl")).readlines()) == 2
+
+
+def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path):
+    # the curriculum report reads the same files as the core one: stand its cells on the smoke study's runs (which
+    # model made a file does not matter to the report), plant numbers, and recompute every verdict from them
+    out = str(tmp_path / "study")
+    shutil.copytree(smoke_study[0], out, symlinks=True)
+    core = json.load(open(os.path.join(out, "grids", "core.json")))
+    runs = {c["label"]: {s: [d.replace(smoke_study[0], out) for d in v] for s, v in c["runs"].items()}
+            for c in core["cells"]}
+    for c in core["cells"]:
+        c["runs"] = runs[c["label"]]
+    json.dump(core, open(os.path.join(out, "grids", "core.json"), "w"))
+    stand_in = {("safety_pretraining", 0.0, 1.0): "safety_pretraining", ("safety_pretraining", 0.2, 1.0): "rewrite",
+                ("safety_pretraining", 0.6, 1.0): "none", ("reflect", 0.0, 1.0): "reflect",
+                ("reflect", 0.2, 1.0): "reflect pt + plain sft", ("reflect", 0.6, 1.0): "none pt + reflection sft",
+                ("filter", 0.0, 1.0): "filter", ("safety_pretraining", 0.0, 0.4): "filter",
+                ("reflect", 0.0, 0.4): "rewrite"}
+    cells = []
+    for c in study.GRIDS["curriculum"](study.PROFILES["smoke"]):
+        c["runs"] = runs[stand_in[(c["intervention"], c["start"], c["dose"])]]
+        cells.append(c)
+    json.dump(dict(core, grid="curriculum", cells=cells), open(os.path.join(out, "grids", "curriculum.json"), "w"))
+    _, A, P = plant(out, seed=1)
+    r = subprocess.run([sys.executable, "report.py", out, "--grid=curriculum"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    text = open(os.path.join(out, "report-curriculum.md")).read()
+    assert os.path.getsize(os.path.join(out, "curriculum-asr_vs_start.png")) > 1000
+    by = {c["label"]: stand_in[(c["intervention"], c["start"], c["dose"])] for c in cells}
+
+    def val(label, stage, name, pass_):
+        p = A[(by[label], stage)]["passes"].get(pass_)     # (a stand-in without tags has no safe beam pass)
+        m = p and p["metrics"][name]
+        return (m["rate"], 0.0, (m["lo"], m["hi"])) if m else (None, None, None)
+
+    def probe(label):
+        p = P[by[label]]
+        acc, n = p["deep"]["mean"]["acc"], p["n_test_inputs"]
+        w = wilson(round(acc * n), n)
+        return acc, 0.0, (w["lo"], w["hi"])
+    claims = table_rows(text, "Claims of the timing paper, checked")
+    rows = list(claims.values())
+    assert len(rows) == 6
+    res = []
+    for iv in ("safety_pretraining", "reflect"):
+        x0 = val(iv, "benign", "asr", "direct/topk")
+        later = [val(f"{iv} @{s}%", "benign", "asr", "direct/topk") for s in (20, 60)]
+        res.append(report.compare(min(later, key=lambda t: t[0]), x0))
+        assert report.fmt(x0) in rows[0][1] and all(report.fmt(x) in rows[0][1] for x in later)
+    assert rows[0][-1] == report.verdict(res)
+    sb = [val(lab, "benign", "asr", "direct/safebeam") for lab in ("safety_pretraining", "safety_pretraining @20%",
+                                                                   "safety_pretraining @60%")]
+    assert rows[1][-1] == report.verdict([report.compare(sb[0], x) for x in sb[1:]])
+    res = [report.compare(probe(f"{iv} @60%"), probe(iv)) for iv in ("safety_pretraining", "reflect")]
+    assert rows[2][-1] == report.verdict(res) and report.fmt(probe("reflect @60%")) in rows[2][1]
+    res = []
+    for iv in ("safety_pretraining", "reflect"):
+        o = [val(lab, "sft", "overrefusal", "direct/greedy") for lab in (iv, f"{iv} @20%", f"{iv} @60%")]
+        able = all(val(lab, "sft", "treatment_accuracy", "direct/greedy")[0] >= 0.5
+                   for lab in (iv, f"{iv} @20%", f"{iv} @60%"))
+        c = report.compare(o[-1], o[0])
+        res.append(("above" if c == "below" else "below") if able else None)
+    assert rows[3][-1] == report.verdict(res)
+    for row, iv in zip(rows[4:], ("safety_pretraining", "reflect")):
+        late, dose = val(f"{iv} @60%", "benign", "asr", "direct/topk"), val(f"{iv} dose-matched", "benign", "asr",
+                                                                          "direct/topk")
+        assert row[-1] == report.verdict([report.compare(late, dose)]) and report.fmt(dose) in row[1]
+    # the tokens table: a 60% start reads 40% of its budget from the mix stream
+    tokens = table_rows(text, "Tokens read")
+    total, mix = (int(x.replace(",", "")) for x in tokens["reflect @60%"][1:3])
+    assert abs(mix - 0.4 * total) <= 1
