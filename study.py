@@ -199,8 +199,11 @@ def same_command(a, b):
 
 
 def priority(name):
-    """Long steps on a cell's critical path first (pretraining, then the sft finetune and its attack), so that the
-    short steps fill the other core at the end instead of a lone long step ending the study."""
+    """The steps that unlock pretraining first (prepare and reflect are short), then the long steps on a cell's
+    critical path (pretraining, then the sft finetune and its attack), so that the short steps fill the other core
+    at the end instead of a lone long step ending the study."""
+    if name.startswith(("prepare-", "reflect-")):
+        return -1
     if name.startswith("train-"):
         return 0
     if "-sft" in name:
