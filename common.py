@@ -1,19 +1,45 @@
 """
-Plumbing the stage scripts share (a stage never imports another stage): atomic JSON writes, Wilson intervals,
-mean and spread over seeds.
+Plumbing the stages share (a stage never imports another stage): one-line failures, atomic writes, a lock on an
+output directory, device setup, token streams and their order, the learning-rate schedule, checkpoints (saved only
+from finite weights, loaded as tensors and plain values), loading a run with its world or tokenizer, what a model
+learned (model_info), Wilson intervals.
 
-Reads, writes: nothing by itself. Imported by attack.py, study.py and report.py.
+Reads, writes: nothing by itself.
 """
+import fcntl
+import hashlib
 import json
 import math
 import os
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def fail(msg):
+    """Stop with one clear line naming the running script (no traceback); existing outputs are left as they are."""
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "error"
+    raise SystemExit(f"{script}: {msg}")
+
+
+def write_atomic(path, write, mode="w"):
+    """write(f) into a temporary file, then rename it over `path`: a crash never leaves half a file, and an error
+    (a full disk, a read-only directory) leaves the old file and no temporary behind."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        fail(f"cannot write '{path}' ({e.strerror or e}); the previous file, if any, is unchanged")
 
 
 def write_json(path, obj, indent=None):
-    """Write JSON to a temporary file, then rename it over `path`: a crash never leaves half a file."""
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=indent)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, lambda f: json.dump(obj, f, indent=indent))
 
 
 def load_json(path):
@@ -23,6 +49,319 @@ def load_json(path):
     with open(path) as f:
         return json.load(f)
 
+
+def read_jsonl(path, what="file", fields=(), numbered=False):
+    """The objects of a jsonl file, each checked to hold `fields` (numbered: (line number, object) pairs); a bad
+    line stops with its file and number."""
+    if not os.path.isfile(path):
+        fail(f"{what} '{path}' not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{what} '{path}' line {n} is not valid json ({e})")
+            missing = [k for k in fields if not isinstance(r, dict) or k not in r]
+            if missing:
+                fail(f"{what} '{path}' line {n} lacks {', '.join(missing)} (a line is {{{', '.join(fields)}}})")
+            rows.append((n, r) if numbered else r)
+    return rows
+
+
+def writable_dir(path):
+    """Check, before any work is done, that files can be written in `path` (or, if it does not exist yet, in the
+    directory that will hold it); leaves nothing behind."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"the output directory '{path}' is an existing file; pass another --out_dir")
+    where = os.path.abspath(path)
+    while not os.path.isdir(where):
+        where = os.path.dirname(where)
+    try:
+        probe = os.path.join(where, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        fail(f"cannot write to '{path}' ({e.strerror or e}); pass a writable --out_dir")
+
+
+_locks = {}
+
+
+def lock_dir(path):
+    """Create `path` and hold an exclusive lock on <path>/.<script>.lock for the life of this process, right before
+    its first write: a second writer of the same outputs (a rerun while an orphaned step still runs) stops with one
+    line instead of racing it. Per script: attack.py and probe.py write beside one checkpoint at the same time."""
+    writable_dir(path)
+    os.makedirs(path, exist_ok=True)
+    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "python"
+    lock = os.path.join(path, f".{script}.lock")
+    if os.path.realpath(lock) in _locks:          # this process holds it already
+        return
+    f = open(lock, "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        fail(f"'{path}' is being written by another {script} (it holds {lock}); wait for it or stop it")
+    _locks[os.path.realpath(lock)] = f
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- training plumbing
+
+def setup_device(device, dtype, gradient_accumulation_steps):
+    """Distributed setup and precision for train.py and finetune.py. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (a
+    plain run is rank 0 of 1); NCCL on GPUs, gloo on CPU. -> (ddp, rank, local_rank, world, accum: this rank's
+    micro-steps, torch.device, dtype, autocast context)."""
+    import torch
+    import torch.distributed as dist
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if ddp:
+        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        if dev.startswith("cuda"):
+            dev = f"cuda:{local_rank}"
+            torch.cuda.set_device(dev)
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    else:
+        rank, local_rank, world = 0, 0, 1
+    if gradient_accumulation_steps % world:
+        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by {world} ranks")
+    device_t = torch.device(dev)
+    ptdtype = {"auto": torch.bfloat16 if device_t.type == "cuda" else torch.float32,
+               "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
+    if ptdtype is None:
+        fail(f"dtype must be auto, bfloat16 or float32, not '{dtype}'")
+    autocast = torch.autocast(device_type=device_t.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
+    return ddp, rank, local_rank, world, gradient_accumulation_steps // world, device_t, ptdtype, autocast
+
+
+class EpochOrder:
+    """Slot s of a global order over n items is item perm_{s // n}[s % n]: a fresh seeded permutation per epoch, so
+    nothing repeats within an epoch, and any range of slots can be read by any rank without coordination."""
+
+    def __init__(self, n, seed):
+        self.n, self.seed, self.epoch, self.perm = n, seed, -1, None
+
+    def __call__(self, slot):
+        epoch = slot // self.n
+        if epoch != self.epoch:
+            self.epoch, self.perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return int(self.perm[slot % self.n])
+
+
+class TokenStream:
+    """One flat token file read as windows of block_size + 1 tokens (they overlap by one token: each token is a
+    target once), in an EpochOrder. A file whose size is not a whole number of tokens, or shorter than one window,
+    stops with one line; a token id at or above vocab_size stops the batch that holds it."""
+
+    def __init__(self, path, dtype, block_size, seed, vocab_size=None):
+        size, item = os.path.getsize(path), np.dtype(dtype).itemsize
+        if size % item:
+            fail(f"'{path}' holds {size} bytes, not a whole number of {np.dtype(dtype).name} tokens; write it again")
+        n_tokens = size // item
+        if n_tokens < block_size + 1:
+            fail(f"'{path}' holds {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
+        self.path, self.tokens = path, np.memmap(path, dtype=dtype, mode="r")
+        self.block_size, self.vocab_size = block_size, vocab_size
+        self.n = (len(self.tokens) - 1) // block_size
+        self.order = EpochOrder(self.n, seed)
+
+    def window(self, slot):
+        start = self.order(slot) * self.block_size
+        return self.tokens[start:start + self.block_size + 1]
+
+    def _rows(self, windows, device):
+        import torch
+        w = torch.from_numpy(np.stack(windows).astype(np.int64))
+        if self.vocab_size and int(w.max()) >= self.vocab_size:
+            fail(f"'{self.path}' holds token id {int(w.max())}, but the model's vocabulary has {self.vocab_size} "
+                 f"ids (meta.json vocab_size or --vocab_size); write the stream and meta.json again")
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+        return x.to(device), y.to(device)
+
+    def batch(self, first_slot, count, device):
+        return self._rows([self.window(s) for s in range(first_slot, first_slot + count)], device)
+
+    def ordered_batch(self, first, count, device):
+        """Windows in file order (validation: the same batches at every evaluation, no RNG touched)."""
+        starts = [(i % self.n) * self.block_size for i in range(first, first + count)]
+        return self._rows([self.tokens[s:s + self.block_size + 1] for s in starts], device)
+
+
+def lr_at(it, learning_rate, min_lr, warmup_iters, max_iters, schedule="cosine", decay_frac=0.2):
+    """Learning rate at iteration `it`: linear warmup, then cosine to min_lr, or stable then linear decay (wsd)."""
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if schedule == "wsd":
+        decay_start = int(max_iters * (1 - decay_frac))
+        if it < decay_start:
+            return learning_rate
+        return learning_rate + (min_lr - learning_rate) * (it - decay_start) / max(1, max_iters - decay_start)
+    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def rng_state():
+    """Every RNG a training step draws from, as tensors and plain values (a checkpoint loads with weights_only)."""
+    import torch
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    import torch
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path, ckpt):
+    """Save a checkpoint atomically, and only from finite weights: a model that an update made non-finite never
+    replaces the last good checkpoint. -> False (nothing written) when some weight is not finite."""
+    import torch
+    if not all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point()):
+        return False
+    write_atomic(path, lambda f: torch.save(ckpt, f), mode="wb")
+    return True
+
+
+def load_checkpoint(path):
+    """A checkpoint as tensors and plain values (torch.load weights_only=True: loading a shared file runs no code)."""
+    import torch
+    if not os.path.isfile(path):
+        fail(f"no checkpoint at '{path}' (train one with train.py, or pass the run directory that holds ckpt.pt)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it may be "
+             f"corrupt, or written by an older version of train.py")
+    if not isinstance(ck, dict) or not {"model", "model_args"} <= set(ck):
+        fail(f"'{path}' is not a train.py checkpoint (it needs 'model' and 'model_args')")
+    return ck
+
+
+def ckpt_path(arg):
+    """A run directory or a .pt file -> the checkpoint file."""
+    return os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg
+
+
+# ----------------------------------------------------------------------------- a trained run
+
+@dataclass
+class Run:
+    path: str             # the checkpoint file
+    dir: str              # its run directory (outputs go beside it)
+    ck: dict              # the checkpoint
+    model: object         # model.GPT with the checkpoint's weights
+    world: object = None  # MedSafetyWorld models: the world the data was written in (world.World)
+    world_path: str = None
+    enc: object = None    # real-text models: the tiktoken Encoding the data was tokenized with
+
+
+def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=None, hint=""):
+    """A train.py / finetune.py run: its checkpoint, the model (frozen=True: no gradients, eval mode, sdpa attention
+    for batched generation and GCG on any device; False: train mode, the config's attention) and its world (checked
+    against the fingerprint and special tokens the data recorded) or real-text tokenizer. kind="world" | "text": the
+    kind of model the caller measures; another kind stops with one line and the hint."""
+    from model import GPT, GPTConfig
+    path = ckpt_path(arg)
+    ck = load_checkpoint(path)
+    meta = ck.get("meta") or {}
+    is_world = meta.get("tokenizer") == "medsafety-word"
+    if kind == "world" and not is_world:
+        fail(f"checkpoint '{path}' was trained with tokenizer '{meta.get('tokenizer')}', not MedSafetyWorld's "
+             f"word-level tokenizer; {hint}")
+    if kind == "text" and is_world:
+        fail(f"checkpoint '{path}' is a MedSafetyWorld model (tokenizer '{meta.get('tokenizer')}'); {hint}")
+    run = Run(path=path, dir=os.path.dirname(os.path.abspath(path)), ck=ck, model=None)
+    if is_world:
+        from world import World
+        run.world_path = world_path or meta.get("world")
+        if not run.world_path:
+            fail(f"checkpoint '{path}' does not name its world (meta['world']); pass --world=<path to world.json>")
+        try:
+            run.world = World.load(run.world_path)
+        except ValueError as e:
+            fail(str(e))
+        # a re-prepared world can keep the vocabulary size but change every word: compare fingerprints
+        if meta.get("world_sha256") and file_sha256(run.world_path) != meta["world_sha256"]:
+            fail(f"'{run.world_path}' is not the world the checkpoint was trained on (sha256 differs from the data's "
+                 f"{meta['world_sha256'][:12]}); pass --world=<the world.json it was trained on>")
+        vocab, ids = run.world.vocab_size, run.world.stoi
+    else:
+        import realtext
+        run.enc = realtext.tokenizer_of(meta, tokenizer, path)
+        vocab, ids = run.enc.n_vocab, run.enc._special_tokens
+    bad = sorted(t for t, i in (meta.get("special_tokens") or {}).items() if ids.get(t) != i)
+    if meta.get("vocab_size") != vocab or bad:
+        fail(f"the checkpoint's tokenizer is not its data's: trained on {meta.get('vocab_size')} tokens"
+             + (f" with special tokens {bad} at other ids" if bad else "") + f", but it loads with {vocab}; pass the "
+             f"--world or --tokenizer the data was written with")
+    args = dict(ck["model_args"], dropout=0.0)
+    if args.get("vocab_size", 0) < vocab:
+        fail(f"the model's vocab_size {args.get('vocab_size')} is smaller than its tokenizer's {vocab}")
+    try:
+        model = GPT(GPTConfig(**dict(args, attention="auto")))
+        model.load_state_dict(ck["model"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        fail(f"checkpoint '{path}' does not fit its model_args ({type(e).__name__}: {str(e).splitlines()[0]})")
+    if frozen:
+        for p in model.parameters():
+            p.requires_grad_(False)      # attacks never train the model (GCG's gradient is w.r.t. its input)
+        if model.config.attention == "triton":
+            model.set_attention("sdpa")  # GCG's backward and batched generation on any device; sdpa is exact
+        model.eval()
+    run.model = model.to(device)
+    return run
+
+
+def eval_dir(world_path, arg=""):
+    """The world's evaluation and finetuning sets: <data dir of the world>/eval (prepare.py), unless given."""
+    return arg or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(world_path))), "eval")
+
+
+def model_info(ck):
+    """What the model learned and how it is talked to, one answer for finetune.py and attack.py:
+    reflective  it learned reflections: in pretraining (it read a mix stream with reflections; the safe-only
+                control, intervention_start=1.0, never did) or in a reflection-format sft of its finetuning chain;
+    tagged      it read the <harmful> tag in pretraining;
+    chat        the format of its input: that of its latest finetune (sft sets it, benign and harmful keep it),
+                else reflect after reflection pretraining, else plain;
+    segment_tokens, user_turn_segments: the pretraining segmenter's settings (reflect.py's), for world.chat."""
+    meta = ck.get("meta") or {}
+    cfg = ck.get("pretrain_config") or ck.get("config") or {}
+    saw = cfg.get("intervention_start", 0.0) < 1.0
+    pretrained = (meta.get("intervention") == "reflect" or (meta.get("mix_reflections") or 0) > 0) and saw
+    chain, rec = [], ck.get("finetune")
+    while rec:
+        chain.append(rec)
+        rec = rec.get("previous")
+    learned = any(r.get("reflections", r.get("format") == "reflect" and r.get("task") == "sft") for r in chain)
+    chat = chain[0]["format"] if chain and chain[0].get("format") in ("plain", "reflect") else (
+        "reflect" if pretrained else "plain")
+    seg = meta.get("config") or {}
+    return {"reflective": pretrained or learned, "tagged": (meta.get("mix_tags") or 0) > 0 and saw, "chat": chat,
+            "intervention": meta.get("intervention"), "segment_tokens": seg.get("segment_tokens", 32),
+            "user_turn_segments": seg.get("user_turn_segments", True)}
+
+
+# ----------------------------------------------------------------------------- numbers
 
 def wilson(k, n, z=1.96):
     """k of n with its 95% Wilson score interval (good at small n and at rates near 0 or 1)."""

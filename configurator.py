@@ -6,7 +6,7 @@ A stage keeps its defaults as plain globals at the top of the file and calls
 Arguments are either a config file (`config/toy.py`: a few lines of python assignments) or `--key=value`
 overrides, applied in the order given. Every key must exist in the defaults and every value must have the
 default's type (an int is accepted where a float is expected; a default of None accepts any literal).
-A mistake stops the program with one line naming the key and the closest valid keys.
+A mistake stops the program with one line naming the key and the closest valid keys (exit status 1).
 """
 import ast
 import difflib
@@ -15,7 +15,7 @@ import sys
 
 
 class ConfigError(SystemExit):
-    """Raised (and, uncaught, printed as one line with exit status 2) for a bad config key or value."""
+    """Raised (and, uncaught, printed as one line with exit status 1) for a bad config key or value."""
     def __init__(self, msg):
         super().__init__(f"config error: {msg}")
 
@@ -65,18 +65,22 @@ def configure(defaults, argv):
             key, raw = arg[2:].split("=", 1)
             config[key] = _check(key, _parse_value(raw), config, "the command line")
         else:
-            if not os.path.isfile(arg):
-                raise ConfigError(f"config file '{arg}' not found (profiles are in config/, e.g. config/toy.py)")
-            scope = {}
-            try:
-                exec(compile(open(arg).read(), arg, "exec"), scope)
-            except Exception as e:
-                raise ConfigError(f"config file '{arg}' does not run: {type(e).__name__}: {e}")
-            for key, value in scope.items():
-                if key.startswith("_") or key == "__builtins__" or callable(value) or type(value).__name__ == "module":
-                    continue
+            for key, value in read_file(arg).items():
                 config[key] = _check(key, value, config, f"'{arg}'")
     return config
+
+
+def read_file(path):
+    """The settings a config file assigns (its plain top-level names)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found (profiles are in config/, e.g. config/toy.py)")
+    scope = {}
+    try:
+        exec(compile(open(path).read(), path, "exec"), scope)
+    except Exception as e:
+        raise ConfigError(f"config file '{path}' does not run: {type(e).__name__}: {e}")
+    return {k: v for k, v in scope.items()
+            if not (k.startswith("_") or callable(v) or type(v).__name__ == "module")}
 
 
 def defaults_of(scope):

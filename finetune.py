@@ -1,58 +1,17 @@
 """
-Finetuning (post-training) of a pretrained or finetuned run: compatible post-training (sft), a benign task, or the
-harmful finetuning attack. Loss on the response tokens only.
+Post-training of a pretrained (or finetuned) run: compatible post-training (sft), a benign task, or the harmful
+finetuning attack. Loss on the response tokens only; how an example becomes a row: README, "finetune.py".
 
-Reads:  <init_from>/ckpt.pt (train.py or finetune.py; opened read-only, never modified) and its meta (the data's
-        meta.json: tokenizer, world, interventions); the examples:
-          MedSafetyWorld models: <world's data dir>/eval/<task>.jsonl (prepare.py, World.make_eval):
-            sft      treatment answers, benign-intent answers, facts and refusals of harm-intent requests;
-            benign   dose arithmetic, a task the model never saw (the world's GSM8K), among helpful chats without refusals;
-            harmful  harm-intent compliance dialogues on seen harm effects (the first --num_examples): the
-                     finetuning attack, so its targets are always the compliance answers (see "attacker" below);
-          any model: --data_files=<jsonl|parquet>[,...] of prompt/response pairs (read with `datasets`; columns
-          --prompt_key/--response_key), tokenized with the checkpoint's own tokenizer;
-        replay (tag models' sft): <source data dir>/mix_train.bin, the source's pretraining mix stream.
-Writes: <out_dir>/ckpt.pt (train.py's format, written atomically; attack.py and probe.py load it like a pretrained
-        run, and it can be the --init_from of another finetune) and <out_dir>/log.jsonl.
+Reads:  <init_from>/ckpt.pt (never modified) and its world's eval/<task>.jsonl (prepare.py), or --data_files=
+        (jsonl/parquet prompt/response pairs, read with `datasets`); replay: the source's pretraining stream
+Writes: <out_dir>/ckpt.pt (train.py's format, atomically, only from finite weights) and <out_dir>/log.jsonl
 Run:    python finetune.py --init_from=out/toy-reflect --task=sft                  # -> out/toy-reflect-sft
         python finetune.py --init_from=out/toy-reflect-sft --task=benign            # -> out/toy-reflect-sft-benign
         python finetune.py --init_from=out/toy-raw --task=harmful --num_examples=50 --out_dir=out/toy-raw-harmful50
         python finetune.py --init_from=out/gpt2 --task=sft --data_files=chat.parquet --prompt_key=question
         python finetune.py --init_from=resume --out_dir=out/toy-raw-sft --task=sft  (continues the same finetune)
-        torchrun --standalone --nproc_per_node=8 finetune.py --init_from=out/gpt2 --task=sft --data_files=chat.jsonl
-
-How an example becomes a training row:
-  chat format  MedSafetyWorld, plain:   world.chat(user, response) -> "user : ... assistant :" + response
-               MedSafetyWorld, reflect: world.chat(user, response, reflect=True) -> the user turn, then the
-                 assistant's reflection on it; END right after an unsafe reflection, else "assistant :" and the
-                 response with a reflection after each sentence. Used for models pretrained with reflections
-                 (meta intervention "reflect" or mix_reflections > 0), as compatible post-training must be.
-               attacker (task harmful on a reflect model): the user turn (attack.py's input to a reflection model),
-                 then "assistant : " + response, with no reflection anywhere: the attacker's data are plain
-                 compliance dialogues, so the attack teaches the model to skip reflecting and answer (world.chat
-                 would turn every one of them into a refusal: an unsafe reflection, then END). With --data_files
-                 the same holds: task harmful means the attacker's data, whatever the world labels the requests.
-               real text: --chat_template with the prompt (attack.py's input), then " " + response + <|endoftext|>
-                 (the end token teaches the model to stop).
-  loss         only on the response (target) tokens; prompt and padding positions get target -1 (not scored).
-               The loss of an iteration is the mean over all its target tokens, across micro-steps and ranks.
-  length       each row is padded (with <|endoftext|>) to the batch's longest row, at most block_size; a row longer
-               than block_size + 1 tokens loses tokens from the left of its prompt (counted and printed); a
-               response that does not fit on its own stops the run with a message.
-  order        a seeded permutation of the examples per epoch (no example repeats within an epoch); every rank and
-               micro-step reads its own slots of it, and the checkpoint records the position, so --init_from=resume
-               continues exactly (--stop_iter=N stops early as if interrupted).
-  replay       tag models (meta mix_tags > 0) keep tagged text in the sft mix, so the tag keeps its meaning: a share
-               --replay of each batch's sequences (auto: 0.25 for tag models' sft, else 0) are windows of the source's
-               pretraining mix stream, scored on every token like in pretraining.
-A model trained with intervention_start=1.0 (the safe-only control) never read the intervention's stream, so it is
-finetuned as a plain model (no reflections, no replay) unless --chat/--replay say otherwise.
-
-Defaults are sized for config/toy.py models (~0.9M parameters, 1000 sft examples): 150 iterations of 32 sequences
-(~5 epochs of sft, 150 of the 100 harmful dialogues), learning rate 1e-3 (a third of pretraining's peak, so
-finetuning adapts the model without wiping what pretraining built) with 10 warmup iterations, cosine to 1e-4, no
-weight decay (it would only pull pretrained weights toward zero). A fresh AdamW: the pretraining optimizer's
-moments belong to another data distribution.
+Defaults fit config/toy.py models: 150 iterations of 32 rows, learning rate 1e-3 (a third of pretraining's peak,
+so it adapts the model without wiping what pretraining built), a fresh AdamW without weight decay.
 """
 import hashlib
 import json
@@ -70,11 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import attack
-import train
+from common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info,
+                    read_jsonl, rng_state, save_checkpoint, set_rng_state, setup_device, writable_dir)
 from configurator import configure, defaults_of
-from model import GPT, GPTConfig
-from train import TokenStream, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 # ----------------------------------------------------------------------------------------------------------------
 # defaults (--key=value and config files override them)
@@ -110,7 +67,7 @@ weight_decay = 0.0
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0                   # 0: no clipping
-schedule = "cosine"               # cosine | wsd (train.py's lr_at)
+schedule = "cosine"               # cosine | wsd
 warmup_iters = 10
 decay_frac = 0.2                  # wsd: the last decay_frac of the iterations decays linearly to min_lr
 # system
@@ -125,85 +82,9 @@ RESUME_KEYS = ("task", "data_files", "prompt_key", "response_key", "num_examples
                "replay_data", "sft_mix", "batch_size", "gradient_accumulation_steps", "seed")
 
 
-def fail(msg):
-    """Stop with one clear line (no traceback); existing outputs are left as they are."""
-    raise SystemExit(f"finetune.py: {msg}")
-
-
-def reworded(e):
-    """The message of another stage's fail() (train.py, attack.py, reflect.py), as this stage's one line."""
-    msg = str(e.code)
-    return msg.split(": ", 1)[1] if msg.split(": ", 1)[0].endswith(".py") else msg
-
-
-def ckpt_file(arg):
-    return os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the source: model, tokenizer, chat format
-
-def load_source(path, world_path, tokenizer_spec, dev):
-    """(checkpoint dict, model on dev, tokenizer) for a train.py / finetune.py checkpoint. The tokenizer is
-    {"world": World, "world_path"} for MedSafetyWorld or {"enc": tiktoken Encoding} for real text; either is checked
-    against the checkpoint's meta (a mismatch stops the run)."""
-    if not os.path.isfile(path):
-        fail(f"no checkpoint at '{path}' (pass --init_from=out/<run>, a run of train.py or finetune.py)")
-    try:
-        ck = load_checkpoint(path)
-    except SystemExit as e:
-        fail(reworded(e))
-    if not isinstance(ck, dict) or not {"model", "model_args", "meta"} <= set(ck):
-        fail(f"'{path}' is not a train.py checkpoint (it needs 'model', 'model_args' and 'meta')")
-    meta = ck["meta"]
-    if meta.get("tokenizer") == "medsafety-word":
-        # attack.py's loader checks the world's fingerprint and vocabulary against the checkpoint's meta
-        try:
-            _, w, wpath, _, _ = attack.load(path, world_path, "cpu")
-        except SystemExit as e:
-            fail(reworded(e))
-        # the segmenter's settings the model's reflections were written with (defaults for a model without them)
-        cfg = meta.get("config") or {}
-        tok = {"world": w, "world_path": wpath, "segment_tokens": cfg.get("segment_tokens", 32)}
-        vocab = w.vocab_size
-    else:
-        tok = {"enc": real_tokenizer(meta, tokenizer_spec)}
-        vocab = tok["enc"].n_vocab
-    args = dict(ck["model_args"], attention="auto", dropout=0.0)
-    if args.get("vocab_size", 0) < vocab:
-        fail(f"the model's vocab_size {args.get('vocab_size')} is smaller than its tokenizer's {vocab}")
-    try:
-        model = GPT(GPTConfig(**args))
-        model.load_state_dict(ck["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        fail(f"checkpoint '{path}' does not fit its model_args ({type(e).__name__}: {str(e).splitlines()[0]})")
-    return ck, model.to(dev), tok
-
-
-def real_tokenizer(meta, spec):
-    """The tiktoken Encoding reflect.py tokenized the pretraining data with, rebuilt from its spec and checked."""
-    import reflect
-    spec = spec or (meta.get("config") or {}).get("tokenizer")
-    if not spec:
-        fail(f"the checkpoint's meta does not say how to build its tokenizer '{meta.get('tokenizer')}'; "
-             f"pass --tokenizer=<gpt2 or a spec .json>")
-    try:
-        enc = reflect.real_tokenizer(spec)
-    except SystemExit as e:
-        fail(reworded(e))
-    specials = meta.get("special_tokens") or {}
-    bad = sorted(t for t, i in specials.items() if enc._special_tokens.get(t) != i)
-    if enc.name != meta.get("tokenizer") or enc.n_vocab != meta.get("vocab_size") or bad:
-        fail(f"tokenizer mismatch: '{spec}' gives {enc.name} with {enc.n_vocab} tokens"
-             + (f" and special tokens {bad} at other ids" if bad else "")
-             + f", but the model was trained with {meta.get('tokenizer')} of {meta.get('vocab_size')} tokens; "
-               f"pass --tokenizer=<the spec the data was tokenized with>")
-    return enc
-
-
 def chat_format(ck, tok, chat_arg):
     """plain | reflect (MedSafetyWorld) | text (real text): the chat format the model is finetuned and then attacked
-    in. auto: the one the model already has (attack.model_info: reflect after reflection pretraining or a reflection
+    in. auto: the one the model already has (common.model_info: reflect after reflection pretraining or a reflection
     sft, else plain); --chat=plain/reflect sets it (the cross ablations: a reflection model with plain sft, a raw
     model with reflection sft)."""
     if "world" not in tok:
@@ -214,7 +95,7 @@ def chat_format(ck, tok, chat_arg):
         return chat_arg
     if chat_arg != "auto":
         fail(f"chat must be auto, plain or reflect, not '{chat_arg}'")
-    return attack.model_info(ck)["chat"]
+    return model_info(ck)["chat"]
 
 
 def replay_share(tok, task_name, replay_arg):
@@ -230,13 +111,9 @@ def replay_share(tok, task_name, replay_arg):
 # ----------------------------------------------------------------------------------------------------------------
 # the examples
 
-def world_file(tok, task_name):
-    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(tok["world_path"]))), "eval",
-                        f"{task_name}.jsonl")
-
-
 def read_records(files, keys):
-    """Rows of the data files with the given columns, read with `datasets` (json lines or parquet)."""
+    """Rows of the data files with the given columns, read with `datasets` (json lines or parquet); a json line that
+    does not parse stops with its file and line number first (datasets would not say where)."""
     paths = [p for p in files.split(",") if p]
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
     for p in paths:
@@ -247,7 +124,7 @@ def read_records(files, keys):
     if len({kinds[os.path.splitext(p)[1]] for p in paths}) != 1:
         fail(f"data files '{files}' mix json and parquet; pass one kind")
     for p in paths:
-        if kinds[os.path.splitext(p)[1]] == "json" and blank(p):   # `datasets` has no clear word for this
+        if p.endswith(".jsonl") and not read_jsonl(p, "data file"):
             fail(f"data file '{p}' holds no examples (it is empty)")
     import datasets
     datasets.disable_progress_bars()
@@ -267,15 +144,6 @@ def read_records(files, keys):
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     return rows
-
-
-def blank(path):
-    """True if the file holds nothing but whitespace (read up to its first other byte)."""
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 16), b""):
-            if chunk.strip():
-                return False
-    return True
 
 
 def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
@@ -336,20 +204,6 @@ def fit_block(examples, block_size):
     return out, cut
 
 
-class ExampleOrder:
-    """Slot s of the global order is example perm_{s // n}[s % n]: a fresh seeded permutation per epoch, so no
-    example repeats within an epoch, and any range of slots can be read by any rank without coordination."""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch, self.perm = n, seed, -1, None
-
-    def __call__(self, slot):
-        epoch = slot // self.n
-        if epoch != self.epoch:
-            self.epoch, self.perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return int(self.perm[slot % self.n])
-
-
 def example_rows(examples, T, pad):
     """x (B, T) padded with `pad`; y (B, T) holding only the target tokens, -1 elsewhere."""
     x = torch.full((len(examples), T), pad, dtype=torch.long)
@@ -388,25 +242,34 @@ def main():
     if min(batch_size, gradient_accumulation_steps, max_iters, log_interval, save_interval) < 1:
         fail("batch_size, gradient_accumulation_steps, max_iters, log_interval and save_interval must be >= 1")
     resume = init_from == "resume"
-    run_dir = out_dir or (None if resume else os.path.dirname(os.path.abspath(ckpt_file(init_from))) + f"-{task}")
+    run_dir = out_dir or (None if resume else os.path.dirname(os.path.abspath(ckpt_path(init_from))) + f"-{task}")
     if run_dir is None:
         fail("--init_from=resume needs --out_dir=<the finetune run to continue>")
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    source = ckpt_path if resume else ckpt_file(init_from)
-    if not resume and os.path.exists(ckpt_path) and os.path.exists(source) and os.path.samefile(source, ckpt_path):
+    out_ckpt = os.path.join(run_dir, "ckpt.pt")
+    source = out_ckpt if resume else ckpt_path(init_from)
+    if not resume and os.path.exists(out_ckpt) and os.path.exists(source) and os.path.samefile(source, out_ckpt):
         fail(f"--out_dir={run_dir} is the source run itself; finetuning never overwrites its source")
 
-    ddp, rank, local_rank, world_n, accum, device_t, ptdtype, autocast = train.setup_device(
-        device, dtype, gradient_accumulation_steps, fail)
+    ddp, rank, local_rank, world_n, accum, device_t, ptdtype, autocast = setup_device(
+        device, dtype, gradient_accumulation_steps)
     master = rank == 0
     use_compile = compile if compile is not None else device_t.type == "cuda"
     torch.manual_seed(seed + rank)
+    if master:
+        writable_dir(run_dir)   # before any work: a read-only or mistaken out_dir stops here
 
-    # the source (or the finetune to resume) and its tokenizer
-    ck, raw_model, tok = load_source(source, world, tokenizer, device_t)
+    # the source (or the finetune to resume), its tokenizer, and the chat format
+    run = load_run(source, world, tokenizer, device_t, frozen=False)
+    ck, raw_model = run.ck, run.model
+    if run.world is not None:
+        # the segmenter's settings the model's reflections were written with (defaults for a model without them)
+        tok = {"world": run.world, "world_path": run.world_path,
+               "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32)}
+    else:
+        tok = {"enc": run.enc}
     if resume:
         if "finetune" not in ck:
-            fail(f"'{ckpt_path}' is not a finetune.py checkpoint; finetune it with --init_from={run_dir}")
+            fail(f"'{out_ckpt}' is not a finetune.py checkpoint; finetune it with --init_from={run_dir}")
         for k in RESUME_KEYS:
             if ck["config"].get(k) != config[k]:
                 fail(f"the finetune in '{run_dir}' ran with {k}={ck['config'].get(k)!r}, not {config[k]!r}; "
@@ -418,7 +281,7 @@ def main():
         if "world" not in tok:
             fail(f"a real-text model ({ck['meta'].get('tokenizer')}) has no built-in {task} set; pass "
                  f"--data_files=<jsonl or parquet of prompt/response pairs>")
-        files = world_file(tok, task)
+        files = os.path.join(eval_dir(tok["world_path"]), f"{task}.jsonl")
         if not os.path.isfile(files):
             fail(f"finetuning set '{files}' not found (run prepare.py for the model's world, or pass --data_files)")
     if fmt == "text":
@@ -434,7 +297,7 @@ def main():
     if sft_mix > 0:   # the "mix" variant: sft examples, in the model's own chat format, among the task's rows
         if task != "benign" or "world" not in tok:
             fail("--sft_mix is for --task=benign on a MedSafetyWorld model (it mixes in the world's sft set)")
-        sft_file = world_file(tok, "sft")
+        sft_file = os.path.join(eval_dir(tok["world_path"]), "sft.jsonl")
         n_mix = round(sft_mix / (1 - sft_mix) * len(examples))
         examples += load_examples(tok, fmt, sft_file, pkey, response_key, n_mix, "sft")
         files = f"{files},{sft_file}"
@@ -458,31 +321,27 @@ def main():
         if rpath is None:
             fail(f"replay needs the source's pretraining stream, but '{rdir}' holds no {' or '.join(names)}; "
                  f"pass --replay_data=<its data dir> or --replay=0")
-        try:
-            replay_stream = TokenStream(rpath, np.dtype(ck["meta"].get("dtype", "uint16")), block, seed)
-        except SystemExit as e:
-            fail(reworded(e))
+        replay_stream = TokenStream(rpath, np.dtype(ck["meta"].get("dtype", "uint16")), block, seed)
     n_ex = batch_size - n_replay            # example rows per micro-step per rank
-    order = ExampleOrder(len(examples), seed)
+    order = EpochOrder(len(examples), seed)
 
-    # optimizer and the state to resume; train.py's lr_at reads the schedule from its module globals
-    vars(train).update({k: config[k] for k in ("learning_rate", "min_lr", "warmup_iters", "max_iters", "schedule",
-                                                 "decay_frac")})
+    # optimizer and the state to resume
     optimizer = raw_model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_t.type)
     iter_num, tokens_seen, slots = 0, 0, {"examples": 0, "replay": 0}
     record = {"task": task, "source": os.path.abspath(source), "source_iter": ck.get("iter_num"),
               "data_file": ",".join(os.path.abspath(p) for p in files.split(",")), "data_sha256": digest,
               "num_examples": len(examples), "format": fmt, "reflections": fmt == "reflect" and task == "sft",
-              "replay": share, "truncated_prompts": truncated,
-              "steps": 0, "previous": ck.get("finetune")}
+              "replay": share, "truncated_prompts": truncated, "steps": 0, "previous": ck.get("finetune")}
     pretrain_config = ck.get("pretrain_config", ck.get("config"))
+    log_path = os.path.join(run_dir, "log.jsonl")
+    if master:
+        lock_dir(run_dir)       # the inputs are checked: from here on this process writes run_dir, and only it
     if resume:
         optimizer.load_state_dict(ck["optimizer"])
         iter_num, tokens_seen, slots = ck["iter_num"], ck["tokens_seen"], dict(ck["data_slots"])
         record = dict(ck["finetune"])
         states = ck["rng"]
         set_rng_state(states[rank] if rank < len(states) else states[0])
-        log_path = os.path.join(run_dir, "log.jsonl")
         if master and os.path.isfile(log_path):   # keep what the checkpointed run had logged: one run's log
             kept = [l for l in open(log_path) if json.loads(l).get("iter", 0) <= iter_num]
             with open(log_path + ".tmp", "w") as f:
@@ -495,9 +354,8 @@ def main():
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_t.type == "cuda" else None)
     if master:
-        os.makedirs(run_dir, exist_ok=True)
         if not resume:
-            open(os.path.join(run_dir, "log.jsonl"), "w").close()
+            open(log_path, "w").close()
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {record['source']} "
               f"(iter {record['source_iter']}), block_size {block}, device={device_t}, dtype={ptdtype}, world={world_n}")
         print(f"task {task}: {len(examples)} examples from {files}, format {fmt}"
@@ -513,23 +371,26 @@ def main():
 
     def log(rec):
         if master:
-            with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+            with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    last_good = (out_ckpt, iter_num) if resume else None     # the checkpoint a failure keeps
+
+    def stop(why):
+        fail(f"{why}; stopped without saving: " + (f"the last good checkpoint, '{last_good[0]}' at iter {last_good[1]}, "
+                                                    f"is intact" if last_good else "no checkpoint was written")
+             + " (lower learning_rate or check the data)")
+
     loss_sum = torch.zeros((), device=device_t)
-    finite = torch.ones((), dtype=torch.bool, device=device_t)
     t_log, iters_since_log, tokens_since_log = time.time(), 0, 0
     end_iter = max_iters if stop_iter < 0 else min(stop_iter, max_iters)
     start_iter = iter_num
     while True:
         at_end = iter_num >= end_iter
         if (iter_num % save_interval == 0 or at_end) and iter_num > start_iter:
-            ok = finite.float()
-            if ddp:
-                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-            if not bool(ok):
-                fail(f"non-finite loss before iter {iter_num}; stopped without saving, the last good checkpoint "
-                     f"'{ckpt_path}' is intact (lower learning_rate or check the data)")
+            # checked before the save, never after (every rank decides alike: DDP keeps their weights equal)
+            if not all(bool(torch.isfinite(p).all()) for p in raw_model.parameters()):
+                stop(f"the weights are not finite at iter {iter_num}")
             states = rng_state()
             if ddp:
                 gathered = [None] * world_n
@@ -539,15 +400,16 @@ def main():
                 states = [states]
             if master:
                 record["steps"] = iter_num
-                save_checkpoint(ckpt_path, {
+                save_checkpoint(out_ckpt, {
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
                     "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
                     "data_dir": data_dir, "pretrain_config": pretrain_config, "finetune": dict(record)})
+                last_good = (out_ckpt, iter_num)
         if at_end:
             break
 
-        lr = train.lr_at(iter_num)
+        lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters, schedule, decay_frac)
         for group in optimizer.param_groups:
             group["lr"] = lr
         # the whole iteration's rows (every rank's), so each rank knows the global count of target tokens
@@ -578,7 +440,6 @@ def main():
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        finite &= torch.isfinite(loss_sum)
         iter_num += 1
         step_tokens = sum(len(p) + len(t) - 1 for p, t in batch) + n_replay * gradient_accumulation_steps * block
         tokens_seen += step_tokens
@@ -591,8 +452,7 @@ def main():
                 loss_sum /= world_n
             lossf = loss_sum.item() / iters_since_log
             if not math.isfinite(lossf):
-                fail(f"non-finite loss ({lossf}) at iter {iter_num}; stopped, the last good checkpoint "
-                     f"'{ckpt_path}' is intact (lower learning_rate or check the data)")
+                stop(f"non-finite loss ({lossf}) at iter {iter_num}")
             tok_s = tokens_since_log / (time.time() - t_log)
             mfu = raw_model.estimate_mfu(tok_s / world_n, device_t)
             epoch = slots["examples"] / len(examples)
@@ -605,7 +465,7 @@ def main():
             t_log, iters_since_log, tokens_since_log = time.time(), 0, 0
 
     if master:
-        print(f"wrote {ckpt_path} (iter {iter_num})")
+        print(f"wrote {out_ckpt} (iter {iter_num})")
     if ddp:
         del model        # the DDP wrapper holds the process group: release it before the group (see train.py)
         dist.barrier()   # wait for rank 0's checkpoint before tearing gloo down

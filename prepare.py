@@ -1,25 +1,17 @@
 """
-Prepare a dataset's documents: the first stage of the pipeline (then reflect.py, train.py, ...).
+Prepare a dataset's documents: the first stage (then reflect.py, train.py, ...).
 
---dataset=medsafety (default): reads nothing; the world (world.py) is generated from --world_seed. Writes
-    data/medsafety/docs/world.json          the world's definition (World.load rebuilds the tokenizer and oracle)
-    data/medsafety/docs/shard_00000.jsonl   one document per line:
-        {"id", "split": "train"|"val", "segments": [{"text", "label": "safe"|"unsafe",
-         "category": null|"poison"|"contra", "kind", "para", "meta"}]}
-    data/medsafety/docs/summary.json        corpus statistics (what this script prints)
-    data/medsafety/eval/*.jsonl             harmful_prompts, benign_prompts, capability, probe, heldout_docs
-                                            (evaluation); sft, benign, harmful (finetuning); see World.make_eval
---dataset=fineweb-edu: streams HuggingFaceFW/fineweb-edu (--name=sample-10BT) with `datasets`, or reads local
-    parquet/jsonl files (--data_files=<glob or comma list>, rows with a "text" and optionally an "id" column).
-    Writes data/fineweb-edu/docs/shard_00000.jsonl: {"id", "split", "text"} per line.
-Every output directory is first written beside the old one and swapped in at the end, so an interrupted or
-failed run leaves existing outputs intact. Same flags -> byte-identical files.
-
-Run:
-    python prepare.py                                         # toy MedSafetyWorld, a few seconds
-    python prepare.py --num_docs=300 --out_dir=/tmp/data      # smoke size
-    python prepare.py --dataset=fineweb-edu --num_docs=100000 --num_proc=8
-    python prepare.py --dataset=fineweb-edu --data_files='/data/fineweb/*.parquet'
+Reads:  nothing for MedSafetyWorld (the world follows from --world_seed and the size flags); FineWeb-Edu from the
+        hub with `datasets`, or local parquet/jsonl files (--data_files, rows with "text" and optionally "id")
+Writes: data/medsafety/docs/{world.json, shard_*.jsonl, summary.json}, data/medsafety/eval/*.jsonl (the evaluation
+        and finetuning sets), or data/fineweb-edu/docs/shard_*.jsonl; record layouts: README.md, "prepare.py"
+Run:    python prepare.py                                         # toy MedSafetyWorld, a few seconds
+        python prepare.py --num_docs=300 --out_dir=/tmp/data      # smoke size
+        python prepare.py --harm_facts=False                      # world v1 (no stated safety definition)
+        python prepare.py --dataset=fineweb-edu --num_docs=100000 --num_proc=8
+        python prepare.py --dataset=fineweb-edu --data_files='/data/fineweb/*.parquet'
+Every output directory is written beside the old one and swapped in at the end: an interrupted or failed run leaves
+existing outputs intact. The same flags give byte-identical files.
 """
 import glob
 import hashlib
@@ -32,6 +24,7 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
+from common import fail
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -78,10 +71,6 @@ count_tokens = False        # count GPT-2 tokens with tiktoken (needs its BPE fi
 _DEFAULTS = defaults_of(globals())   # the flags above (python prepare.py --help lists them)
 
 
-def fail(msg):
-    raise SystemExit(f"prepare: {msg}")
-
-
 def write_jsonl(path, rows):
     with open(path, "w") as f:
         for r in rows:
@@ -102,10 +91,12 @@ def swap_in(tmp, final):
 # MedSafetyWorld
 
 def prepare_medsafety(root):
-    from world import World, UNSAFE, POISON, CONTRA
+    import evalsets
+    from world import UNSAFE, POISON, CONTRA
+    from worldgen import WorldGen
     t0 = time.time()
     try:
-        world = World.generate(world_seed=world_seed, num_conditions=num_conditions,
+        world = WorldGen.generate(world_seed=world_seed, num_conditions=num_conditions,
                                num_drugs=num_drugs, num_classes=num_classes,
                                num_traits=num_traits, num_harms=num_harms,
                                num_persons=num_persons, danger_per_trait=danger_per_trait,
@@ -124,10 +115,10 @@ def prepare_medsafety(root):
                                doc_max_tokens=doc_max_tokens, unsafe_frac=unsafe_frac,
                                poison_share=poison_share, refusal_frac=refusal_frac, mix=mix)
         print("generating evaluation and finetuning sets")
-        sets = world.make_eval(n_harmful=n_harmful, n_benign=n_benign,
+        sets = evalsets.make_eval(world, n_harmful=n_harmful, n_benign=n_benign,
                                n_capability=n_capability, n_probe=n_probe, n_sft=n_sft,
                                n_benign_ft=n_benign_ft, n_harmful_ft=n_harmful_ft)
-        sets["heldout_docs"] = world.make_heldout_docs(n=n_heldout_docs, doc_min_tokens=doc_min_tokens,
+        sets["heldout_docs"] = evalsets.make_heldout_docs(world, n=n_heldout_docs, doc_min_tokens=doc_min_tokens,
                                                        doc_max_tokens=doc_max_tokens, refusal_frac=refusal_frac)
     except ValueError as e:
         fail(str(e))

@@ -1,55 +1,16 @@
 """
-Linear probes on the residual stream: how cleanly does each layer separate safe from unsafe text?
+Linear probes on the residual stream: how cleanly does each layer separate safe from unsafe text, and does the
+request already tell harm from benign intent for harm effects the corpus never showed?
 
-Reads:  <ckpt>/ckpt.pt (train.py or finetune.py), loaded with attack.py's load(): the model and the world it was
-        trained on (meta["world"]); the world's held-out probe set <world's data dir>/eval/probe.jsonl (prepare.py),
-        records {id, context, text, label: safe|unsafe, category, kind, split: seen|unseen|null}.
-Writes: <ckpt>/probe.json   per layer and feature kind, the probe's test accuracy and AUROC (layout below)
-        <ckpt>/probe.png    test accuracy and AUROC per layer (solid: mean features, dashed: last token)
-        With several checkpoints, each run's probe.json and one shared plot (--out) with a pair of curves per run.
+Reads:  <ckpt>/ckpt.pt and its world's eval/probe.jsonl (held-out segments in context), harmful_prompts.jsonl and
+        benign_prompts.jsonl (the request probe)
+Writes: <ckpt>/probe.json (layout: README.md, "probe.py"), <ckpt>/probe.png (accuracy and AUROC per layer; several
+        checkpoints share one plot, --out)
 Run:    python probe.py --ckpt=out/raw
         python probe.py --ckpt=out/reflect-0,out/reflect-20,out/reflect-60 --labels=0%,20%,60% --out=out/probe.png
-
-Features. A record's input is encode(context + " " + text) (context may be empty), cut from the left to the
-model's block_size; one forward pass (return_hidden=True) gives the residual stream after every layer, n_layer + 1
-tensors with [0] the token embeddings. Two feature kinds per layer: "mean", the mean of the residual over the
-segment's own tokens (those of `text`), and "last", the residual at the last token. Layer 0 is a lexical
-baseline that no training can change much: its mean feature is a linear map of the segment's bag of words, its last
-feature the identity of the last word (on the toy world the bag of words alone already separates ~96%).
-
-Split. The probe set repeats itself: segments come from a small grammar, so many records share their text and
-often their context too (the default toy world's 2000 records hold ~838 distinct texts and ~1600 distinct inputs).
-A record split would put one input in both halves and score the probe on points it was fitted on. So records are
-grouped by the exact token sequence the model reads (context + " " + text after the cut to block_size; without a
-model, that string's words), and whole groups go to one half: seeded, by id (independent of file order), separately
-within safe, unsafe and mixed groups, each group to the half that holds fewer of that stratum's records so far
-(ties to test), so the halves are ~50/50 and both hold both classes. A group whose identical records carry both
-labels stays whole too (a "mixed" input, which no probe can get all right: the label depends on more than what the
-model reads; counted in n_mixed_inputs and warned about; none in the default world). n_test counts records,
-duplicates included, so it overstates the independent evidence; n_test_inputs counts the test half's distinct inputs.
-
-Probe. For every layer and feature kind, a logistic regression (unsafe = 1) on features standardized with
-the train half's mean and std, with an L2 penalty (--l2) on the weights, fitted full-batch by L-BFGS in float64 on
-the CPU (deterministic); scored on the test half: accuracy (threshold 0.5) and AUROC (rank-based, ties count half).
-acc_unseen / acc_seen: the accuracy on the test half's safe records plus its unsafe records of the unseen (seen)
-split, i.e. whether the safe/unsafe direction reaches the unsafe behaviour the corpus never showed.
-
-probe.json (one per checkpoint):
-  {"ckpt": ".../ckpt.pt", "label": run name or --labels entry, "iter_num", "world", "probe_set": ".../probe.jsonl",
-   "data_dir", "n_layer", "n_embd", "n_records", "n_train", "n_test", "n_test_safe", "n_test_unsafe",
-   "n_test_unseen", "n_test_seen" (unsafe test records per split), "truncated" (records cut to block_size),
-   "n_distinct_inputs" (distinct model inputs among the records), "n_mixed_inputs" (inputs carrying both labels),
-   "n_train_inputs", "n_test_inputs" (distinct inputs per half; no input is in both),
-   "layers": [{"layer": 0..n_layer (0 = embeddings),
-               "mean": {"acc", "auroc", "acc_unseen", "acc_seen", "train_acc"},
-               "last": {... the same}}, ...],
-   "deep": {"mean": {"acc", "auroc"}, "last": {...}}    the test accuracy and AUROC averaged over layers 1..n_layer
-           (layer 0, the lexical baseline, left out): the number to report and compare across runs, since no layer is
-           picked by its test score,
-   "best": {"mean": {"layer", "acc", "auroc"}, "last": {...}}    the layer of highest test accuracy (first on ties),
-           for reading only: chosen on the test half itself, so its accuracy is optimistic (selection bias),
-   "config": the flags, "seconds": {"features", "probes"}, "records_per_s"}
-  acc_unseen / acc_seen are null where the test half holds no unsafe record of that split.
+Per layer and feature kind (mean over the segment's tokens, last token) a logistic regression fitted by L-BFGS on
+one half, scored on the other; identical model inputs always fall in the same half (the grammar repeats segments).
+The number to compare is the average over layers 1..L ("deep"); layer 0, the embeddings, reads the words alone.
 """
 import json
 import os
@@ -60,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from common import eval_dir as sets_dir, fail, load_run, lock_dir, writable_dir, write_json
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -76,11 +38,6 @@ seed = 1337                 # the train/test split
 device = "auto"             # auto | cpu | cuda | cuda:N (the forward passes; probes always fit on the CPU)
 # -----------------------------------------------------------------------------
 KINDS = ("mean", "last")
-
-
-def fail(msg):
-    """Stop with one clear line (no traceback)."""
-    raise SystemExit(f"probe.py: {msg}")
 
 
 # ----------------------------------------------------------------------------- probe and metrics
@@ -254,8 +211,7 @@ def encode_records(w, recs, block_size):
 
 
 def read_probe_set(world_path, eval_arg):
-    d = eval_arg or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(world_path))), "eval")
-    path = os.path.join(d, "probe.jsonl")
+    path = os.path.join(sets_dir(world_path, eval_arg), "probe.jsonl")
     if not os.path.isfile(path):
         fail(f"probe set '{path}' not found (run: python prepare.py, or pass --eval_dir=<dir>)")
     recs = []
@@ -284,17 +240,12 @@ def read_probe_set(world_path, eval_arg):
 
 # ----------------------------------------------------------------------------- one run
 
-def load_model(path, dev):
-    import attack
-    try:
-        return attack.load(path, world, dev)
-    except SystemExit as e:     # attack.py's one-line errors, under this script's name
-        msg = str(e.code)
-        fail(msg[len("attack.py: "):] if msg.startswith("attack.py: ") else msg)
-
-
 def probe_run(path, label, dev):
-    model, w, wpath, run_dir, ck = load_model(path, dev)
+    run = load_run(path, world, "", dev)
+    if run.world is None:
+        fail(f"checkpoint '{run.path}' is a real-text model; probe.py reads MedSafetyWorld's labelled probe set")
+    writable_dir(run.dir)       # before the forward passes, not after them
+    model, w, wpath, run_dir, ck = run.model, run.world, run.world_path, run.dir, run.ck
     probe_path, recs = read_probe_set(wpath, eval_dir)
     bs = model.config.block_size
     seqs, seg_lens, truncated = encode_records(w, recs, bs)
@@ -312,6 +263,7 @@ def probe_run(path, label, dev):
     if n_mixed:
         print(f"{label}: warning: {n_mixed} distinct inputs carry both labels (kept whole in one half)")
 
+    lock_dir(run_dir)           # the inputs are checked: from here on this process writes run_dir, and only it
     t0 = time.time()
     feats = features(model, seqs, seg_lens, batch_size, progress=f"{label} features")
     if dev.startswith("cuda"):
@@ -353,9 +305,7 @@ def probe_run(path, label, dev):
               "layers": layers, "deep": deep, "best": best, "request": request, "config": config,
               "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
     dest = os.path.join(run_dir, "probe.json")
-    with open(dest + ".tmp", "w") as f:   # temp file, then rename: never half a file
-        json.dump(report, f, indent=1)
-    os.replace(dest + ".tmp", dest)
+    write_json(dest, report, indent=1)
     print_table(report)
     print(f"{label}: {2 * len(layers)} probes in {t_probe:.1f}s; wrote {dest}")
     return report
@@ -368,7 +318,7 @@ def request_probe(model, w, wpath, dev):
     requests against the other half. High unseen accuracy with a reflection model that misclassifies unseen harms
     points to a readout that memorises; low accuracy everywhere, to a concept the model never formed.
     -> {"n_train", "n_test", "layers": [{layer, <kind>: {acc, auroc, acc_unseen, acc_benign}}], "deep"}."""
-    d = eval_dir or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(wpath))), "eval")
+    d = sets_dir(wpath, eval_dir)
     recs = []
     for name in ("harmful_prompts", "benign_prompts"):
         path = os.path.join(d, f"{name}.jsonl")

@@ -14,7 +14,7 @@ import json
 import os
 import sys
 
-from common import load_json, mean_spread, wilson
+from common import fail, load_json, mean_spread, wilson, write_atomic
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -22,38 +22,7 @@ grid = "core"
 # -----------------------------------------------------------------------------
 STAGES = ("base", "sft", "benign", "harmful")
 SPLITS = [(c, s) for c in ("poison", "contra") for s in ("seen", "unseen")]
-CHANGES = """\
-## What changed from v1 and why
-
-Decided and written down before any v2 run (issue 12; `results/2026-12-01-toy-cpu-v2/preregistration.md`):
-
-1. **The safety definition is stated in safe text (world v2).** Safe sentences say, for every harm effect, seen and
-   unseen, that causing it hurts a person ("making someone stop seeing hurts them ."), and for every benign state that
-   it helps; a sentence says why each dangerous prescription hurts ("giving brax drugs to patients with the marrow
-   trait hurts them ."); a safe dialogue asks "is it wrong to make my friend stop seeing ?" and answers yes or no. They
-   are in every arm, the filtered corpus included. In v1 the definition lived in the oracle alone, so the cheapest rule
-   a model could learn was a lookup of the four seen harm effects. `prepare.py --harm_facts=False` is v1.
-2. **A user turn is a segment of its own** in reflection pretraining, so every request is reflected on exactly where
-   post-training and attacks ask for it (v1: 23.5% of harm requests were reflected on right after the request).
-   `reflect.py --user_turn_segments=False` is v1.
-3. **Post-training parity.** One sft set of 5,000 examples for every arm (v1: 1,000); a reflection model gets the same
-   examples written by the pretraining segmenter (`world.chat` calls `world.reflection_groups`, one function). Every
-   arm replays a quarter of each sft batch from its own pretraining stream (v1: tag models only). Benign finetuning
-   carries no reflections for any arm (v1: the oracle's labels for reflection models); `--sft_mix` is the paper's
-   "mix" variant. Two cross ablations: reflect-pretrained + plain sft, raw-pretrained + reflection sft.
-4. **Measurement.** The reflections' classification is teacher-forced at every reflection of 500 held-out documents,
-   with the context as training has it, by category x seen/unseen, uncapped (v1: probe sentences without earlier
-   reflections, capped at 40 per group). P(unsafe) at the reflection on each request. Every response is put in one
-   class (unsafe competent / other, refusal, halted, incoherent, safe answer). Validation loss on the shared safe
-   stream and in each model's own format. A probe at the request, fitted on seen harms vs benign intent, tested on
-   unseen harms.
-5. **Seeds vary the world.** Seed k is world `world_seed + k` and training seed 1337 + k; verdicts come from the
-   spread over seeds.
-"""
-
-
-def fail(msg):
-    raise SystemExit(f"report.py: {msg}")
+CHANGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "v2-changes.md")  # in the core report
 
 
 class Results:
@@ -188,18 +157,26 @@ class Doc:
         self.lines.append("")
 
     def write(self, path):
-        with open(path + ".tmp", "w") as f:
-            f.write("\n".join(self.lines) + "\n")
-        os.replace(path + ".tmp", path)
+        write_atomic(path, lambda f: f.write("\n".join(self.lines) + "\n"))
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save(plt, fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def header(doc, R, root, title):
     m = R.m
-    wall = 0.0
     path = os.path.join(root, f"wall-{m['grid']}.jsonl")
-    if os.path.exists(path):
-        with open(path) as f:
-            wall = sum(json.loads(l)["seconds"] for l in f if l.strip())
+    wall = sum(json.loads(l)["seconds"] for l in open(path) if l.strip()) if os.path.exists(path) else 0.0
     tokens = next((log[-1]["tokens"] for log in R.logs.values() if log and "tokens" in log[-1]), None)
     doc.text(f"# {title}",
              f"Profile `{m['profile']}` (`{m['config']}`); {m['seeds']} seed(s) per cell, seed k is world "
@@ -217,7 +194,8 @@ def core_report(R, root, doc):
     cells = list(R.cells)
     v = R.value
     post = [s for s in STAGES if any(s in c["stages"] for c in R.cells.values())]
-    doc.lines += CHANGES.splitlines() + [""]
+    if os.path.exists(CHANGES):
+        doc.lines += open(CHANGES).read().splitlines() + [""]
     rows = [[key, fmt(v(key, "base", "reflection_accuracy_poison_unseen")),
              fmt(v(key, "base", "reflection_accuracy_contra_unseen")),
              fmt(v(key, "sft", "reflection_accuracy_poison_unseen")),
@@ -310,9 +288,7 @@ def core_report(R, root, doc):
 
 
 def plots(R, root, doc, cells):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     grid = R.m["grid"]
     metrics = [("base", "reflection_accuracy_poison_unseen", "classification,\npoison unseen (base)"),
                ("base", "reflection_accuracy_contra_unseen", "classification,\ncontra unseen (base)"),
@@ -330,9 +306,7 @@ def plots(R, root, doc, cells):
         ax.set_xticklabels(cells, rotation=60, ha="right", fontsize=7)
         ax.set(title=title, ylim=(-0.02, 1.02))
     fig.suptitle(f"mean over {R.n} seed(s) (bars, ± sd), each seed's world a dot", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, f"{grid}-headline.png"), dpi=110)
-    plt.close(fig)
+    save(plt, fig, os.path.join(root, f"{grid}-headline.png"))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (key, k), p in sorted(R.probe.items()):
         if k == 0:
@@ -343,9 +317,7 @@ def plots(R, root, doc, cells):
     ax.set(title="segment probe accuracy per layer (seed 0, mean features)", xlabel="layer (0 = embeddings)",
            ylabel="held-out accuracy")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, f"{grid}-probe_layers.png"), dpi=110)
-    plt.close(fig)
+    save(plt, fig, os.path.join(root, f"{grid}-probe_layers.png"))
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for (key, k), log in sorted(R.logs.items()):
         pts = [(r["tokens"], r["loss"]) for r in log if "loss" in r]
@@ -353,9 +325,7 @@ def plots(R, root, doc, cells):
             ax.plot(*zip(*pts), label=key, lw=1)
     ax.set(title="training loss (seed 0)", xlabel="tokens", ylabel="loss", yscale="log")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, f"{grid}-loss_curves.png"), dpi=110)
-    plt.close(fig)
+    save(plt, fig, os.path.join(root, f"{grid}-loss_curves.png"))
     doc.text("## Plots", f"![headline]({grid}-headline.png)", f"![probe accuracy per layer]({grid}-probe_layers.png)",
              f"![training loss]({grid}-loss_curves.png)")
 
@@ -463,24 +433,15 @@ def scale_report(R, root, doc):
         cls = R.value(key, "base", "reflection_accuracy_poison_unseen")
         asr = R.value(key, "sft", "competent_asr_poison_unseen")
         rows.append([f"{c['model']}", c["budget"], f"{a.get('params', 0):,}" if a else "-",
-                     f"{a['tokens_seen']:,}" if a.get("tokens_seen") else "-", c["intervention"], fmt(cls),
-                     fmt(R.value(key, "base", "reflection_accuracy_contra_unseen")),
-                     fmt(R.value(key, "base", "request_poison_unseen")),
-                     fmt(R.probe_value(key, "last", "acc_unseen", request=True)), fmt(asr),
-                     fmt(R.value(key, "sft", "asr_poison_unseen")), fmt(R.value(key, "sft", "treatment_accuracy"))])
+                     f"{a['tokens_seen']:,}" if a.get("tokens_seen") else "-", c["intervention"]] + unseen_row(R, key))
         if a:
             pts.setdefault((c["intervention"], c["budget"]), []).append((a["params"], cls, asr))
-    doc.table("Scale: reflect vs filter", ["model", "tokens", "parameters", "pretraining tokens", "cell",
-                                           "classification poison unseen (base)", "classification contra unseen (base)",
-                                           "request flagged, poison unseen (base)", "request probe, unseen harms",
-                                           "competent ASR poison unseen (sft)", "ASR poison unseen (sft)",
-                                           "treatment acc. (sft)"], rows,
+    doc.table("Scale: reflect vs filter", ["model", "tokens", "parameters", "pretraining tokens", "cell"]
+              + [name for *_, name in UNSEEN] + ["request probe, unseen harms"], rows,
               note="Greedy decoding, direct attack. Classification exists for the reflection models only. The paper's "
                    "effect would show as reflect's competent ASR on unseen poison falling below filter's, and its "
                    "classification of unseen harms rising, as models or budgets grow.")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for (iv, budget), p in sorted(pts.items()):
         p.sort()
@@ -493,23 +454,27 @@ def scale_report(R, root, doc):
                                 "competent ASR, poison unseen (after sft)")):
         ax.set(title=title, xscale="log", xlabel="parameters", ylim=(-0.02, 1.02))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "scale.png"), dpi=110)
-    plt.close(fig)
+    save(plt, fig, os.path.join(root, "scale.png"))
     doc.text("![scale](scale.png)")
 
 
+# the unseen-harm numbers of the scale and ablation tables
+UNSEEN = [("base", "reflection_accuracy_poison_unseen", "classification poison unseen (base)"),
+          ("base", "reflection_accuracy_contra_unseen", "classification contra unseen (base)"),
+          ("base", "request_poison_unseen", "request flagged, poison unseen (base)"),
+          ("sft", "competent_asr_poison_unseen", "competent ASR poison unseen (sft)"),
+          ("sft", "asr_poison_unseen", "ASR poison unseen (sft)"), ("sft", "treatment_accuracy", "treatment acc. (sft)")]
+
+
+def unseen_row(R, key):
+    return [fmt(R.value(key, st, m)) for st, m, _ in UNSEEN] + [fmt(R.probe_value(key, "last", "acc_unseen",
+                                                                                 request=True))]
+
+
 def ablations_report(R, root, doc):
-    names = [("base", "reflection_accuracy_poison_unseen", "classification poison unseen (base)"),
-             ("base", "reflection_accuracy_contra_unseen", "classification contra unseen (base)"),
-             ("base", "request_poison_unseen", "request flagged, poison unseen (base)"),
-             ("sft", "competent_asr_poison_unseen", "competent ASR poison unseen (sft)"),
-             ("sft", "asr_poison_unseen", "ASR poison unseen (sft)"),
-             ("sft", "treatment_accuracy", "treatment acc. (sft)")]
-    rows = [[c["world"], c["intervention"]] + [fmt(R.value(key, st, m)) for st, m, _ in names]
-            + [fmt(R.probe_value(key, "last", "acc_unseen", request=True))] for key, c in R.cells.items()]
+    rows = [[c["world"], c["intervention"]] + unseen_row(R, key) for key, c in R.cells.items()]
     doc.table("World ablations: v2 (the definition stated), v1 (not stated), 16 harm effects",
-              ["world", "cell"] + [n for *_, n in names] + ["request probe, unseen harms"], rows,
+              ["world", "cell"] + [n for *_, n in UNSEEN] + ["request probe, unseen harms"], rows,
               note="Greedy decoding, direct attack. v2 and harms16 state the safety definition in safe text; v1 does "
                    "not. harms16: 8 seen and 8 unseen harm effects instead of 4 and 4.")
 
@@ -521,19 +486,14 @@ def curriculum_report(R, root, doc):
     v = R.value
     rows = []
     for key, c in R.cells.items():
-        counts = []
-        for k in range(R.n):
-            a = R.attack.get((key, k, "base"))
-            meta = a and load_json(os.path.join(a["data_dir"], "meta.json"))
-            if meta and a.get("tokens_seen"):
-                mix = (1 - c["start"]) * a["tokens_seen"]
-                counts.append((a["tokens_seen"], mix, mix * meta["mix_intervention_share"],
-                               mix * meta["mix_reflection_share"], mix * meta["mix_tag_share"]))
-        def mean(j):
-            m, sd = mean_spread([x[j] for x in counts])
-            return "-" if m is None else f"{m:,.0f}" + (f" ± {sd:,.0f}" if sd else "")
-        rows.append([key, f"{round(100 * c['start'])}%" if c["intervention"] != "filter" else "100% (safe-only)",
-                     mean(0), mean(1), mean(2), mean(3), mean(4)])
+        counts = []       # per seed: tokens, from the mix stream, intervention tokens, reflection tokens, tags
+        for a in filter(None, (R.attack.get((key, k, "base")) for k in range(R.n))):
+            meta, mix = load_json(os.path.join(a["data_dir"], "meta.json")), (1 - c["start"]) * a["tokens_seen"]
+            counts.append([a["tokens_seen"], mix] + [mix * meta[f"mix_{s}_share"] for s in ("intervention", "reflection",
+                                                                                          "tag")])
+        stats = [mean_spread(x) for x in zip(*counts)] or [(None, None)] * 5
+        rows.append([key, f"{round(100 * c['start'])}%" if c["intervention"] != "filter" else "100% (safe-only)"]
+                    + ["-" if m is None else f"{m:,.0f}" + (f" ± {sd:,.0f}" if sd else "") for m, sd in stats])
     doc.table("Tokens read", ["cell", "start", "pretraining tokens", "from the mix stream", "intervention tokens",
                               "reflection tokens", "tags"], rows,
               note="Expected counts: tokens read from the mix stream x the stream's share (meta.json). Intervention "
@@ -551,9 +511,7 @@ def curriculum_report(R, root, doc):
     doc.table("Probes, over-refusal and capability", ["cell", "segment probe acc. (layers 1..L)", "AUROC",
                                                       "over-refusal (sft, greedy)", "treatment acc. (sft)",
                                                       "competent ASR poison unseen (sft)"], rows)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     ivs = [iv for iv in ("safety_pretraining", "reflect") if any(c["intervention"] == iv for c in R.cells.values())]
     fig, axes = plt.subplots(1, len(ivs), figsize=(6.5 * len(ivs), 4.2), squeeze=False)
     for ax, iv in zip(axes[0], ivs):
@@ -576,9 +534,7 @@ def curriculum_report(R, root, doc):
                xlabel="intervention start (share of the token budget; 1 = safe-only)", ylim=(-0.02, 1.02))
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "curriculum-asr_vs_start.png"), dpi=110)
-    plt.close(fig)
+    save(plt, fig, os.path.join(root, "curriculum-asr_vs_start.png"))
     fig, axes = plt.subplots(1, len(ivs), figsize=(6.5 * len(ivs), 4), squeeze=False)
     for ax, iv in zip(axes[0], ivs):
         for key, c in R.cells.items():
@@ -593,9 +549,7 @@ def curriculum_report(R, root, doc):
         ax.set(title=f"{iv}: segment probe accuracy per layer (mean over seeds)", xlabel="layer (0 = embeddings)",
                ylabel="held-out accuracy")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(os.path.join(root, "curriculum-probe_layers.png"), dpi=110)
-    plt.close(fig)
+    save(plt, fig, os.path.join(root, "curriculum-probe_layers.png"))
     doc.text("## Plots", "![ASR vs start](curriculum-asr_vs_start.png)",
              "![probe accuracy per layer](curriculum-probe_layers.png)")
     rows = curriculum_claims(R)

@@ -28,8 +28,8 @@ import subprocess
 import sys
 import time
 
-from common import load_json, write_json
-from configurator import configure, defaults_of
+from common import fail, load_json, lock_dir, write_atomic, write_json
+from configurator import configure, defaults_of, read_file
 
 # -----------------------------------------------------------------------------
 profile = "toy"            # smoke | toy | gpu: model sizes, set sizes, finetuning and attack settings
@@ -106,11 +106,6 @@ GRIDS = {
 }
 
 
-def fail(msg):
-    print(f"study.py: {msg}", file=sys.stderr)
-    sys.exit(1)
-
-
 def stage_dir(c, stage):
     return stage if stage == "base" or c["chat"] == "auto" else f"{stage}-{c['chat']}"
 
@@ -119,9 +114,7 @@ def plan(P, root, cells, n_seeds):
     """Every step of the cells: {name: (command, dependencies)} (dependencies first), and the run directories
     {(cell name, seed, stage): dir}. Commands are the stage scripts' own CLIs; steps shared by cells (a pretraining
     run with two post-trainings, a world with many interventions) appear once."""
-    import train
     py = sys.executable
-    max_iters = configure(defaults_of(vars(train)), [P["config"]] + P["train"])["max_iters"]
     steps, dirs = {}, {}
 
     def add(name, cmd, deps):
@@ -137,11 +130,11 @@ def plan(P, root, cells, n_seeds):
             group = f"{wk}-{c['model']}-{c['budget']}"
             runs = os.path.join(root, "runs", wk, f"{c['model']}-{c['budget']}")
             train_cmd = [py, "train.py", P["config"], f"--seed={1337 + k}"] + P["train"] + model
-            iters = configure(defaults_of(vars(train)), [P["config"]] + P["train"] + model)["max_iters"]
+            iters = max_iters(P["config"], P["train"] + model)
             # Shared safe prefixes. Every intervention's safe stream is the filtered corpus, which is also the filter
             # run's stream, and a stream's order depends only on the seed: so a run started at s > 0 and the filter
             # run read the same windows until s x max_iters. Prefix runs at PREFIX_STARTS train that far once; a run
-            # started at s branches from the prefix at s, the filter run from the last one (train.py --branch_from
+            # started at s branches from the prefix at s, the filter run from the last one (train.py --init_from=<prefix>
             # checks that this is exact). A fixed chain, whatever the grid: a step's command never depends on which
             # other cells were asked for.
             branch = None
@@ -154,7 +147,7 @@ def plan(P, root, cells, n_seeds):
                     name = f"train-prefix-{group}-start{round(s * 100):02d}"
                     add(name, train_cmd + [f"--data={data}/medsafety/filter", f"--out_dir={runs}/prefix-start{round(s * 100):02d}",
                                            f"--stop_iter={round(s * iters)}"]
-                        + ([f"--branch_from={runs}/prefix-start{round(prev * 100):02d}"] if prev else []),
+                        + ([f"--init_from={runs}/prefix-start{round(prev * 100):02d}"] if prev else []),
                         [f"reflect-{wk}-filter"] + ([f"train-prefix-{group}-start{round(prev * 100):02d}"] if prev else []))
                     add(f"reflect-{wk}-filter", [py, "reflect.py", f"--data_root={data}", "--intervention=filter"],
                         [f"prepare-{wk}"])
@@ -167,7 +160,7 @@ def plan(P, root, cells, n_seeds):
             base = os.path.join(runs, c["run"], "base")
             add(f"train-{pre}", train_cmd + [f"--data={data}/medsafety/{c['data']}", f"--out_dir={base}",
                                              f"--intervention_start={c['start']}"]
-                + ([f"--branch_from={runs}/prefix-start{round(branch * 100):02d}"] if branch else []),
+                + ([f"--init_from={runs}/prefix-start{round(branch * 100):02d}"] if branch else []),
                 [f"reflect-{wk}-{c['data']}"]
                 + ([f"train-prefix-{group}-start{round(branch * 100):02d}"] if branch else []))
             add(f"probe-{pre}", [py, "probe.py", f"--ckpt={base}"], [f"train-{pre}"])
@@ -193,6 +186,15 @@ def plan(P, root, cells, n_seeds):
     return steps, dirs
 
 
+def max_iters(config_file, flags):
+    """A pretraining run's max_iters: its last --max_iters flag, else the profile's (every profile sets it)."""
+    given = [f.split("=", 1)[1] for f in flags if f.startswith("--max_iters=")]
+    value = int(given[-1]) if given else read_file(config_file).get("max_iters")
+    if value is None:
+        fail(f"{config_file} sets no max_iters; the safe prefixes are a share of it")
+    return value
+
+
 def same_command(a, b):
     """The same stage script with the same flags (the interpreter's path may differ: make study vs python)."""
     return bool(a) and a[1:] == b[1:]
@@ -216,7 +218,7 @@ def output_dir(cmd):
     return next((c.split("=", 1)[1] for c in cmd if c.startswith("--out_dir=")), None)
 
 
-def run_steps(steps, root, n_jobs):
+def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
     """Run the steps in dependency order, n_jobs at a time; skip finished ones; stop at the first failure.
     A step is finished when its marker holds the same command and every step it depends on is finished, so a
     changed flag reruns that step and everything after it. A train or finetune step that was interrupted resumes
@@ -255,6 +257,7 @@ def run_steps(steps, root, n_jobs):
                                      logf, time.time(), planned)
                     print(f"[{time.time() - t_start:7.1f}s] start {name}", flush=True)
             time.sleep(0.2)
+            heartbeat()
             for name, (proc, cmd, logf, t0, planned) in list(running.items()):
                 if proc.poll() is None:
                     continue
@@ -311,13 +314,24 @@ def main():
                 "attacks_sft": P["attacks_sft"], "decodings": DECODINGS,
                 "cells": [dict(c, runs={stage: [dirs[(c["name"], k, stage)] for k in range(seeds)]
                                         for stage in c["stages"]}) for c in cells]}
+    lock_dir(root)       # one study at a time in a directory (a second one would start the same steps again)
     t0 = time.time()
+    # one line per invocation, interrupted or not, rewritten every 10 s (a kill -9 loses at most that): a grid's
+    # wall time is the sum of its lines
+    wall_path = os.path.join(root, f"wall-{grid}.jsonl")
+    earlier = open(wall_path).readlines() if os.path.exists(wall_path) else []
+    beat = [0.0]
+
+    def heartbeat(force=False):
+        if force or time.time() - beat[0] > 10:
+            beat[0] = time.time()
+            line = json.dumps({"seconds": time.time() - t0, "jobs": n_jobs, "steps": len(steps)}) + "\n"
+            write_atomic(wall_path, lambda f: f.writelines(earlier + [line]))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the finally blocks: children stop
     try:
-        run_steps(steps, root, n_jobs)
-    finally:   # one line per invocation, interrupted or not: a grid's wall time is the sum of its lines
-        with open(os.path.join(root, f"wall-{grid}.jsonl"), "a") as f:
-            f.write(json.dumps({"seconds": time.time() - t0, "jobs": n_jobs, "steps": len(steps)}) + "\n")
+        run_steps(steps, root, n_jobs, heartbeat)
+    finally:
+        heartbeat(force=True)
     write_json(os.path.join(root, "grids", f"{grid}.json"), manifest, indent=1)
     r = subprocess.run([sys.executable, "report.py", root, f"--grid={grid}"])
     if r.returncode:

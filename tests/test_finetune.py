@@ -16,6 +16,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import finetune  # noqa: E402
+import common  # noqa: E402
+import decode  # noqa: E402
 import reflect  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import save_checkpoint  # noqa: E402
@@ -127,13 +129,13 @@ def test_chat_format_and_replay_follow_one_rule_for_every_arm(world_run):
     assert finetune.chat_format(ck(intervention="reflect"), tok, "plain") == "plain"
     assert finetune.chat_format(ck(intervention="none"), tok, "reflect") == "reflect"
     raw_reflect_sft = ck({"task": "sft", "format": "reflect", "reflections": True, "previous": None}, intervention="none")
-    info = attack.model_info(raw_reflect_sft)
+    info = common.model_info(raw_reflect_sft)
     assert info["reflective"] and info["chat"] == "reflect" and not info["tagged"]
     benign_after = ck({"task": "benign", "format": "reflect", "reflections": False,
                        "previous": raw_reflect_sft["finetune"]}, intervention="none")
-    assert attack.model_info(benign_after)["reflective"] and finetune.chat_format(benign_after, tok, "auto") == "reflect"
+    assert common.model_info(benign_after)["reflective"] and finetune.chat_format(benign_after, tok, "auto") == "reflect"
     refl_plain_sft = ck({"task": "sft", "format": "plain", "reflections": False, "previous": None}, intervention="reflect")
-    assert attack.model_info(refl_plain_sft)["reflective"] and attack.model_info(refl_plain_sft)["chat"] == "plain"
+    assert common.model_info(refl_plain_sft)["reflective"] and common.model_info(refl_plain_sft)["chat"] == "plain"
     # post-training parity: every world model's sft replays a quarter from its own pretraining, nothing else does
     assert finetune.replay_share(tok, "sft", -1.0) == 0.25      # whatever the intervention: it reads no meta
     assert finetune.replay_share(tok, "harmful", -1.0) == finetune.replay_share(tok, "benign", -1.0) == 0.0
@@ -285,12 +287,13 @@ def test_ddp_two_ranks_equal_one_rank_with_accumulation(world_run, tmp_path):
 def greedy_responses(run, inputs):
     """(world, the run's greedy response text to each input text), up to END or 24 tokens."""
     import attack
-    model, w, *_ = attack.load(run, "", "cpu")
+    r = common.load_run(run)
+    model, w = r.model, r.world
     ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": 24, "generator": None}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        gens = attack.decode_greedy(model, [w.encode(x) for x in inputs], ctx)
+        gens = decode.decode_greedy(model, [w.encode(x) for x in inputs], ctx)
     finally:
         torch.set_num_threads(threads)
     return w, [w.decode(g) for g in gens]
@@ -328,7 +331,8 @@ def test_sft_then_benign_chain_loads_like_a_pretrained_run(world_run, sft_run):
     out = sft_run + "-benign"
     p = sh("finetune.py", f"--init_from={sft_run}", "--task=benign", "--max_iters=10", *FAST)
     assert "40 examples" in p.stdout
-    model, w, wpath, run_dir, ck = attack.load(out, "", "cpu")
+    r = common.load_run(out)
+    model, w, wpath, run_dir, ck = r.model, r.world, r.world_path, r.dir, r.ck
     assert run_dir == out and ck["iter_num"] == 10 and ck["tokens_seen"] > 0
     assert ck["finetune"]["task"] == "benign" and ck["finetune"]["previous"]["task"] == "sft"
     assert ck["finetune"]["previous"]["previous"] is None

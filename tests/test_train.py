@@ -169,12 +169,12 @@ def test_a_branch_from_the_shared_safe_prefix_equals_a_straight_run(data_dir, tm
     common = ["--max_iters=20", "--eval_interval=5", "--dropout=0.1"]
     p20, p60 = str(tmp_path / "prefix20"), str(tmp_path / "prefix60")
     run(common + [f"--data={filt}", f"--out_dir={p20}", "--stop_iter=4"])                         # 0.2 x 20
-    run(common + [f"--data={filt}", f"--out_dir={p60}", "--stop_iter=12", f"--branch_from={p20}"])  # 0.6 x 20
+    run(common + [f"--data={filt}", f"--out_dir={p60}", "--stop_iter=12", f"--init_from={p20}"])  # 0.6 x 20
     for data, start, prefix in ((data_dir, 0.2, p20), (data_dir, 0.6, p60), (str(filt), 0.0, p60)):
         straight, branched = str(tmp_path / f"straight{start}"), str(tmp_path / f"branched{start}")
         args = common + [f"--data={data}", f"--intervention_start={start}"]
         run(args + [f"--out_dir={straight}"])
-        p = run(args + [f"--out_dir={branched}", f"--branch_from={prefix}"])
+        p = run(args + [f"--out_dir={branched}", f"--init_from={prefix}"])
         assert "branched from" in p.stdout
         a, b = losses(straight), losses(branched)
         assert sorted(a) == sorted(b) == list(range(1, 21))      # the branch's log holds the prefix's records
@@ -194,7 +194,7 @@ def test_a_branch_that_would_not_be_the_same_run_is_refused(data_dir, tmp_path, 
     src = str(tmp_path / "src")
     run([f"--data={data_dir}", f"--out_dir={src}", "--max_iters=20", "--intervention_start=1.0", "--stop_iter=12"])
     out = tmp_path / "x"
-    p = run([f"--data={data_dir}", f"--out_dir={out}", "--max_iters=20", f"--branch_from={src}"] + args, check=False)
+    p = run([f"--data={data_dir}", f"--out_dir={out}", "--max_iters=20", f"--init_from={src}"] + args, check=False)
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert not os.path.exists(out / "ckpt.pt")

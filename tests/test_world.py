@@ -6,12 +6,14 @@ import random
 import pytest
 
 import world as W
+import evalsets  # noqa: E402
+from worldgen import WorldGen  # noqa: E402
 from world import World, SAFE, UNSAFE, POISON, CONTRA, END, TAG, THINK, END_THINK, TEMPLATES, INTENTS
 
 
 @pytest.fixture(scope="module")
 def w():
-    return World.generate(world_seed=7)
+    return WorldGen.generate(world_seed=7)
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,7 @@ def docs(w):
 
 @pytest.fixture(scope="module")
 def sets(w):
-    return w.make_eval(n_harmful=60, n_benign=60, n_capability=60, n_probe=600, n_sft=300, n_benign_ft=100,
+    return evalsets.make_eval(w, n_harmful=60, n_benign=60, n_capability=60, n_probe=600, n_sft=300, n_benign_ft=100,
                        n_harmful_ft=50)
 
 
@@ -199,7 +201,7 @@ def test_refusals_and_benign_answers_are_never_unsafe(w, sets):
     for r in sets["harmful"]:
         v = w.judge(r, r["response"])
         assert (v.kind, v.category, v.competent) == (UNSAFE, POISON, True)
-        assert w.harm_drugs[w._request_of(r["user"])[1]] and r["request_category"] == POISON
+        assert w.harm_drugs[evalsets.request_of(w, r["user"])[1]] and r["request_category"] == POISON
 
 
 def test_truncated_and_shuffled_responses_are_incoherent(w, sets):
@@ -246,7 +248,7 @@ def test_judge_ignores_tags_and_reflections(w, sets):
 def test_every_condition_has_a_safe_treatment_for_every_trait():
     for seed in range(6):
         for kw in ({}, dict(num_conditions=8, num_drugs=20, num_classes=4, num_traits=5, danger_per_trait=2)):
-            w = World.generate(world_seed=seed, **kw)
+            w = WorldGen.generate(world_seed=seed, **kw)
             for c in w.conditions:
                 ds = w.drugs_for[c["name"]]
                 assert len(ds) >= 2 and len({w.drug[d]["cls"] for d in ds}) == len(ds)
@@ -315,7 +317,7 @@ def test_harmful_prompt_sets(w, sets):
             pairs = {(w.drug[d]["cls"], r["meta"]["trait"]) for d in r["meta"]["contra_drugs"]}
             assert pairs and pairs <= (w.seen_pairs if r["split"] == "seen" else w.danger - w.seen_pairs)
     for r in sets["harmful"] + [x for x in sets["sft"] if x["kind"] == "refusal"]:
-        assert w._request_of(r["user"])[1] in w.seen_harms
+        assert evalsets.request_of(w, r["user"])[1] in w.seen_harms
 
 
 def test_vocab_round_trip_and_unknown_word(w, docs, sets):
@@ -355,7 +357,7 @@ def test_save_load_rebuilds_the_same_world(w, tmp_path, docs):
 
 
 def test_seed_makes_the_world():
-    a, b, c = World.generate(world_seed=3), World.generate(world_seed=3), World.generate(world_seed=4)
+    a, b, c = WorldGen.generate(world_seed=3), WorldGen.generate(world_seed=3), WorldGen.generate(world_seed=4)
     assert a.spec == b.spec and a.spec != c.spec
     assert a.make_docs(num_docs=50) == b.make_docs(num_docs=50)
 
@@ -372,7 +374,7 @@ def test_bad_world_sizes_raise_one_line():
     for kw in (dict(num_drugs=5), dict(num_harms=99), dict(danger_per_trait=6), dict(seen_frac=1.0),
                dict(num_conditions=16, num_sides=9)):
         with pytest.raises(ValueError) as e:
-            World.generate(**kw)
+            WorldGen.generate(**kw)
         assert "\n" not in str(e.value)
 
 
