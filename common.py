@@ -163,7 +163,7 @@ class EpochOrder:
 class TokenStream:
     """One flat token file read as windows of block_size + 1 tokens (they overlap by one token: each token is a
     target once), in an EpochOrder. A file whose size is not a whole number of tokens, or shorter than one window,
-    stops with one line; a token id at or above vocab_size stops the batch that holds it."""
+    stops with one line, and so does a token id at or above vocab_size (checked once, at start-up)."""
 
     def __init__(self, path, dtype, block_size, seed, vocab_size=None):
         size, item = os.path.getsize(path), np.dtype(dtype).itemsize
@@ -174,6 +174,10 @@ class TokenStream:
             fail(f"'{path}' holds {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
         self.path, self.tokens = path, np.memmap(path, dtype=dtype, mode="r")
         self.block_size, self.vocab_size = block_size, vocab_size
+        top = int(self.tokens.max()) if vocab_size else 0     # one pass at start-up, before any output is touched
+        if vocab_size and top >= vocab_size:
+            fail(f"'{path}' holds token id {top}, but the model's vocabulary has {vocab_size} ids (meta.json "
+                 f"vocab_size or --vocab_size); write the stream and meta.json again")
         self.n = (len(self.tokens) - 1) // block_size
         self.order = EpochOrder(self.n, seed)
 
@@ -184,9 +188,6 @@ class TokenStream:
     def _rows(self, windows, device):
         import torch
         w = torch.from_numpy(np.stack(windows).astype(np.int64))
-        if self.vocab_size and int(w.max()) >= self.vocab_size:
-            fail(f"'{self.path}' holds token id {int(w.max())}, but the model's vocabulary has {self.vocab_size} "
-                 f"ids (meta.json vocab_size or --vocab_size); write the stream and meta.json again")
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
         if device.type == "cuda":  # pinned memory lets the copy overlap with compute
             return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)

@@ -274,6 +274,10 @@ def main():
             if ck["config"].get(k) != config[k]:
                 fail(f"the finetune in '{run_dir}' ran with {k}={ck['config'].get(k)!r}, not {config[k]!r}; "
                      f"resume with the run's own settings")
+        for k in sorted(set(config) - set(RESUME_KEYS) - {"init_from", "out_dir", "stop_iter", "log_interval",
+                                                          "save_interval", "device", "compile", "world", "tokenizer"}):
+            if ck["config"].get(k) != config[k]:   # allowed, and said: the run differs from a straight one from here
+                print(f"resume: {k} changes from {ck['config'].get(k)!r} to {config[k]!r} at iter {ck['iter_num']}")
     fmt = chat_format(ck, tok, chat)
     share = replay_share(tok, task, replay)
     files = data_files

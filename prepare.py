@@ -24,7 +24,7 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from common import fail
+from common import fail, writable_dir
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -172,6 +172,8 @@ def prepare_medsafety(root):
             write_jsonl(os.path.join(tmp, "eval", f"{k}.jsonl"), rows)
         for sub in ("docs", "eval"):
             swap_in(os.path.join(tmp, sub), os.path.join(root, sub))
+    except OSError as e:       # a full disk: the old outputs stay as they were
+        fail(f"cannot write under '{root}' ({e.strerror or e}); existing outputs are unchanged")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -398,11 +400,11 @@ def main(argv):
         fail("docs_per_shard and num_proc must be >= 1")
     if not 0 <= val_frac < 1:
         fail("val_frac must be in [0, 1)")
+    if num_docs == 0 or num_docs < -1:
+        fail(f"num_docs must be at least 1, or -1 for the default, not {num_docs}")
     root = os.path.join(out_dir, dataset)
-    try:
-        os.makedirs(root, exist_ok=True)
-    except OSError as e:
-        fail(f"cannot create output directory '{root}' ({e})")
+    writable_dir(root)
+    os.makedirs(root, exist_ok=True)
     if dataset == "medsafety":
         prepare_medsafety(root)
     else:
@@ -413,4 +415,4 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
-        raise SystemExit("prepare: interrupted; existing outputs were left as they were")
+        raise SystemExit("prepare.py: interrupted; existing outputs were left as they were")

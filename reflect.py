@@ -26,7 +26,7 @@ from collections import deque
 import numpy as np
 
 from classifier import classify, fit_classifier
-from common import fail, read_jsonl, write_json
+from common import fail, read_jsonl, writable_dir, write_json
 from configurator import configure, defaults_of
 from realtext import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, TAG_TEXT, bench_corpus,
                       init_worker, process_docs, read_chunks, read_labels, read_rewrites, real_tokenizer, run_chunks,
@@ -220,7 +220,8 @@ def write_stream(path, texts, encode, eot, dtype):
         ids.extend(encode(t))
         ids.append(eot)
     arr = np.array(ids, dtype=dtype)
-    arr.tofile(path)
+    with open(path, "wb") as f:   # not arr.tofile: a full disk then says "No space left on device"
+        f.write(arr.tobytes())
     return len(arr)
 
 
@@ -406,10 +407,12 @@ def main_real(docs_dir):
             files[f"mix_{split}"].write(arr.tobytes())
             tokens[f"mix_{split}"] += len(arr)
             refusal_tokens[split] = len(arr)
-    except BaseException:  # failed or interrupted: leave nothing behind
+    except BaseException as e:  # failed or interrupted: leave nothing behind
         for f in handles:
             f.close()
         shutil.rmtree(tmp_dir, ignore_errors=True)
+        if isinstance(e, OSError):   # a full disk, a read-only directory
+            fail(f"cannot write the streams under '{out_dir}' ({e.strerror or e}); existing outputs are unchanged")
         raise
     for f in handles:
         f.close()
@@ -561,6 +564,7 @@ def main(argv=None):
     docs_dir = os.path.join(data_root, dataset, "docs")
     world_path = os.path.join(docs_dir, "world.json")
     list_shards(docs_dir)
+    writable_dir(os.path.join(data_root, dataset))   # before the work: the streams are written beside the docs
     if dataset == "medsafety" or os.path.isfile(world_path):
         main_world(docs_dir, world_path)
     else:

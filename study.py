@@ -227,11 +227,14 @@ def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
     done_dir = os.path.join(root, "done")
     os.makedirs(done_dir, exist_ok=True)
     marker = lambda name: os.path.join(done_dir, name + ".json")
-    finished = set()
-    for name, (cmd, deps) in steps.items():     # plan order: dependencies come first
-        m = load_json(marker(name))
-        if m and same_command(m.get("command"), cmd) and all(d in finished for d in deps):
-            finished.add(name)
+    finished, grew = set(), True
+    while grew:     # to a fixed point: plan order may list a step before one it depends on
+        grew = False
+        for name, (cmd, deps) in steps.items():
+            m = name not in finished and load_json(marker(name))
+            if m and same_command(m.get("command"), cmd) and all(d in finished for d in deps):
+                finished.add(name)
+                grew = True
     todo = sorted((n for n in steps if n not in finished), key=priority)
     print(f"study: {len(steps)} steps, {len(finished)} already done, {len(todo)} to run, {n_jobs} at a time")
     threads = str(max(1, (os.cpu_count() or 1) // n_jobs))

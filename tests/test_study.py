@@ -60,6 +60,8 @@ def test_resume_recomputes_nothing_finished(smoke_study):
         assert f"start {n[:-5]}\n" not in second
     ran = [l.split("start ")[1] for l in second.splitlines() if " start " in l]
     assert ran and not any("reflect-start00" in n for n in ran)
+    # and once all is done, nothing runs again (the plan lists a safe prefix before the filter stream it reads)
+    assert " 0 to run" in run_study(out)
     # the cross ablations share their pretraining run: one train step per intervention, the filter run continuing
     # the chain of safe prefixes
     trains = sorted(n[:-5] for n in os.listdir(os.path.join(out, "done")) if n.startswith("train-") and n.endswith(".json"))
