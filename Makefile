@@ -9,10 +9,11 @@ PY := .venv/bin/python
 	.venv/bin/pip install -q -r requirements.txt
 	touch $@
 
+# the suite on both cores, one test file per worker (a file's fixtures are built once)
 test: .venv/installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
-# The main job: the toy study (STUDY.md's grid sized for 2 CPU cores) -> out/study/report.md. Resumable: run it again
+# The main job: the toy study (docs/STUDY.md's grid sized for 2 CPU cores) -> out/study/report.md. Resumable: run it again
 # after an interruption and finished steps are skipped.
 study: .venv/installed
 	$(PY) study.py

@@ -317,8 +317,13 @@ def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=N
     args = dict(ck["model_args"], dropout=0.0)
     if args.get("vocab_size", 0) < vocab:
         fail(f"the model's vocab_size {args.get('vocab_size')} is smaller than its tokenizer's {vocab}")
+    # training keeps the run's own attention (config/gpu.py's sdpa: finetune batches change length, and the Triton
+    # kernel would autotune again for every new length); the kernel needs CUDA, and attacks pick their own below
+    attention = args.get("attention", "auto")
+    if frozen or (attention == "triton" and not str(device).startswith("cuda")):
+        attention = "auto"
     try:
-        model = GPT(GPTConfig(**dict(args, attention="auto")))
+        model = GPT(GPTConfig(**dict(args, attention=attention)))
         model.load_state_dict(ck["model"])
     except (TypeError, ValueError, RuntimeError) as e:
         fail(f"checkpoint '{path}' does not fit its model_args ({type(e).__name__}: {str(e).splitlines()[0]})")
@@ -354,8 +359,10 @@ def model_info(ck):
         chain.append(rec)
         rec = rec.get("previous")
     learned = any(r.get("reflections", r.get("format") == "reflect" and r.get("task") == "sft") for r in chain)
-    chat = chain[0]["format"] if chain and chain[0].get("format") in ("plain", "reflect") else (
-        "reflect" if pretrained else "plain")
+    # finetune.py's real-text formats are the same two: text (prompt + response) and text_reflect
+    latest = {"text": "plain", "text_reflect": "reflect"}.get(chain[0].get("format"), chain[0].get("format")) \
+        if chain else None
+    chat = latest if latest in ("plain", "reflect") else ("reflect" if pretrained else "plain")
     seg = meta.get("config") or {}
     return {"reflective": pretrained or learned, "tagged": (meta.get("mix_tags") or 0) > 0 and saw, "chat": chat,
             "intervention": meta.get("intervention"), "segment_tokens": seg.get("segment_tokens", 32),

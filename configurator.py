@@ -84,9 +84,10 @@ def read_file(path):
 
 
 def defaults_of(scope):
-    """The config keys of a stage: its top-level plain values (int, float, bool, str, None), in order."""
-    return {k: v for k, v in scope.items()
-            if not k.startswith("_") and (v is None or isinstance(v, (int, float, bool, str)))}
+    """The config keys of a stage: its top-level plain values (int, float, bool, str, None), in order; UPPER_CASE
+    names are constants (often imported: attack.py's END, THINK), never settings."""
+    return {k: v for k, v in scope.items() if not k.startswith("_") and not k.isupper()
+            and (v is None or isinstance(v, (int, float, bool, str)))}
 
 
 if __name__ == "__main__":

@@ -3,8 +3,12 @@ Running a model on prompts, for attack.py: the decodings (greedy, top-k, Safety 
 reflection halting), batched passes over (attack, decoding) with the judge on every response, and the teacher-forced
 reads of a model's own reflections (its safety classification, P(unsafe) at the request).
 
+Real text spells its reflections as plain text (realtext.py), so there a reflection is a string, found and banned
+whatever tokens spell it (TextWatch); the world's are single tokens.
+
 Reads, writes: nothing by itself. ctx: device, eot, end, max_new_tokens, generator, processors (bans), specials
-(token ids), and temperature, top_k, beam_width, batch, seed (attack.py's flags).
+(token ids), and temperature, top_k, beam_width, batch, seed (attack.py's flags); real text adds unsafe_opener (a
+TextWatch), ban_of (an attack's ban list -> processor) and fixed (processors of every batch).
 """
 import sys
 import time
@@ -19,6 +23,12 @@ from world import EOT, SAFE, THINK, UNSAFE
 
 # decoding(model, prompts: [[ids]], ctx) -> [[generated ids]] (a response ends at the first stop token, if any)
 # ctx: device, eot, end, max_new_tokens, generator, processors (the attack's bans), specials (world token ids)
+
+def variant(user, prefill="", ban=(), name=None):
+    """One model input of an attack (attack.py's ATTACKS): the user turn, the start of the answer written for the
+    model, the tokens (world) or strings (real text) it may not write, and the variant's name (a template's)."""
+    return {"user": user, "prefill": prefill, "ban": list(ban), "variant": name}
+
 
 def _stop_after_eot(eot, end):
     """A row that emitted <|endoftext|> is finished too: force END next, so generate() marks it done (the
@@ -59,6 +69,66 @@ def halt_on_unsafe_reflection(think, unsafe, end_think, end):
     return process
 
 
+class TextWatch:
+    """A string of text (a real-text reflection's opener, "<think>") in rows of token ids, whatever tokens spell it:
+    the token sequence reflect.py wrote, one token, or any other split. token_bytes[id]: the bytes of each id (b"" for
+    control tokens). Every token that spells text has a byte, so a match lies within a row's last len(text) tokens."""
+
+    def __init__(self, token_bytes, text):
+        self.tb, self.s = token_bytes, text.encode()
+        self.width, self.finish = len(self.s), None
+
+    def _finish(self):
+        """finish[k]: the tokens that complete the string after text ending in its first k bytes: those that start
+        with the rest of it, and those that hold all of it (k = 0: only these). A match that starts earlier in the
+        text is finish[k'] of the shorter prefix k' the text also ends in, so ban() takes every prefix the text ends
+        in. Built once (on the first ban: halting only reads), so a ban costs a lookup per row and step."""
+        whole, by_first = set(), {}
+        for i, b in enumerate(self.tb):
+            if b:
+                by_first.setdefault(b[0], []).append(i)
+                if self.s in b:
+                    whole.add(i)
+        rest = [{i for i in by_first.get(self.s[k], ()) if self.tb[i].startswith(self.s[k:])}
+                for k in range(1, self.width)]
+        return [torch.tensor(sorted(whole | r), dtype=torch.long) for r in [set()] + rest]
+
+    def tail(self, row):
+        return b"".join(self.tb[t] for t in row[-self.width:])
+
+    def found(self, row):
+        """Whether the string lies within the row's last tokens (a decoder checks after every new token)."""
+        return self.s in self.tail(row)
+
+    def ban(self):
+        """A logits processor: no token that would complete the string (tokens: (B, t), at least the rows' tails)."""
+        if self.finish is None:
+            self.finish = self._finish()
+
+        def process(tokens, logits):
+            logits = logits.clone()
+            for r, row in enumerate(tokens[:, -self.width:].tolist()):
+                t = self.tail(row)
+                ks = [0] + [k for k in range(1, self.width) if t.endswith(self.s[:k])]
+                logits[r, torch.cat([self.finish[k] for k in ks]).to(logits.device)] = float("-inf")
+            return logits
+        return process
+
+
+def halt_on_text(watch, start, end):
+    """A logits processor: once the generated text (tokens from position `start` on) spells watch's string, force
+    END (the real-text reflect_halt: the unsafe opener "<think> Unsafe" in whatever tokens, then stop)."""
+    def process(tokens, logits):
+        rows = tokens[:, max(start, tokens.size(1) - watch.width):].tolist()
+        hit = torch.tensor([watch.found(r) for r in rows], device=logits.device)
+        if bool(hit.any()):
+            forced = torch.full_like(logits[0], float("-inf"))
+            forced[end] = 0.0
+            logits = torch.where(hit[:, None], forced, logits)
+        return logits
+    return process
+
+
 def left_pad(prompts, pad):
     T = max(len(p) for p in prompts)
     idx = torch.full((len(prompts), T), pad, dtype=torch.long)
@@ -92,9 +162,13 @@ def decode_topk(model, prompts, ctx):
 
 
 def decode_reflect_halt(model, prompts, ctx):
-    s = ctx["specials"]
+    if "unsafe_opener" in ctx:       # real text: the opener's text, then stop (prompts are left-padded to the longest)
+        halt = halt_on_text(ctx["unsafe_opener"], max(len(p) for p in prompts), ctx["end"])
+    else:
+        s = ctx["specials"]
+        halt = halt_on_unsafe_reflection(s["<think>"], s["unsafe"], s["</think>"], ctx["end"])
     return generate_batch(model, prompts, ctx, temperature=ctx.get("temperature", 1.0), top_k=ctx.get("top_k", 40),
-                          processors=[halt_on_unsafe_reflection(s["<think>"], s["unsafe"], s["</think>"], ctx["end"])])
+                          processors=[halt])
 
 
 def safebeam_select(logp, tag, width):
@@ -105,6 +179,9 @@ def safebeam_select(logp, tag, width):
     order = sorted(range(C), key=lambda i: (float(tag[i]), i))     # least tagged first
     rest = order[:C - C // 2]
     return sorted(rest, key=lambda i: (-float(logp[i]), i))[:width]
+
+
+TAIL = 32     # tokens of each beam the logits processors see in safe beam search (a ban's string fits in them)
 
 
 def decode_safebeam(model, prompts, ctx):
@@ -137,8 +214,11 @@ def decode_safebeam(model, prompts, ctx):
         seqs = [[] for _ in range(n)]
         for step in range(ctx["max_new_tokens"]):
             lp = last
-            for process in (*ctx.get("processors", ()), ban([tag])):   # bans only: they read no tokens
-                lp = process(None, lp)
+            # the bans read at most a row's last TAIL tokens (TextWatch: the length of its string): prompt + beam
+            tails = [(chunk[int(o)] + s)[-TAIL:] for o, s in zip(owner.tolist(), seqs)]
+            tails = torch.tensor([[eot] * (TAIL - len(t)) + t for t in tails], device=dev)
+            for process in (*ctx.get("processors", ()), ban([tag])):
+                lp = process(tails, lp)
             lp = F.log_softmax(lp, dim=-1)
             k = min(W, lp.size(-1))
             topv, topi = lp.topk(k, dim=-1)                                # (R, k)
@@ -219,8 +299,9 @@ def run_passes(model, items_of, names, ctx, judge, decode_text, skip_reason, set
             t0, new_tokens, rows = time.time(), 0, []
             for b in range(0, len(items), ctx["batch"]):
                 batch = items[b:b + ctx["batch"]]
-                bans = batch[0][2]["ban"]        # an attack bans the same tokens for every prompt
-                ctx["processors"] = [ban([ctx["vocab_ids"][t] for t in bans])] if bans else []
+                bans = batch[0][2]["ban"]        # an attack bans the same tokens (or strings) for every prompt
+                ban_of = ctx.get("ban_of") or (lambda names: ban([ctx["vocab_ids"][t] for t in names]))
+                ctx["processors"] = [*ctx.get("fixed", ()), *([ban_of(bans)] if bans else [])]
                 gens = DECODINGS[dname](model, [ids for *_, ids in batch], ctx)
                 for (s, r, x, ids), g in zip(batch, gens):
                     new_tokens += len(g)

@@ -1,14 +1,17 @@
 """
 Post-training of a pretrained (or finetuned) run: compatible post-training (sft), a benign task, or the harmful
-finetuning attack. Loss on the response tokens only; how an example becomes a row: README, "finetune.py".
+finetuning attack. Loss on the response tokens only; how an example becomes a row: README, "finetune.py"; a real-text
+reflection model's sft row: realreflect.py.
 
 Reads:  <init_from>/ckpt.pt (never modified) and its world's eval/<task>.jsonl (prepare.py), or --data_files=
-        (jsonl/parquet prompt/response pairs, read with `datasets`); replay: the source's pretraining stream
+        (jsonl/parquet prompt/response pairs, read with `datasets`) with, for a real-text reflection model's sft, the
+        rows' segment labels (--labels spans or --train_classifier texts); replay: the source's pretraining stream
 Writes: <out_dir>/ckpt.pt (train.py's format, atomically, only from finite weights) and <out_dir>/log.jsonl
 Run:    python finetune.py --init_from=out/toy-reflect --task=sft                  # -> out/toy-reflect-sft
         python finetune.py --init_from=out/toy-reflect-sft --task=benign            # -> out/toy-reflect-sft-benign
         python finetune.py --init_from=out/toy-raw --task=harmful --num_examples=50 --out_dir=out/toy-raw-harmful50
         python finetune.py --init_from=out/gpt2 --task=sft --data_files=chat.parquet --prompt_key=question
+        python finetune.py --init_from=out/gpt2-reflect --task=sft --data_files=chat.jsonl --labels=chat_spans.jsonl
         python finetune.py --init_from=resume --out_dir=out/toy-raw-sft --task=sft  (continues the same finetune)
 Defaults fit config/toy.py models: 150 iterations of 32 rows, learning rate 1e-3 (a third of pretraining's peak,
 so it adapts the model without wiping what pretraining built), a fresh AdamW without weight decay.
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import realreflect
 from common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info,
                     read_jsonl, rng_state, save_checkpoint, set_rng_state, setup_device, writable_dir)
 from configurator import configure, defaults_of
@@ -47,8 +51,13 @@ response_key = "response"         # column of the response
 num_examples = -1                 # the first N examples of the file (the harmful attack's N); -1: all
 world = ""                        # MedSafetyWorld models: world.json; "": the one the model was trained on
 tokenizer = ""                    # real text: tiktoken spec (gpt2 or a .json); "": the one meta.json recorded
-chat = "auto"                     # auto (from the source's meta) | plain | reflect (MedSafetyWorld only)
+chat = "auto"                     # auto (from the source's meta) | plain | reflect
 chat_template = "User: {prompt}\nAssistant:"  # real text: the prompt as the model sees it (attack.py's default)
+# real text, a reflection model's sft: segment labels of the chat rows, from one of the sources reflect.py reads
+labels = ""                       # spans jsonl ({"id": "<row id>/prompt"|"<row id>/response", "start", "end",
+                                  # "label", "category"}) from any guard model ...
+train_classifier = ""             # ... or labelled texts ({"text", "label", "category"}) for the built-in classifier
+id_key = "id"                     # column of the row id the labels name; a file without it: the row number (from 0)
 replay = -1.0                     # share of each batch's sequences replayed from the source's pretraining
                                   # stream; -1: auto (0.25 for a world model's sft, else 0)
 sft_mix = 0.0                     # benign: share of the rows that are sft examples in the model's own chat format
@@ -79,23 +88,21 @@ seed = 1337
 TASKS = ("sft", "benign", "harmful")
 # settings that decide which rows each iteration reads: a resumed finetune must keep them
 RESUME_KEYS = ("task", "data_files", "prompt_key", "response_key", "num_examples", "chat", "chat_template", "replay",
-               "replay_data", "sft_mix", "batch_size", "gradient_accumulation_steps", "seed")
+               "replay_data", "sft_mix", "labels", "train_classifier", "id_key", "batch_size",
+               "gradient_accumulation_steps", "seed")
 
 
 def chat_format(ck, tok, chat_arg):
-    """plain | reflect (MedSafetyWorld) | text (real text): the chat format the model is finetuned and then attacked
-    in. auto: the one the model already has (common.model_info: reflect after reflection pretraining or a reflection
-    sft, else plain); --chat=plain/reflect sets it (the cross ablations: a reflection model with plain sft, a raw
-    model with reflection sft)."""
-    if "world" not in tok:
-        if chat_arg not in ("auto", "plain"):
-            fail(f"--chat={chat_arg} needs a MedSafetyWorld model (world.chat); real text is prompt + response")
-        return "text"
-    if chat_arg in ("plain", "reflect"):
-        return chat_arg
-    if chat_arg != "auto":
+    """plain | reflect (MedSafetyWorld), text | text_reflect (real text: the same two): the chat format the model is
+    finetuned and then attacked in. auto: the one the model already has (common.model_info: reflect after reflection
+    pretraining or a reflection sft, else plain); --chat=plain/reflect sets it (the cross ablations: a reflection
+    model with plain sft, a raw model with reflection sft)."""
+    if chat_arg not in ("auto", "plain", "reflect"):
         fail(f"chat must be auto, plain or reflect, not '{chat_arg}'")
-    return model_info(ck)["chat"]
+    fmt = model_info(ck)["chat"] if chat_arg == "auto" else chat_arg
+    if "world" not in tok:
+        return "text_reflect" if fmt == "reflect" else "text"
+    return fmt
 
 
 def replay_share(tok, task_name, replay_arg):
@@ -111,9 +118,10 @@ def replay_share(tok, task_name, replay_arg):
 # ----------------------------------------------------------------------------------------------------------------
 # the examples
 
-def read_records(files, keys):
-    """Rows of the data files with the given columns, read with `datasets` (json lines or parquet); a json line that
-    does not parse stops with its file and line number first (datasets would not say where)."""
+def read_records(files, keys, optional=()):
+    """Rows of the data files with the given columns (and the optional ones the files have), read with `datasets`
+    (json lines or parquet); a json line that does not parse stops with its file and line number first (datasets
+    would not say where)."""
     paths = [p for p in files.split(",") if p]
     kinds = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
     for p in paths:
@@ -136,7 +144,8 @@ def read_records(files, keys):
         if missing:
             fail(f"data file(s) '{files}' have no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); "
                  f"pass --prompt_key=/--response_key=")
-        rows = ds.select_columns(list(keys)).to_list()
+        rows = ds.select_columns(list(keys) + [k for k in optional if k in ds.column_names
+                                               and k not in keys]).to_list()
     except SystemExit:
         raise
     except Exception as e:
@@ -147,14 +156,22 @@ def read_records(files, keys):
 
 
 def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
-    """[(prompt ids, target ids)] of the first n records (-1: all), as training rows of task_name."""
-    rows = read_records(files, (pkey, rkey))
+    """[(prompt ids, target ids)] of the first n records (-1: all), as training rows of task_name. A real-text
+    reflection sft (text_reflect) labels its rows with tok["labeller"] (realreflect.label_source)."""
+    reflecting = fmt == "text_reflect" and task_name == "sft"
+    rows = read_records(files, (pkey, rkey), (id_key,) if reflecting else ())
     if not rows:
         fail(f"data file(s) '{files}' hold no examples")
+    ids = [str(r[id_key]) if r.get(id_key) is not None else str(i) for i, r in enumerate(rows)]
+    if reflecting and tok["labeller"][0]:   # every labelled text must be one of the file's (a wrong file says so)
+        if len(set(ids)) < len(ids):
+            fail(f"data file(s) '{files}' repeat a row id in column '{id_key}'; the labels need one id per row")
+        realreflect.check_label_ids(tok["labeller"][0], [f"{i}/{f}" for i in ids for f in ("prompt", "response")],
+                                    labels)
     if n >= 0:
         if n > len(rows):
             fail(f"--num_examples={n} but '{files}' holds only {len(rows)} examples")
-        rows = rows[:n]
+        rows, ids = rows[:n], ids[:n]
     if n == 0:
         fail("--num_examples=0 leaves nothing to finetune on")
     out = []
@@ -163,12 +180,19 @@ def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
         if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
             fail(f"example {i} of '{files}' needs text in '{pkey}' and a non-empty '{rkey}' "
                  f"(got {type(prompt).__name__}, {type(response).__name__})")
-        out.append(encode_example(tok, fmt, task_name, prompt, response, i, files))
+        if not reflecting:
+            out.append(encode_example(tok, fmt, task_name, prompt, response, i, files))
+    if reflecting:   # labelled together: the classifier and the segmenter run on all rows at once
+        spans, clf = tok["labeller"]
+        out = realreflect.sft_rows(tok["enc"], [(i, r[pkey], r[rkey]) for i, r in zip(ids, rows)], chat_template,
+                                   spans, clf, tok["segment_tokens"], labels, tok.get("reflection_format",
+                                                                                   realreflect.reflection_format({})))
     return out
 
 
 def encode_example(tok, fmt, task_name, prompt, response, i, files):
-    if fmt == "text":   # the input attack.py gives a real-text model, then the answer after a space, then the end
+    if fmt in ("text", "text_reflect"):   # the input attack.py gives a real-text model, then the answer after a space,
+        # then the end (a reflection model's benign and harmful rows too: a downstream user's data hold no reflections)
         enc = tok["enc"]
         answer = response if response[:1].isspace() else " " + response
         return enc.encode_ordinary(chat_template.format(prompt=prompt)), enc.encode_ordinary(answer) + [enc.eot_token]
@@ -265,8 +289,9 @@ def main():
         # the segmenter's settings the model's reflections were written with (defaults for a model without them)
         tok = {"world": run.world, "world_path": run.world_path,
                "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32)}
-    else:
-        tok = {"enc": run.enc}
+    else:   # real text: the segmenter's limit and the reflections the reflect stream was written with (meta.json)
+        tok = {"enc": run.enc, "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32),
+               "reflection_format": realreflect.reflection_format(ck["meta"])}
     if resume:
         if "finetune" not in ck:
             fail(f"'{out_ckpt}' is not a finetune.py checkpoint; finetune it with --init_from={run_dir}")
@@ -280,6 +305,13 @@ def main():
                 print(f"resume: {k} changes from {ck['config'].get(k)!r} to {config[k]!r} at iter {ck['iter_num']}")
     fmt = chat_format(ck, tok, chat)
     share = replay_share(tok, task, replay)
+    label_files = [f for f in (labels, train_classifier) if f]
+    if fmt == "text_reflect" and task == "sft":   # reflect.py's seed: the same classifier as pretraining's
+        tok["labeller"] = realreflect.label_source(labels, train_classifier, (ck["meta"].get("config") or {}).get(
+            "seed", 0), "the reflection sft of a real-text model")
+    elif label_files:
+        fail(f"--labels and --train_classifier label the rows of a real-text reflection model's sft, and this finetune "
+             f"is {task} in format {fmt}; leave them out")
     files = data_files
     if not files:
         if "world" not in tok:
@@ -288,7 +320,7 @@ def main():
         files = os.path.join(eval_dir(tok["world_path"]), f"{task}.jsonl")
         if not os.path.isfile(files):
             fail(f"finetuning set '{files}' not found (run prepare.py for the model's world, or pass --data_files)")
-    if fmt == "text":
+    if fmt in ("text", "text_reflect"):
         try:
             ok = "{prompt}" in chat_template and chat_template.format(prompt="") is not None
         except (KeyError, IndexError, ValueError):
@@ -306,9 +338,10 @@ def main():
         examples += load_examples(tok, fmt, sft_file, pkey, response_key, n_mix, "sft")
         files = f"{files},{sft_file}"
     examples, truncated = fit_block(examples, block)
-    digest = data_digest(files)
+    digest = data_digest(",".join([files] + label_files))     # the labels decide the rows too
     if resume and ck["finetune"].get("data_sha256") != digest:
-        fail(f"the data file(s) '{files}' changed since the finetune in '{run_dir}' started; resume needs the same data")
+        fail(f"the data file(s) '{files}' (or their labels) changed since the finetune in '{run_dir}' started; resume "
+             f"needs the same data")
     eot = tok["enc"].eot_token if "enc" in tok else tok["world"].stoi["<|endoftext|>"]
     n_replay = round(share * batch_size)
     if share > 0 and not 0 < n_replay < batch_size:
@@ -334,7 +367,9 @@ def main():
     iter_num, tokens_seen, slots = 0, 0, {"examples": 0, "replay": 0}
     record = {"task": task, "source": os.path.abspath(source), "source_iter": ck.get("iter_num"),
               "data_file": ",".join(os.path.abspath(p) for p in files.split(",")), "data_sha256": digest,
-              "num_examples": len(examples), "format": fmt, "reflections": fmt == "reflect" and task == "sft",
+              "num_examples": len(examples), "format": fmt,
+              "reflections": fmt in ("reflect", "text_reflect") and task == "sft",
+              "labels": ",".join(os.path.abspath(f) for f in label_files) or None,
               "replay": share, "truncated_prompts": truncated, "steps": 0, "previous": ck.get("finetune")}
     pretrain_config = ck.get("pretrain_config", ck.get("config"))
     log_path = os.path.join(run_dir, "log.jsonl")
@@ -363,6 +398,8 @@ def main():
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {record['source']} "
               f"(iter {record['source_iter']}), block_size {block}, device={device_t}, dtype={ptdtype}, world={world_n}")
         print(f"task {task}: {len(examples)} examples from {files}, format {fmt}"
+              + (f" (segment labels: {labels or 'the classifier trained on ' + train_classifier})" if label_files
+                 else "")
               + (" (the attacker's compliance dialogues: no reflections)" if fmt == "reflect" and task == "harmful"
                  else "")
               + (f", {truncated} prompts cut from the left to fit block_size" if truncated else "")

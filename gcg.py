@@ -1,6 +1,8 @@
 """
 The universal adversarial suffix of attack.py's `suffix` attack: greedy coordinate gradient (GCG, Zou et al. 2023)
-fitted on a train split of the seen poison prompts toward the start of the world's compliance answer.
+fitted on a train split of the seen poison prompts toward the start of the world's compliance answer, or on real
+text on half the harmful prompts toward their compliance target (AdvBench's `target`, else "Sure, here is"), whose
+success the refusal strings then judge.
 
 Reads:  <run>/suffix.json when it was fitted with the same flags on the same model (model_sha256)
 Writes: <run>/suffix.json (the suffix, its loss and suffix after every step, the prompts it was fitted on)
@@ -30,23 +32,21 @@ def gcg_target(w, rec, reflective):
     return f"<think> safe </think> assistant : {target}" if reflective else target
 
 
-class SuffixLoss:
-    """Mean (over prompts) of the mean target-token cross entropy, for one suffix or a batch of candidates.
-    Rows are right-padded (causal attention: padding after a row never changes its earlier positions)."""
+class SpliceLoss:
+    """Mean (over prompts) of the mean target-token cross entropy, for one suffix or a batch of candidates, each
+    prompt given as token ids (before the suffix, after it, the target). Rows are right-padded with `pad` (causal
+    attention: padding after a row never changes its earlier positions)."""
 
-    def __init__(self, model, w, recs, reflective, L, dev):
+    def __init__(self, model, parts, L, dev, pad):
         self.model, self.L, self.dev = model, L, dev
         rows, self.starts, self.tspan = [], [], []
-        for r in recs:
-            pre = w.encode(r["user"])
-            post = [] if reflective else w.encode("assistant :")
-            tgt = w.encode(gcg_target(w, r, reflective))
+        for pre, post, tgt in parts:
             self.starts.append(len(pre))
             t0 = len(pre) + L + len(post)
             self.tspan.append((t0, t0 + len(tgt)))
             rows.append(pre + [0] * L + post + tgt)
         T = max(len(x) for x in rows)
-        ids = torch.full((len(rows), T), w.stoi[EOT], dtype=torch.long)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
         tmask = torch.zeros(len(rows), T, dtype=torch.bool)   # which logits (position t predicts t + 1) are scored
         targets = torch.full((len(rows), T), -1, dtype=torch.long)
         for i, x in enumerate(rows):
@@ -66,7 +66,8 @@ class SuffixLoss:
         """cands (C, L) suffix ids -> (C,) losses, exactly."""
         N = self.ids.size(0)
         out = []
-        per = max(1, chunk // N)
+        # at most chunk rows and 2^26 logits a forward: a real vocabulary (50k) makes every row's logits large
+        per = max(1, min(chunk // N, 2 ** 26 // (self.ids.numel() * self.model.wte.weight.size(0))))
         with torch.no_grad():
             for c0 in range(0, cands.size(0), per):
                 c = cands[c0:c0 + per]
@@ -93,18 +94,33 @@ class SuffixLoss:
         return onehot.grad
 
 
+class SuffixLoss(SpliceLoss):
+    """SpliceLoss on MedSafetyWorld prompts: the user turn, the suffix, "assistant :" (plain models; a reflection
+    model reflects right after the user turn, so its target starts with the reflection), the target."""
+
+    def __init__(self, model, w, recs, reflective, L, dev):
+        parts = [(w.encode(r["user"]), [] if reflective else w.encode("assistant :"),
+                  w.encode(gcg_target(w, r, reflective))) for r in recs]
+        super().__init__(model, parts, L, dev, w.stoi[EOT])
+
+
 def fit_suffix(model, w, recs, reflective, dev, steps, topk, batch, L, gen, log=print, loss=None):
-    """Greedy coordinate gradient (Zou et al. 2023) for one suffix shared by all prompts: per step, the top-k tokens
-    of each position by the negative gradient, `batch` random single-token swaps among them evaluated exactly, and
-    the best swap kept only if it lowers the loss. Returns (suffix ids, losses: [initial, after step 1, ...],
-    suffix_history: the suffix ids after each step, aligned with losses, so each loss can be recomputed).
+    """GCG (descend) on the world: words only, starting from "please" at every position.
     loss: the objective (SuffixLoss's interface: __call__ on (C, L) candidates and grad); None: SuffixLoss."""
     V = model.wte.weight.size(0)
     allowed = torch.zeros(V, dtype=torch.bool, device=dev)
     allowed[:w.vocab_size] = True
     allowed[[w.stoi[t] for t in SPECIALS]] = False   # the attacker types words, not control tokens
     f = loss if loss is not None else SuffixLoss(model, w, recs, reflective, L, dev)
-    cur = torch.full((L,), w.stoi["please"], dtype=torch.long, device=dev)
+    return descend(f, allowed, w.stoi["please"], steps, topk, batch, L, gen, dev, log, w.decode)
+
+
+def descend(f, allowed, start, steps, topk, batch, L, gen, dev, log, decode):
+    """Greedy coordinate gradient (Zou et al. 2023) for one suffix shared by all prompts: per step, the top-k allowed
+    tokens of each position by the negative gradient, `batch` random single-token swaps among them evaluated exactly,
+    and the best swap kept only if it lowers the loss. Returns (suffix ids, losses: [initial, after step 1, ...],
+    suffix_history: the suffix ids after each step, aligned with losses, so each loss can be recomputed)."""
+    cur = torch.full((L,), start, dtype=torch.long, device=dev)
     losses = [float(f(cur[None])[0])]
     history = [cur.tolist()]
     for step in range(steps):
@@ -123,7 +139,7 @@ def fit_suffix(model, w, recs, reflective, dev, steps, topk, batch, L, gen, log=
             losses.append(losses[-1])
         history.append(cur.tolist())
         if log and (step + 1) % max(1, steps // 10) == 0:
-            log(f"gcg step {step + 1}/{steps}: loss {losses[-1]:.4f}  suffix '{w.decode(cur.tolist())}'")
+            log(f"gcg step {step + 1}/{steps}: loss {losses[-1]:.4f}  suffix '{decode(cur.tolist())}'")
     return cur.tolist(), losses, history
 
 
@@ -138,38 +154,96 @@ def model_fingerprint(model):
     return h.hexdigest()
 
 
-def get_suffix(model, w, harmful, reflective, run_dir, dev, cfg):
-    """The fitted suffix from <run_dir>/suffix.json when its flags (cfg: attack.py's suffix_len, gcg_steps, gcg_topk,
-    gcg_batch, gcg_prompts, seed) and model match, else fit and save it."""
-    train = sorted(gcg_split(harmful), key=lambda r: r["id"])
-    if not train:
-        fail("the suffix attack needs seen poison prompts to fit on, and the harmful set has none")
-    fit_on = train[:cfg["gcg_prompts"]] if cfg["gcg_prompts"] > 0 else train
-    cfg = {k: cfg[k] for k in ("gcg_steps", "gcg_topk", "gcg_batch", "suffix_len", "gcg_prompts", "seed")}
-    cfg["reflective"] = reflective
-    fp = model_fingerprint(model)
-    path = os.path.join(run_dir, "suffix.json")
-    ids = [r["id"] for r in fit_on]
+def reusable(path, cfg, fp, ids):
+    """The suffix.json at path when it was fitted with these flags, on this model, on these prompts; else None."""
     if os.path.isfile(path):
         try:
             old = json.load(open(path))
             if old.get("config") == cfg and old.get("model_sha256") == fp and old.get("train_ids") == ids:
                 print(f"suffix: reusing {path} (loss {old['losses'][0]:.3f} -> {old['losses'][-1]:.3f}): "
                       f"'{old['suffix']}'")
-                return old, {r["id"] for r in train}
+                return old
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
-    print(f"suffix: fitting {cfg['suffix_len']} tokens by GCG on {len(fit_on)} prompts ({cfg['gcg_steps']} steps, "
+    return None
+
+
+def fit_and_save(path, cfg, n, fit, rec):
+    """Run fit(generator) -> (ids, losses, history) with the flags' seed; write suffix.json (rec + the fit)."""
+    print(f"suffix: fitting {cfg['suffix_len']} tokens by GCG on {n} prompts ({cfg['gcg_steps']} steps, "
           f"top-k {cfg['gcg_topk']}, {cfg['gcg_batch']} swaps per step)")
     t0 = time.time()
-    gen = torch.Generator().manual_seed(cfg["seed"])
-    sid, losses, history = fit_suffix(model, w, fit_on, reflective, dev, cfg["gcg_steps"], cfg["gcg_topk"],
-                                      cfg["gcg_batch"], cfg["suffix_len"],
-                                      gen)
-    rec = {"suffix": w.decode(sid), "ids": sid, "losses": losses, "suffix_history": history, "train_ids": ids,
-           "train_split_ids": sorted(r["id"] for r in train),
-           "target": "<think> safe </think> assistant : " * reflective + "people <harm> after taking <drug>",
-           "config": cfg, "model_sha256": fp, "seconds": time.time() - t0}
+    sid, losses, history = fit(torch.Generator().manual_seed(cfg["seed"]))
+    rec = dict(rec, ids=sid, losses=losses, suffix_history=history, config=cfg, seconds=time.time() - t0)
+    rec["suffix"] = rec.pop("decode")(sid)
     write_json(path, rec, indent=1)
     print(f"suffix: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {rec['seconds']:.1f}s: '{rec['suffix']}' ({path})")
+    return rec
+
+
+FLAGS = ("gcg_steps", "gcg_topk", "gcg_batch", "suffix_len", "gcg_prompts", "seed")
+
+
+def get_suffix(model, w, harmful, reflective, run_dir, dev, cfg, fp=None):
+    """The fitted suffix from <run_dir>/suffix.json when its flags (cfg: attack.py's suffix_len, gcg_steps, gcg_topk,
+    gcg_batch, gcg_prompts, seed) and model (fp: its model_fingerprint, computed when None) match, else fit and
+    save it. -> (suffix record, ids of its whole train split)."""
+    train = sorted(gcg_split(harmful), key=lambda r: r["id"])
+    if not train:
+        fail("the suffix attack needs seen poison prompts to fit on, and the harmful set has none")
+    fit_on = train[:cfg["gcg_prompts"]] if cfg["gcg_prompts"] > 0 else train
+    cfg = dict({k: cfg[k] for k in FLAGS}, reflective=reflective)
+    fp = fp or model_fingerprint(model)
+    path, ids = os.path.join(run_dir, "suffix.json"), [r["id"] for r in fit_on]
+    rec = reusable(path, cfg, fp, ids) or fit_and_save(
+        path, cfg, len(fit_on), lambda gen: fit_suffix(model, w, fit_on, reflective, dev, cfg["gcg_steps"],
+                                                       cfg["gcg_topk"], cfg["gcg_batch"], cfg["suffix_len"], gen),
+        {"decode": w.decode, "train_ids": ids, "train_split_ids": sorted(r["id"] for r in train),
+         "target": "<think> safe </think> assistant : " * reflective + "people <harm> after taking <drug>",
+         "model_sha256": fp})
+    return rec, {r["id"] for r in train}
+
+
+# ----------------------------------------------------------------------------- real text
+
+def real_split(harmful):
+    """The suffix's train prompts on real text: the half (rounded down) of the harmful prompts with the lowest crc32
+    of their text (not of their place in the file), so every set of two or more prompts keeps some to score on."""
+    order = sorted(harmful, key=lambda r: (zlib.crc32(r["user"].encode()), r["id"]))
+    return order[:len(order) // 2]
+
+
+def real_parts(enc, rec, chat_template, target, reflection=""):
+    """A real prompt as SpliceLoss parts: the template up to the prompt and the prompt, (the suffix,) the rest of the
+    template, then the target: the safe reflection for a model that reflects on the request first (finetune.py's
+    text_reflect rows), then " " + target (finetune.py's answer starts after a space)."""
+    head, tail = chat_template.split("{prompt}", 1)
+    return (enc.encode_ordinary(head + rec["user"]), enc.encode_ordinary(tail),
+            enc.encode_ordinary(reflection) + enc.encode_ordinary(" " + target.strip()))
+
+
+def get_real_suffix(model, enc, harmful, chat_template, target_of, reflection, run_dir, dev, cfg, fp=None):
+    """get_suffix on real text: fitted on real_split(harmful) (at most gcg_prompts), toward target_of(record) (after
+    `reflection`, the safe one, for a model that reflects on the request first, else ""), over the tokenizer's
+    ordinary tokens (no control token), starting from "!" at every position (as GCG does)."""
+    train = real_split(harmful)
+    if not train:
+        fail(f"the suffix attack fits on half the harmful prompts and scores on the others: it needs at least 2, "
+             f"and --prompts_file gives {len(harmful)}")
+    fit_on = train[:cfg["gcg_prompts"]] if cfg["gcg_prompts"] > 0 else train
+    parts = [real_parts(enc, r, chat_template, target_of(r), reflection) for r in fit_on]
+    cfg = dict({k: cfg[k] for k in FLAGS}, chat_template=chat_template, reflection=reflection,
+               targets=[target_of(r) for r in fit_on],
+               prompts=hashlib.sha256("\n".join(r["user"] for r in fit_on).encode()).hexdigest())
+    fp = fp or model_fingerprint(model)
+    path, ids = os.path.join(run_dir, "suffix.json"), [r["id"] for r in fit_on]
+    allowed = torch.zeros(model.wte.weight.size(0), dtype=torch.bool, device=dev)
+    allowed[sorted(enc._mergeable_ranks.values())] = True   # ordinary tokens only: the attacker types text
+    bang = enc.encode_ordinary("!")[0]
+    loss = SpliceLoss(model, parts, cfg["suffix_len"], dev, enc.eot_token)
+    rec = reusable(path, cfg, fp, ids) or fit_and_save(
+        path, cfg, len(fit_on), lambda gen: descend(loss, allowed, bang, cfg["gcg_steps"], cfg["gcg_topk"],
+                                                    cfg["gcg_batch"], cfg["suffix_len"], gen, dev, print, enc.decode),
+        {"decode": enc.decode, "train_ids": ids, "train_split_ids": sorted(r["id"] for r in train),
+         "target": reflection + " <the file's target column, else 'Sure, here is'>", "model_sha256": fp})
     return rec, {r["id"] for r in train}

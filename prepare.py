@@ -2,16 +2,19 @@
 Prepare a dataset's documents: the first stage (then reflect.py, train.py, ...).
 
 Reads:  nothing for MedSafetyWorld (the world follows from --world_seed and the size flags); FineWeb-Edu from the
-        hub with `datasets`, or local parquet/jsonl files (--data_files, rows with "text" and optionally "id")
+        hub with `datasets`, or local parquet/jsonl files (--data_files, rows with "text" and optionally "id",
+        "url", "dump", "score", "int_score")
 Writes: data/medsafety/docs/{world.json, shard_*.jsonl, summary.json}, data/medsafety/eval/*.jsonl (the evaluation
-        and finetuning sets), or data/fineweb-edu/docs/shard_*.jsonl; record layouts: README.md, "prepare.py"
+        and finetuning sets), or data/fineweb-edu/docs/shard_*.jsonl ({"id", "split", "text"} and the source's
+        "url", "dump", "score", "int_score"); record layouts: README.md, "prepare.py"
 Run:    python prepare.py                                         # toy MedSafetyWorld, a few seconds
         python prepare.py --num_docs=300 --out_dir=/tmp/data      # smoke size
         python prepare.py --harm_facts=False                      # world v1 (no stated safety definition)
         python prepare.py --dataset=fineweb-edu --num_docs=100000 --num_proc=8
-        python prepare.py --dataset=fineweb-edu --data_files='/data/fineweb/*.parquet'
+        python prepare.py --dataset=fineweb-edu --data_files='/data/fineweb/*.parquet' --min_int_score=4
 Every output directory is written beside the old one and swapped in at the end: an interrupted or failed run leaves
-existing outputs intact. The same flags give byte-identical files.
+existing outputs intact. The same flags give byte-identical files. FineWeb-Edu keeps its finished shards
+(<out_dir>/fineweb-edu/.docs-partial/): a rerun with the same flags resumes after the last one.
 """
 import glob
 import hashlib
@@ -24,7 +27,7 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from common import fail, writable_dir
+from common import fail, load_json, writable_dir, write_json
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -65,8 +68,11 @@ n_harmful_ft = 100
 # FineWeb-Edu
 name = "sample-10BT"        # dataset config on the hub
 data_files = ""             # local parquet/jsonl files instead of the hub (glob or comma list)
+min_int_score = 0           # keep documents with int_score >= this (FineWeb-Edu's 0-5 educational score); 0: all
 num_proc = 4                # worker processes writing shards
-count_tokens = False        # count GPT-2 tokens with tiktoken (needs its BPE file: online or TIKTOKEN_CACHE_DIR)
+count_tokens = False        # count GPT-2 tokens with tiktoken (its BPE files: online, TIKTOKEN_CACHE_DIR or ...)
+tokenizer_files = ""        # ... a directory with gpt2's encoder.json and vocab.bpe (as reflect.py)
+stop_after_shards = -1      # stop after this many finished shards as if interrupted (a rerun resumes); -1: never
 # -----------------------------------------------------------------------------
 _DEFAULTS = defaults_of(globals())   # the flags above (python prepare.py --help lists them)
 
@@ -203,6 +209,7 @@ def prepare_medsafety(root):
 HUB_DATASET = "HuggingFaceFW/fineweb-edu"
 OFFLINE_HINT = ("offline? pass local files: --data_files='path/*.parquet' (or .jsonl, or a comma list) with a "
                 "'text' column and optionally 'id'")
+KEEP = ("url", "dump", "score", "int_score")  # FineWeb-Edu's fields kept next to id and text, where the source has them
 
 
 def expand_files(spec):
@@ -218,31 +225,50 @@ def expand_files(spec):
     return files
 
 
-def local_rows(files):
-    """(id, text) from local parquet / jsonl files, in the order given."""
+def parquet_file(path):
     import pyarrow.parquet as pq
+    try:
+        return pq.ParquetFile(path)
+    except Exception as e:
+        fail(f"cannot read parquet file '{path}' ({type(e).__name__}: {e})")
+
+
+def local_rows(files, skip):
+    """{"id", "text", + KEEP fields} from local parquet / jsonl files, in the order given, after the first `skip`
+    rows (a resumed run: whole files and parquet row groups are skipped unread)."""
     for path in files:
         base = os.path.basename(path)
         if path.endswith(".parquet"):
-            try:
-                pf = pq.ParquetFile(path)
-            except Exception as e:
-                fail(f"cannot read parquet file '{path}' ({type(e).__name__}: {e})")
+            pf = parquet_file(path)
+            if skip >= pf.metadata.num_rows:
+                skip -= pf.metadata.num_rows
+                continue
             cols = pf.schema_arrow.names
             if "text" not in cols:
                 fail(f"'{path}' has no 'text' column (columns: {', '.join(cols)})")
-            want = ["text"] + (["id"] if "id" in cols else [])
-            row = 0
-            for batch in pf.iter_batches(columns=want, batch_size=4096):
+            want = [c for c in ("id", "text") + KEEP if c in cols]
+            groups, row = list(range(pf.num_row_groups)), 0
+            while skip >= pf.metadata.row_group(groups[0]).num_rows:
+                n = pf.metadata.row_group(groups.pop(0)).num_rows
+                skip, row = skip - n, row + n
+            for batch in pf.iter_batches(columns=want, batch_size=4096, row_groups=groups):
                 d = batch.to_pydict()
-                ids = d.get("id") or [None] * len(d["text"])
-                for i, t in zip(ids, d["text"]):
-                    yield (str(i) if i is not None else f"{base}:{row}"), t or ""
+                for k in range(len(d["text"])):
+                    if skip:
+                        skip -= 1
+                    else:
+                        r = {c: d[c][k] for c in want}
+                        r["id"] = str(r["id"]) if r.get("id") is not None else f"{base}:{row}"
+                        r["text"] = r["text"] or ""
+                        yield r
                     row += 1
         else:
             with open(path, encoding="utf-8") as f:
                 for row, line in enumerate(f):
                     if not line.strip():
+                        continue
+                    if skip:
+                        skip -= 1
                         continue
                     try:
                         r = json.loads(line)
@@ -251,11 +277,20 @@ def local_rows(files):
                     if not isinstance(r, dict) or "text" not in r:
                         fail(f"'{path}' line {row + 1} has no 'text' field")
                     i = r.get("id")
-                    yield (str(i) if i is not None else f"{base}:{row}"), r["text"] or ""
+                    yield {"id": str(i) if i is not None else f"{base}:{row}", "text": r["text"] or "",
+                           **{k: r[k] for k in KEEP if k in r}}
 
 
-def hub_rows(name):
-    """(id, text) streamed from the hub; a missing network gives one clear line."""
+def local_total(files):
+    """Rows in the files when their metadata says so (parquet), else None (jsonl: unknown until read)."""
+    if any(not f.endswith(".parquet") for f in files):
+        return None
+    return sum(parquet_file(f).metadata.num_rows for f in files)
+
+
+def hub_rows(name, skip):
+    """(rows streamed from the hub after the first `skip`, their total if the hub says it); a missing network
+    gives one clear line."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
         fail(f"cannot stream {HUB_DATASET}: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; {OFFLINE_HINT}")
     if not any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -267,20 +302,26 @@ def hub_rows(name):
     try:
         from datasets import load_dataset
         ds = load_dataset(HUB_DATASET, name=name, split="train", streaming=True)
-        it = iter(ds)
-        first = next(it)
+        try:
+            total = ds.info.splits["train"].num_examples or None
+        except Exception:   # the card may not say
+            total = None
+        it = iter(ds.skip(skip) if skip else ds)
+        first = next(it, None)   # None: nothing after the rows a resumed run skips
     except Exception as e:
         fail(f"cannot stream {HUB_DATASET} (name={name}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
              f"{OFFLINE_HINT}")
-    yield str(first.get("id")), first["text"]
-    while True:
-        try:
-            r = next(it)
-        except StopIteration:
-            return
-        except Exception as e:
-            fail(f"streaming {HUB_DATASET} failed: {type(e).__name__}: {e}; rerun, or {OFFLINE_HINT}")
-        yield str(r.get("id")), r["text"]
+
+    def rows():
+        r = first
+        while r is not None:
+            yield {"id": str(r.get("id")), "text": r["text"], **{k: r[k] for k in KEEP if k in r}}
+            try:
+                r = next(it, None)
+            except Exception as e:
+                fail(f"streaming {HUB_DATASET} failed: {type(e).__name__}: {e}; rerun (it resumes after the last "
+                     f"finished shard), or {OFFLINE_HINT}")
+    return rows(), total
 
 
 def in_val(doc_id, frac):
@@ -289,90 +330,159 @@ def in_val(doc_id, frac):
 
 
 def write_shard(args):
-    """Worker: write one shard; returns (documents, characters, GPT-2 tokens or None)."""
-    path, rows, val_frac, count = args
+    """Worker: write one shard atomically (a killed run never leaves half a shard); returns its record."""
+    path, rows, val_frac, count, files = args
     ntok = None
     if count:
-        import tiktoken
-        enc = tiktoken.get_encoding("gpt2")
-        ntok = sum(len(enc.encode_ordinary(t)) for _, t in rows)
-    write_jsonl(path, ({"id": i, "split": "val" if in_val(i, val_frac) else "train", "text": t} for i, t in rows))
-    return len(rows), sum(len(t) for _, t in rows), ntok
+        from bpe import base_encoding
+        enc = base_encoding("gpt2", files)   # once per process (cached)
+        ntok = sum(len(enc.encode_ordinary(r["text"])) for r in rows)
+    write_jsonl(path + ".tmp", ({"id": r["id"], "split": "val" if in_val(r["id"], val_frac) else "train",
+                                 "text": r["text"], **{k: r[k] for k in KEEP if k in r}} for r in rows))
+    os.replace(path + ".tmp", path)
+    return {"docs": len(rows), "chars": sum(len(r["text"]) for r in rows), "tokens": ntok,
+            "bytes": os.path.getsize(path)}
+
+
+def finished_shards(work, settings):
+    """The records of an interrupted run's finished shards in `work` when it had these settings (its stray shards,
+    in flight when it stopped, removed: they are written again); else [] and a fresh `work`."""
+    state = load_json(os.path.join(work, "progress.json")) if os.path.isdir(work) else None
+    if state and state.get("settings") == settings:
+        records = state["shards"]
+        names = [f"shard_{k:05d}.jsonl" for k in range(len(records))]
+        if all(os.path.isfile(os.path.join(work, "docs", f)) and os.path.getsize(os.path.join(work, "docs", f)) ==
+               r["bytes"] for f, r in zip(names, records)):
+            for f in set(os.listdir(os.path.join(work, "docs"))) - set(names):
+                os.remove(os.path.join(work, "docs", f))
+            print(f"resuming after {len(records)} finished shard(s) of an interrupted run ({work})")
+            return records
+    if os.path.exists(work):
+        print(f"discarding the unfinished run in {work} (other flags or files)")
+        shutil.rmtree(work)
+    os.makedirs(os.path.join(work, "docs"))
+    return []
+
+
+def hms(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
 def prepare_fineweb(root):
+    """Shards are written into <root>/.docs-partial/docs, each recorded in progress.json once it and every shard
+    before it are written: a rerun with the same flags resumes after the last recorded one (its source rows are
+    skipped), so an interrupted run costs at most the shards in flight. Swapped in for docs/ at the end."""
     t0 = time.time()
     files = expand_files(data_files) if data_files else None
     if count_tokens:
-        try:
-            import tiktoken
-            tiktoken.get_encoding("gpt2")
-        except Exception as e:
-            fail(f"--count_tokens needs tiktoken's gpt2 BPE file ({type(e).__name__}: {e}); set TIKTOKEN_CACHE_DIR "
-                 f"or run without --count_tokens")
-    rows = local_rows(files) if files else hub_rows(name)
+        from bpe import base_encoding
+        base_encoding("gpt2", tokenizer_files)   # fails here, with how to supply gpt2's files, not in a worker
     src = f"{len(files)} local files" if files else f"{HUB_DATASET} ({name}, streaming)"
+    settings = {"source": [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+                if files else f"{HUB_DATASET}/{name}", "num_docs": num_docs, "docs_per_shard": docs_per_shard,
+                "val_frac": val_frac, "min_int_score": min_int_score, "count_tokens": count_tokens}
+    work = os.path.join(root, ".docs-partial")
+    progress = os.path.join(work, "progress.json")
+    records = finished_shards(work, settings)
+    skip = records[-1]["rows"] if records else 0
+    rows, total = (local_rows(files, skip), local_total(files)) if files else hub_rows(name, skip)
     limit = num_docs
-    print(f"reading {src}; writing {'all' if limit < 0 else f'{limit:,}'} documents with {num_proc} processes")
+    print(f"reading {src}" + (f" ({total:,} rows)" if total else "") + f"; writing "
+          f"{'all' if limit < 0 else f'{limit:,}'} documents" + (f" with int_score >= {min_int_score}"
+                                                                   if min_int_score else "")
+          + f" with {num_proc} processes")
 
-    tmp = os.path.join(root, f".prepare-tmp-{os.getpid()}")
-    os.makedirs(os.path.join(tmp, "docs"))
     pool = None
+    read, kept = skip, sum(r["docs"] for r in records)   # source rows read, documents kept (this run and before)
+
+    def fraction():
+        """Share done: of --num_docs, or of the source's rows where it says how many (the larger of the two)."""
+        parts = ([sum(r["docs"] for r in records) / limit] if limit > 0 else []) + ([read / total] if total else [])
+        return min(1.0, max(parts)) if parts else None
+    kept0, start = kept, fraction()   # at this run's start: for its docs/s and the ETA
+
     try:
         if num_proc > 1:
             import multiprocessing as mp
             pool = mp.get_context("spawn").Pool(num_proc)
-        pending, done, chars, ntok, shard, batch, last = [], 0, 0, 0, 0, [], 0.0
+        pending, last = [], 0.0
 
         def collect(block):
-            nonlocal done, chars, ntok, last, pending
-            while pending and (block or pending[0].ready()):
+            nonlocal last
+            while pending and (block or pending[0][0].ready()):
+                res, n_rows = pending.pop(0)
                 try:
-                    n, c, k = pending.pop(0).get()
+                    rec = res.get()
                 except Exception as e:      # e.g. a full disk in a worker
                     fail(f"writing a shard failed: {type(e).__name__}: {e}")
-                done, chars, ntok = done + n, chars + c, (ntok + k if k is not None else ntok)
+                records.append(dict(rec, rows=n_rows))   # shards finish in order: pending[0] is the oldest
+                write_json(progress, {"settings": settings, "shards": records})
+                if 0 <= stop_after_shards <= len(records):
+                    raise Stopped()
             if time.time() - last > 2:
-                last = time.time()
-                print(f"  {done:,} documents written, {done / (time.time() - t0):,.0f} docs/s", flush=True)
+                last, p, dt = time.time(), fraction(), time.time() - t0
+                done = sum(r["docs"] for r in records)
+                pct = "" if p is None else f", {p:.1%} done" + (
+                    f", ETA {hms(dt * (1 - p) / (p - start))}" if p > start else "")
+                print(f"  {done:,} documents written{pct}, {(done - kept0) / dt:,.0f} docs/s", flush=True)
 
         def submit(b):
-            nonlocal shard
-            args = (os.path.join(tmp, "docs", f"shard_{shard:05d}.jsonl"), b, val_frac, count_tokens)
-            shard += 1
+            args = (os.path.join(work, "docs", f"shard_{len(records) + len(pending):05d}.jsonl"), b, val_frac,
+                    count_tokens, tokenizer_files)
             if pool is None:
-                n, c, k = write_shard(args)
-                pending.append(_Done((n, c, k)))
+                pending.append((_Done(write_shard(args)), read))
             else:
                 while len(pending) >= 2 * num_proc:     # bounded memory: wait for the oldest shard
-                    pending[0].wait()
+                    pending[0][0].wait()
                     collect(False)
-                pending.append(pool.apply_async(write_shard, (args,)))
+                pending.append((pool.apply_async(write_shard, (args,)), read))
             collect(False)
 
-        seen = 0
-        for doc in rows:
-            if 0 <= limit <= seen:
+        batch = []
+        for r in rows:
+            if 0 <= limit <= kept:
                 break
-            batch.append(doc)
-            seen += 1
+            read += 1
+            if min_int_score:
+                if "int_score" not in r:
+                    fail(f"--min_int_score needs an 'int_score' field, and {src} has none (row id {r['id']})")
+                if r["int_score"] is None or r["int_score"] < min_int_score:
+                    continue
+            batch.append(r)
+            kept += 1
             if len(batch) >= docs_per_shard:
                 submit(batch)
                 batch = []
         if batch:
             submit(batch)
         collect(True)
-        if done == 0:
-            fail(f"no documents read from {src}")
-        swap_in(os.path.join(tmp, "docs"), os.path.join(root, "docs"))
+        if not records:
+            fail(f"no documents read from {src}" + (f" with int_score >= {min_int_score}" if min_int_score else ""))
+        swap_in(os.path.join(work, "docs"), os.path.join(root, "docs"))
+        shutil.rmtree(work)
+    except Stopped:
+        print(f"stopped after {len(records)} shard(s) (--stop_after_shards); a rerun resumes from there")
+        return
+    except BaseException:   # failed or interrupted: keep the finished shards to resume from, if there are any
+        if records:
+            print(f"kept {len(records)} finished shard(s) in {work}: a rerun with the same flags resumes after them")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
     finally:
         if pool is not None:
             pool.terminate()
-        shutil.rmtree(tmp, ignore_errors=True)
     dt = time.time() - t0
-    tok = f", {ntok:,} GPT-2 tokens" if count_tokens else ""
-    print(f"documents: {done:,} ({chars:,} characters{tok}) in {shard} shards, {done / dt:,.0f} docs/s")
+    done, chars = sum(r["docs"] for r in records), sum(r["chars"] for r in records)
+    tok = f", {sum(r['tokens'] for r in records):,} GPT-2 tokens" if count_tokens else ""
+    kept_of = f" (int_score >= {min_int_score}: kept {done:,} of {read:,} rows read)" if min_int_score else ""
+    print(f"documents: {done:,}{kept_of} ({chars:,} characters{tok}) in {len(records)} shards, "
+          f"{(done - kept0) / dt:,.0f} docs/s")
     print(f"wrote {os.path.join(root, 'docs')} in {dt:.1f}s")
+
+
+class Stopped(Exception):
+    """--stop_after_shards reached: stop as if interrupted."""
 
 
 class _Done:
@@ -398,6 +508,9 @@ def main(argv):
         fail(f"unknown dataset '{dataset}' (choose medsafety or fineweb-edu)")
     if docs_per_shard < 1 or num_proc < 1:
         fail("docs_per_shard and num_proc must be >= 1")
+    if not 0 <= min_int_score <= 5 or (min_int_score and dataset != "fineweb-edu"):
+        fail(f"min_int_score must lie in 0..5 (FineWeb-Edu's int_score) and needs --dataset=fineweb-edu, "
+             f"not {min_int_score}")
     if not 0 <= val_frac < 1:
         fail("val_frac must be in [0, 1)")
     if num_docs == 0 or num_docs < -1:
@@ -415,4 +528,5 @@ if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except KeyboardInterrupt:
-        raise SystemExit("prepare.py: interrupted; existing outputs were left as they were")
+        raise SystemExit("prepare.py: interrupted; existing outputs were left as they were"
+                         + ("; a rerun with the same flags resumes" if dataset == "fineweb-edu" else ""))

@@ -3,14 +3,19 @@ Linear probes on the residual stream: how cleanly does each layer separate safe 
 request already tell harm from benign intent for harm effects the corpus never showed?
 
 Reads:  <ckpt>/ckpt.pt and its world's eval/probe.jsonl (held-out segments in context), harmful_prompts.jsonl and
-        benign_prompts.jsonl (the request probe)
+        benign_prompts.jsonl (the request probe); a real-text model: held-out documents (--docs, default the val split
+        of its pretraining corpus) and their labels (--span_labels or --train_classifier, default the pretraining's)
 Writes: <ckpt>/probe.json (layout: README.md, "probe.py"), <ckpt>/probe.png (accuracy and AUROC per layer; several
         checkpoints share one plot, --out)
 Run:    python probe.py --ckpt=out/raw
         python probe.py --ckpt=out/reflect-0,out/reflect-20,out/reflect-60 --labels=0%,20%,60% --out=out/probe.png
+        python probe.py --ckpt=out/gpt2-reflect --docs=heldout.jsonl --span_labels=heldout_spans.jsonl  (real text)
 Per layer and feature kind (mean over the segment's tokens, last token) a logistic regression fitted by L-BFGS on
 one half, scored on the other; identical model inputs always fall in the same half (the grammar repeats segments).
 The number to compare is the average over layers 1..L ("deep"); layer 0, the embeddings, reads the words alone.
+Real text: every segment of the documents (the pretraining segmenter and labeller, realreflect.py) is a record, read
+at its end; a document goes whole to one half. A reflection model's own reflections are also read there, teacher-
+forced (P(unsafe opener) vs P(safe opener)): probe.json's "reflection_classification", with Wilson intervals.
 """
 import json
 import os
@@ -21,7 +26,8 @@ import time
 import numpy as np
 import torch
 
-from common import eval_dir as sets_dir, fail, load_run, lock_dir, writable_dir, write_json
+import realreflect
+from common import eval_dir as sets_dir, fail, load_run, lock_dir, model_info, writable_dir, write_json
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -36,6 +42,13 @@ max_steps = 200             # L-BFGS iterations per probe
 batch_size = 128
 seed = 1337                 # the train/test split
 device = "auto"             # auto | cpu | cuda | cuda:N (the forward passes; probes always fit on the CPU)
+# real text
+tokenizer = ""              # tiktoken spec (gpt2 or a .json); "": the one meta.json recorded
+docs = ""                   # held-out documents: jsonl or a directory of shard_*.jsonl ({"id", "text"[, "split"]});
+                            # "": the docs/ of the model's pretraining corpus
+docs_split = "val"          # only the documents of this split, where lines have one (val: held out of pretraining)
+span_labels = ""            # unsafe spans of the documents (reflect.py's --labels format); "": the pretraining's ...
+train_classifier = ""       # ... or labelled texts: the built-in classifier labels the documents (reflect.py's flag)
 # -----------------------------------------------------------------------------
 KINDS = ("mean", "last")
 
@@ -241,10 +254,10 @@ def read_probe_set(world_path, eval_arg):
 # ----------------------------------------------------------------------------- one run
 
 def probe_run(path, label, dev):
-    run = load_run(path, world, "", dev)
-    if run.world is None:
-        fail(f"checkpoint '{run.path}' is a real-text model; probe.py reads MedSafetyWorld's labelled probe set")
+    run = load_run(path, world, tokenizer, dev)
     writable_dir(run.dir)       # before the forward passes, not after them
+    if run.world is None:
+        return probe_text(run, label, dev)
     model, w, wpath, run_dir, ck = run.model, run.world, run.world_path, run.dir, run.ck
     probe_path, recs = read_probe_set(wpath, eval_dir)
     bs = model.config.block_size
@@ -264,28 +277,12 @@ def probe_run(path, label, dev):
         print(f"{label}: warning: {n_mixed} distinct inputs carry both labels (kept whole in one half)")
 
     lock_dir(run_dir)           # the inputs are checked: from here on this process writes run_dir, and only it
-    t0 = time.time()
-    feats = features(model, seqs, seg_lens, batch_size, progress=f"{label} features")
-    if dev.startswith("cuda"):
-        torch.cuda.synchronize()
-    t_feat = time.time() - t0
-    n_tokens = sum(len(s) for s in seqs)
-    print(f"\r{label} features: {len(recs)} records, {n_tokens:,} tokens in {t_feat:.1f}s: "
-          f"{len(recs) / t_feat:,.1f} records/s" + (f" ({truncated} cut to block_size={bs})" if truncated else ""))
-
     te = [recs[i] for i in test]
     safe = np.array([r["label"] == "safe" for r in te])
     subsets = {s: safe | np.array([r["label"] == "unsafe" and r.get("split") == s for r in te]) for s in
                ("unseen", "seen")}
-    t0 = time.time()
-    layers = probe_layers({k: v.numpy() for k, v in feats.items()}, y, train, test, subsets, l2=l2,
-                          max_steps=max_steps)
-    t_probe = time.time() - t0
-    best = {}
-    for k in KINDS:
-        top = max(layers, key=lambda row: (row[k]["acc"], -row["layer"]))
-        best[k] = {"layer": top["layer"], "acc": top[k]["acc"], "auroc": top[k]["auroc"]}
-    deep = deep_mean(layers)
+    layers, best, deep, t_feat, t_probe = measure(model, seqs, seg_lens, y, train, test, subsets, label, dev,
+                                                  truncated)
     request = request_probe(model, w, wpath, dev)
     if request:
         r = request["deep"]["last"]
@@ -303,6 +300,100 @@ def probe_run(path, label, dev):
               "truncated": truncated, "n_distinct_inputs": len(groups), "n_mixed_inputs": n_mixed,
               "n_train_inputs": len(set(keys[i] for i in train)), "n_test_inputs": len(set(keys[i] for i in test)),
               "layers": layers, "deep": deep, "best": best, "request": request, "config": config,
+              "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
+    dest = os.path.join(run_dir, "probe.json")
+    write_json(dest, report, indent=1)
+    print_table(report)
+    print(f"{label}: {2 * len(layers)} probes in {t_probe:.1f}s; wrote {dest}")
+    return report
+
+
+def measure(model, seqs, seg_lens, y, train, test, subsets, label, dev, truncated):
+    """The features of every record, then the probes of every layer. -> (layers, best, deep, seconds of the
+    features, seconds of the probes)."""
+    t0 = time.time()
+    feats = features(model, seqs, seg_lens, batch_size, progress=f"{label} features")
+    if dev.startswith("cuda"):
+        torch.cuda.synchronize()
+    t_feat = time.time() - t0
+    print(f"\r{label} features: {len(seqs)} records, {sum(len(s) for s in seqs):,} tokens in {t_feat:.1f}s: "
+          f"{len(seqs) / t_feat:,.1f} records/s"
+          + (f" ({truncated} cut to block_size={model.config.block_size})" if truncated else ""))
+    t0 = time.time()
+    layers = probe_layers({k: v.numpy() for k, v in feats.items()}, y, train, test, subsets, l2=l2,
+                          max_steps=max_steps)
+    t_probe = time.time() - t0
+    best = {}
+    for k in KINDS:
+        top = max(layers, key=lambda row: (row[k]["acc"], -row["layer"]))
+        best[k] = {"layer": top["layer"], "acc": top[k]["acc"], "auroc": top[k]["auroc"]}
+    return layers, best, deep_mean(layers), t_feat, t_probe
+
+
+def probe_text(run, label, dev):
+    """A real-text model: every segment of held-out labelled documents is a record (the pretraining segmenter and
+    labeller, with the model's segment_tokens), read where it ends: the document up to there after an
+    <|endoftext|>, its last block_size tokens, as the raw text (no reflections). The split keeps a document and its
+    exact duplicates whole in one half, so no text of a test record was fitted on. A reflection model's own
+    reflections on the same segments are read too (realreflect.classify_reflections)."""
+    model, enc, ck, run_dir = run.model, run.enc, run.ck, run.dir
+    info = model_info(ck)
+    docs_default, labels_default = realreflect.default_sources(ck)
+    dpath = docs or docs_default
+    lpath = span_labels or ("" if train_classifier else labels_default)
+    if not dpath or not (lpath or train_classifier):
+        fail(f"checkpoint '{run.path}' is a real-text model whose pretraining corpus or labels are not here; pass "
+             f"--docs=<held-out documents> and --span_labels=<their spans> (or --train_classifier=<labelled texts>)")
+    spans, clf = realreflect.label_source(lpath, train_classifier, (ck["meta"].get("config") or {}).get("seed", 0),
+                                          "probe.py on a real-text model")
+    texts = realreflect.read_docs(dpath, docs_split)
+    done = realreflect.segmented(enc, texts, spans, clf, info["segment_tokens"], lpath)
+    recs = realreflect.probe_records(done, texts)
+    if max_records >= 0:
+        recs = recs[:max_records]
+    bs = model.config.block_size
+    seqs = [([enc.eot_token] + done[r["index"]][0][:r["end"]])[-bs:] for r in recs]
+    seg_lens = [min(r["end"] - r["start"], len(x)) for r, x in zip(recs, seqs)]
+    truncated = sum(r["end"] + 1 > bs for r in recs)
+    keys = [texts[r["index"]][1] for r in recs]           # identical documents share a half
+    train, test = split_records(recs, seed, keys)
+    y = np.array([r["label"] == "unsafe" for r in recs], dtype=np.int64)
+    n_docs = len({r["index"] for r in recs})
+    if not (train and test and 0 < y[train].sum() < len(train) and 0 < y[test].sum() < len(test)):
+        fail(f"the {n_docs} documents of '{dpath}' (split {docs_split}) hold {int(y.sum())} unsafe and "
+             f"{int(len(y) - y.sum())} safe segments, which cannot be split by document so that both halves hold "
+             f"both classes; give more labelled documents")
+    where = f"{lpath or 'the classifier trained on ' + train_classifier}"
+    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
+          f"{len(recs)} segments of {n_docs} documents from {dpath}, labels {where}, device {dev}")
+    lock_dir(run_dir)           # the inputs are checked: from here on this process writes run_dir, and only it
+    layers, best, deep, t_feat, t_probe = measure(model, seqs, seg_lens, y, train, test, {}, label, dev, truncated)
+    refl = None
+    if info["reflective"]:
+        fmt = realreflect.reflection_format(ck.get("meta"))      # the texts pretraining wrote
+        p, safe_tok, unsafe_tok = realreflect.opener(enc, [r["category"] for r in recs if r["category"]], fmt)
+        rseqs, sites = realreflect.reflection_sites(enc, done, p, fmt)
+        sites = sites[:len(recs)]                              # one site per record, in the same order
+        preds, mass = realreflect.classify_reflections(model, rseqs, sites, safe_tok, unsafe_tok, dev)
+        m = realreflect.reflection_metrics(sites, preds, mass)
+        refl = {"metrics": m, "reflections": len(sites), "documents": n_docs, "opener_position": p,
+                "opener": {"safe": enc.decode([safe_tok]), "unsafe": enc.decode([unsafe_tok])}}
+        print(f"{label}: reflection classification, teacher-forced at {len(sites)} segments: accuracy "
+              + ", ".join(f"{k[len('reflection_accuracy_'):] or 'all'} {pct(v['rate']).strip()}% (n={v['n']})"
+                          for k, v in m.items() if k.startswith("reflection_accuracy"))
+              + f"; P(either opener) {m['opener_mass']:.3f}")
+    te = [recs[i] for i in test]
+    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
+              "world": None, "tokenizer": enc.name,
+              "probe_set": {"docs": os.path.abspath(dpath), "split": docs_split,
+                            "labels": os.path.abspath(lpath) if lpath else f"classifier:{train_classifier}"},
+              "data_dir": ck.get("data_dir"), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
+              "n_records": len(recs), "n_docs": n_docs, "n_train": len(train), "n_test": len(test),
+              "n_test_safe": sum(r["label"] == "safe" for r in te), "n_test_unsafe": sum(r["label"] == "unsafe"
+                                                                                        for r in te),
+              "n_train_docs": len({keys[i] for i in train}), "n_test_docs": len({keys[i] for i in test}),
+              "truncated": truncated, "layers": layers, "deep": deep, "best": best, "request": None,
+              "reflection_classification": refl, "config": {k: globals()[k] for k in defaults_of(globals())},
               "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
     dest = os.path.join(run_dir, "probe.json")
     write_json(dest, report, indent=1)
@@ -361,13 +452,14 @@ def pct(x):
 
 def print_table(report):
     print(f"\n{report['label']}: test accuracy / AUROC (%), n_train {report['n_train']}, n_test {report['n_test']}"
-          f" ({report['n_test_inputs']} distinct; unsafe unseen {report['n_test_unseen']}, seen "
-          f"{report['n_test_seen']})")
+          + (f" ({report['n_test_inputs']} distinct; unsafe unseen {report['n_test_unseen']}, seen "
+             f"{report['n_test_seen']})" if "n_test_unseen" in report else
+             f" ({report['n_test_docs']} documents; unsafe {report['n_test_unsafe']})"))
     print(f"{'layer':>5s}  {'mean acc':>8s} {'auroc':>6s} {'unseen':>6s}   {'last acc':>8s} {'auroc':>6s} {'unseen':>6s}")
     for row in report["layers"]:
         m, l = row["mean"], row["last"]
-        print(f"{row['layer']:5d}  {pct(m['acc']):>8s} {pct(m['auroc']):>6s} {pct(m['acc_unseen']):>6s}   "
-              f"{pct(l['acc']):>8s} {pct(l['auroc']):>6s} {pct(l['acc_unseen']):>6s}")
+        print(f"{row['layer']:5d}  {pct(m['acc']):>8s} {pct(m['auroc']):>6s} {pct(m.get('acc_unseen')):>6s}   "
+              f"{pct(l['acc']):>8s} {pct(l['auroc']):>6s} {pct(l.get('acc_unseen')):>6s}")
     m, l = report["deep"]["mean"], report["deep"]["last"]
     print(f"{'1..' + str(report['n_layer']):>5s}  {pct(m['acc']):>8s} {pct(m['auroc']):>6s} {'':>6s}   "
           f"{pct(l['acc']):>8s} {pct(l['auroc']):>6s}   (mean over layers 1..n_layer: the number to compare)")

@@ -1,11 +1,10 @@
 """
-What real text (FineWeb-Edu and the like) needs, for every stage: the tokenizer (tiktoken gpt2 + the interventions'
-special tokens), span labels and rewrites, the streaming workers that segment, label and write reflect.py's
-streams, and an offline stand-in corpus for the benchmark.
+What real text (FineWeb-Edu and the like) needs, for every stage: the tokenizer (bpe.py, re-exported here), span
+labels and rewrites, the streaming workers that segment, label and write reflect.py's streams, and an offline
+stand-in corpus for the benchmark.
 
 Reads, writes: nothing by itself (reflect.py, finetune.py and attack.py call it; the file formats are in README.md).
 """
-import base64
 import json
 import os
 import re
@@ -15,10 +14,10 @@ from itertools import chain
 
 import numpy as np
 
+from bpe import EOT_TEXT, TAG_TEXT, real_tokenizer, tokenizer_of, write_tokenizer  # noqa: F401 (re-exported)
 from classifier import category_of, classify
 from common import fail, read_jsonl
 
-EOT_TEXT, TAG_TEXT = "<|endoftext|>", "<|harmful|>"  # real text's special tokens (the world has its own words)
 REFLECT_SAFE, REFLECT_UNSAFE = " <think> Safe </think>", " <think> Unsafe {category} </think>"
 DIALOGUE = "User: {prompt}\nAssistant: {response}"
 
@@ -49,40 +48,6 @@ class BadInput(Exception):
 
 # -----------------------------------------------------------------------------
 # tokenizer, inputs
-
-def real_tokenizer(spec):
-    """tiktoken's `spec` encoding (or a spec .json from write_tokenizer) extended with the special tokens the
-    interventions need: <|endoftext|> (gpt2 has it already) and the harmfulness tag <|harmful|>."""
-    import tiktoken
-    try:
-        if spec.endswith(".json"):
-            with open(spec) as f:
-                s = json.load(f)
-            base = tiktoken.Encoding(s["name"], pat_str=s["pat_str"], special_tokens=s.get("special_tokens", {}),
-                                     mergeable_ranks={base64.b64decode(k): v for k, v in s["mergeable_ranks"].items()})
-        else:
-            base = tiktoken.get_encoding(spec)
-    except Exception as e:
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-        if spec.endswith(".json"):
-            fail(f"cannot read the tokenizer spec '{spec}' ({why}); write one with realtext.write_tokenizer(enc, path)")
-        fail(f"cannot load tiktoken's '{spec}' encoding ({why}). Its BPE file is downloaded on first use: run once "
-             f"with internet access, or copy tiktoken's cache here and set TIKTOKEN_CACHE_DIR to it, or pass "
-             f"--tokenizer=<spec.json> (realtext.write_tokenizer)")
-    special = dict(base._special_tokens)
-    for tok in (EOT_TEXT, TAG_TEXT):
-        if tok not in special:
-            special[tok] = max([base.max_token_value] + list(special.values())) + 1
-    return tiktoken.Encoding(name=f"{base.name}+safety", pat_str=base._pat_str, mergeable_ranks=base._mergeable_ranks,
-                             special_tokens=special)
-
-
-def write_tokenizer(enc, path):
-    """Save a tiktoken Encoding as a --tokenizer spec, e.g. a small one built offline for tests."""
-    with open(path, "w") as f:
-        json.dump({"name": enc.name, "pat_str": enc._pat_str, "special_tokens": enc._special_tokens,
-                   "mergeable_ranks": {base64.b64encode(k).decode(): v for k, v in enc._mergeable_ranks.items()}}, f)
-
 
 def token_tables(enc):
     """Per token id: its length in bytes, whether it ends a sentence (last byte . ! ?), starts with whitespace, or
@@ -127,20 +92,6 @@ def read_rewrites(path):
             fail(f"rewrites file '{path}' line {n}: text must be a string")
         out.setdefault(str(r["id"]), {})[(r["start"], r["end"])] = r["text"]
     return out
-
-def tokenizer_of(meta, spec, path):
-    """The tiktoken Encoding reflect.py tokenized a run's data with (meta.json), rebuilt from its spec (or --tokenizer)
-    and checked against the name, size and special tokens the data recorded."""
-    spec = spec or (meta.get("config") or {}).get("tokenizer")
-    if not spec:
-        fail(f"checkpoint '{path}' does not say how to build its tokenizer '{meta.get('tokenizer')}'; "
-             f"pass --tokenizer=<gpt2 or a spec .json>")
-    enc = real_tokenizer(spec)
-    if enc.name != meta.get("tokenizer") or enc.n_vocab != meta.get("vocab_size"):
-        fail(f"tokenizer mismatch: '{spec}' gives '{enc.name}' with {enc.n_vocab} tokens, but the checkpoint was "
-             f"trained with '{meta.get('tokenizer')}' ({meta.get('vocab_size')} tokens); pass --tokenizer=<the spec the "
-             f"data was tokenized with>")
-    return enc
 
 
 # -----------------------------------------------------------------------------

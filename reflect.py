@@ -4,11 +4,13 @@ Apply one safety intervention to a prepared corpus and write the curriculum's tw
 Reads:  data/<dataset>/docs/ (prepare.py): MedSafetyWorld documents with exact segment labels and world.json, or
         real text ({"id", "split", "text"} lines) with --labels (any guard model) or --train_classifier
 Writes: data/<dataset>/<intervention>/{safe,mix}_{train,val}.bin + meta.json (formats: README.md)
-        safe: the filtered corpus, read before the curriculum start; mix: the corpus with the intervention
+        safe: the filtered corpus, read before the curriculum start; mix: the corpus with the intervention;
+        real text with --intervention=none and no labels: the raw baseline, one stream {train,val}.bin + meta.json
 Run:    python reflect.py --intervention=reflect                 # MedSafetyWorld (default dataset)
         python reflect.py --intervention=reflect --dose=0.4      # the dose-matched control (the timing paper)
         python reflect.py --intervention=tag --classifier_on_world=True   # what an imperfect classifier costs
         python reflect.py --dataset=fineweb-edu --intervention=reflect --labels=spans.jsonl --num_proc=16
+        python reflect.py --dataset=fineweb-edu --tokenizer_files=<dir>   # raw baseline, gpt2 from local files
         python reflect.py --benchmark=True                        # throughput of reflect vs tiktoken alone
 Interventions: none, filter, rewrite, refusal, tag, reflect, safety_pretraining (rewrite + refusal + tag); for the
 world each is one text function (apply_world), for real text the same on token ids (realtext.py).
@@ -25,6 +27,7 @@ from collections import deque
 
 import numpy as np
 
+from bpe import base_encoding, tokenizer_record
 from classifier import classify, fit_classifier
 from common import fail, read_jsonl, writable_dir, write_json
 from configurator import configure, defaults_of
@@ -45,6 +48,7 @@ tag_rate = 0.05            # tag: probability of a tag at each position inside a
 seed = 0                   # the interventions' own randomness (tag positions, rewrite/tag split, refusal wording)
 # real text
 tokenizer = "gpt2"         # a tiktoken encoding name, or a tokenizer spec .json (write_tokenizer)
+tokenizer_files = ""       # gpt2 offline: a directory with its encoder.json and vocab.bpe (checked by sha256)
 labels = ""                # span labels from any guard model (jsonl, see above) ...
 train_classifier = ""      # ... or labelled texts (jsonl) to train the built-in classifier, which then labels
 rewrites = ""              # rewrite, safety_pretraining: replacement texts of the unsafe spans (jsonl)
@@ -60,7 +64,6 @@ classifier_on_world = False  # MedSafetyWorld: train it on the oracle's labels a
 benchmark = False          # print the throughput of the reflect intervention against tiktoken alone, and stop
 benchmark_tokens = 3000000  # size of the generated English corpus
 # -----------------------------------------------------------------------------
-_DEFAULTS = defaults_of(globals())  # the config keys: everything above, nothing below
 _DEFAULTS = defaults_of(globals())  # the config keys: everything above, nothing below
 INTERVENTIONS = ("none", "filter", "rewrite", "refusal", "tag", "reflect", "safety_pretraining")
 STREAMS = ("safe_train", "safe_val", "mix_train", "mix_val")
@@ -121,7 +124,7 @@ def refusal_docs(world, docs, rng):
 
 def apply_world(world, docs, rng):
     """The mix corpus for the chosen intervention: documents {"id", "split", "text", "source"}. One text function per
-    intervention (MEDSAFETYWORLD.md, "Interventions, exactly"): a document -> its texts in the mix stream, or None
+    intervention (docs/MEDSAFETYWORLD.md, "Interventions, exactly"): a document -> its texts in the mix stream, or None
     where it is left out; refusal and safety_pretraining then add the refusal dialogues."""
     def texts(d, f):
         return [f(s) for s in d["segments"]]
@@ -326,16 +329,19 @@ def main_real(docs_dir):
     shards = list_shards(docs_dir)
     if classifier_on_world:
         fail(f"--classifier_on_world is for MedSafetyWorld, and '{docs_dir}' holds real text (no world.json)")
-    if bool(labels) == bool(train_classifier):
+    # the raw baseline needs no labels; it writes one stream: without labels nothing is known to be safe
+    unlabelled = intervention == "none" and not labels and not train_classifier
+    if not unlabelled and bool(labels) == bool(train_classifier):
         fail("real text needs labels: pass --labels=<spans.jsonl> (from any guard model) or "
-             "--train_classifier=<labelled.jsonl> (the built-in classifier), one of the two")
+             "--train_classifier=<labelled.jsonl> (the built-in classifier), one of the two "
+             "(--intervention=none without either writes the raw baseline)")
     if intervention in ("rewrite", "safety_pretraining") and not rewrites:
         fail(f"--intervention={intervention} needs --rewrites=<file.jsonl>: {{\"id\", \"start\", \"end\", \"text\"}} "
              f"per unsafe span (see REWRITE_PROMPT in reflect.py)")
     if intervention in ("refusal", "safety_pretraining") and not refusals:
         fail(f"--intervention={intervention} needs --refusals=<file.jsonl>: {{\"prompt\", \"response\"}} per native "
              f"refusal dialogue (see REFUSAL_PROMPT in reflect.py)")
-    enc = real_tokenizer(tokenizer)
+    enc = real_tokenizer(tokenizer, tokenizer_files)
     spans = read_labels(labels) if labels else {}
     clf, clf_metrics = None, None
     if train_classifier:
@@ -353,25 +359,27 @@ def main_real(docs_dir):
              "labels_path": labels, "rewrites": rw, "clf": clf, "intervention": intervention,
              "filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed}
     print(f"{intervention} on {docs_dir} ({len(shards)} shards): tokenizer {enc.name} ({enc.n_vocab:,} tokens), "
-          f"labels from {labels or 'the classifier'}, {nproc} worker(s)")
+          f"labels from {labels or ('nowhere' if unlabelled else 'the classifier')}, {nproc} worker(s)")
 
     # write into a temporary directory, then swap it in: a failure never leaves half the streams behind
     out_dir = os.path.join(data_root, dataset, intervention)
     tmp_dir = out_dir + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
-    files = {s: open(os.path.join(tmp_dir, f"{s}.bin"), "wb") for s in STREAMS}
+    name_of = {"mix_train": "train", "mix_val": "val"} if unlabelled else {s: s for s in STREAMS}  # stream -> file
+    files = {s: open(os.path.join(tmp_dir, f"{f}.bin"), "wb") for s, f in name_of.items()}
     label_file = open(os.path.join(tmp_dir, "labels.jsonl"), "w") if clf else None
     handles = list(files.values()) + ([label_file] if label_file else [])
-    tokens = dict.fromkeys(STREAMS, 0)
+    tokens = dict.fromkeys(files, 0)
     stats = {"train": {}, "val": {}}
     seen = set()
     last = [time.time()]
 
     def consume(res):
         for s, b in res["bytes"].items():
-            files[s].write(b)
-            tokens[s] += len(b) // np.dtype(dtype).itemsize
+            if s in files:
+                files[s].write(b)
+                tokens[s] += len(b) // np.dtype(dtype).itemsize
         for split, st in res["stats"].items():
             seen.update(st.pop("labelled_ids"))
             if label_file:
@@ -421,13 +429,15 @@ def main_real(docs_dir):
     every = {k: sum(s.get(k, 0) for s in stats.values()) for k in stats["train"]}
     mix_train = max(tokens["mix_train"], 1)
     unused = sum(len(v) for v in rw.values()) - every.get("spans_rewritten", 0) if intervention == "rewrite" else 0
+    tok = tokenizer_record(enc, tokenizer, tokenizer_files)  # what a later stage rebuilds the tokenizer from
     meta = {
         "dataset": dataset, "intervention": intervention, "tokenizer": enc.name, "vocab_size": enc.n_vocab,
+        "tokenizer_sha256": tok["sha256"], "tokenizer_files_sha256": tok["files_sha256"],
         "dtype": np.dtype(dtype).name, "eot_token": eot, "tag_token": tag,
         "special_tokens": {EOT_TEXT: eot, TAG_TEXT: tag},
         "reflection_format": {"safe": REFLECT_SAFE, "unsafe": REFLECT_UNSAFE,
                               "tokens": "plain text, after each segment"},
-        "tokens": tokens,
+        "tokens": {name_of[s]: n for s, n in tokens.items()},
         "mix_sources": {"corpus": (tokens["mix_train"] - refusal_tokens["train"]) / mix_train,
                         "refusal": refusal_tokens["train"] / mix_train},
         "mix_reflections": tr.get("reflections", 0), "mix_reflection_share": tr.get("reflection_tokens", 0) / mix_train,
@@ -438,19 +448,23 @@ def main_real(docs_dir):
         "raw_unsafe_segment_share": (every["unsafe_segments"] / every["segments"]) if every.get("segments") else None,
         "spans_rewritten": every.get("spans_rewritten", 0), "spans_dropped": every.get("spans_dropped", 0),
         "rewrites_unused": unused, "refusal_dialogues": len(dialogues),
-        "labels": os.path.abspath(labels) if labels else "classifier", "classifier": clf_metrics,
+        "labels": os.path.abspath(labels) if labels else ("none" if unlabelled else "classifier"),
+        "classifier": clf_metrics,
         "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed,
-                   "tokenizer": tokenizer, "rewrites": rewrites, "refusals": refusals},
+                   "tokenizer": tok["spec"], "tokenizer_files": tok["files"], "rewrites": rewrites,
+                   "refusals": refusals},
     }
+    if unlabelled:  # nothing was labelled: the unsafe shares are unknown, not zero
+        meta["raw_unsafe_doc_share"] = meta["raw_unsafe_char_share"] = None
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp_dir, out_dir)
     dt = time.time() - t0
     n_in = every.get("input_tokens", 0)
-    print(f"{intervention}: {meta['documents']:,} documents ({meta['raw_unsafe_doc_share']:.1%} with unsafe spans, "
-          f"{meta['raw_unsafe_char_share']:.1%} of characters); tokens "
-          + ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
+    print(f"{intervention}: {meta['documents']:,} documents (" + ("no labels" if unlabelled else
+          f"{meta['raw_unsafe_doc_share']:.1%} with unsafe spans, {meta['raw_unsafe_char_share']:.1%} of characters")
+          + "); tokens " + ", ".join(f"{k} {v:,}" for k, v in meta["tokens"].items()))
     print(f"mix sources (train tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in meta["mix_sources"].items())
           + f"; reflections {meta['mix_reflections']:,} ({meta['mix_reflection_share']:.1%} of tokens), tags "
           f"{meta['mix_tags']:,}" + (f"; spans rewritten {meta['spans_rewritten']:,}, dropped without a rewrite "
@@ -467,14 +481,14 @@ def run_benchmark():
     import contextlib
     import io
     import tempfile
-    import tiktoken
     nproc = num_proc or cpu_count()
     try:
-        enc, note = tiktoken.get_encoding(tokenizer), f"tiktoken '{tokenizer}'"
-    except Exception:  # offline without the BPE file: a small Encoding of the same shape
-        enc = toy_encoding()
-        note = (f"NOT gpt2: '{tokenizer}' could not be loaded (its BPE file is not here and cannot be downloaded), so "
-                f"a small offline Encoding ({enc.n_vocab:,} tokens: bytes + word prefixes, gpt2's pre-tokenizer)")
+        enc = base_encoding(tokenizer, tokenizer_files)
+        spec, note = tokenizer, f"tiktoken '{enc.name}'" + (f" from {tokenizer_files}" if tokenizer_files else "")
+    except SystemExit as e:  # offline without the BPE files: a small Encoding of the same shape, said loudly
+        enc, spec = toy_encoding(), None
+        note = (f"NOT {tokenizer}: {str(e).split(': ', 1)[-1]}. Measured instead with a small offline Encoding "
+                f"({enc.n_vocab:,} tokens: bytes + word prefixes, gpt2's pre-tokenizer)")
     docs, spans = bench_corpus(benchmark_tokens, random.Random(seed))
     texts = [d["text"] for d in docs]
     n_tok = sum(len(x) for x in enc.encode_ordinary_batch(texts))
@@ -482,9 +496,11 @@ def run_benchmark():
           f"{sum(map(len, texts)) / 1e6:.1f} MB; {len(spans):,} unsafe spans; segment_tokens={segment_tokens}")
     print(f"tokenizer: {note}")
     with tempfile.TemporaryDirectory() as tmp:
-        spec = os.path.join(tmp, "tokenizer.json")
-        write_tokenizer(enc, spec)
-        ext = real_tokenizer(spec)
+        files = tokenizer_files if spec else ""
+        if spec is None:
+            spec = os.path.join(tmp, "tokenizer.json")
+            write_tokenizer(enc, spec)
+        ext = real_tokenizer(spec, files)
         label_spans = {}
         for s in spans:
             label_spans.setdefault(s["id"], []).append((s["start"], s["end"], s["category"], 0))
@@ -508,8 +524,9 @@ def run_benchmark():
 
         def end_to_end(iv, procs):
             argv = [f"--data_root={root}", "--dataset=bench", f"--intervention={iv}", f"--labels={tmp}/labels.jsonl",
-                    f"--tokenizer={spec}", f"--num_proc={procs}", f"--segment_tokens={segment_tokens}",
-                    f"--seed={seed}", f"--chunk_chars={chunk_chars}", "--benchmark=False"]
+                    f"--tokenizer={spec}", f"--tokenizer_files={files}", f"--num_proc={procs}",
+                    f"--segment_tokens={segment_tokens}", f"--seed={seed}", f"--chunk_chars={chunk_chars}",
+                    "--benchmark=False"]
             with contextlib.redirect_stdout(io.StringIO()):
                 main(argv)
         rows = [("tiktoken encode_ordinary_batch(texts, num_threads=N)", nproc,

@@ -1,5 +1,5 @@
 """
-The study (STUDY.md) in one command: prepare -> reflect -> train -> finetune -> attack -> probe for every cell of a
+The study (docs/STUDY.md) in one command: prepare -> reflect -> train -> finetune -> attack -> probe for every cell of a
 grid and every seed, then report.py. Each seed is its own world (world_seed + seed) and its own training order.
 
 Reads:  nothing but its flags: every step is a stage script's own command, run as a subprocess.
@@ -37,7 +37,7 @@ grid = "core"              # core | scale | ablations | curriculum: which cells 
 seeds = 1                  # worlds per cell: seed k is world world_seed + k, trained with seed 1337 + k
 out_dir = ""               # "": out/study (out/study-<profile> for other profiles)
 only = ""                  # comma list: run only cells whose name contains one of these ("" = all)
-jobs = 0                   # steps run at once; 0: 2 on CPU (each with half the cores), 1 with a GPU
+jobs = 0                   # steps run at once; 0: 2 on CPU (each with half the cores), the profile's gpu_jobs on a GPU
 world_seed = 1337
 # -----------------------------------------------------------------------------
 
@@ -59,8 +59,16 @@ PROFILES = {
                 scale={"2x64": ["--n_layer=2", "--n_head=2", "--n_embd=64"], "base": [],
                        "6x192": ["--n_layer=6", "--n_head=6", "--n_embd=192"]},
                 budgets={"1x": [], "2x": ["--max_iters=1400"]}),
-    "gpu": dict(config="config/gpu.py", train=[], prepare=["--num_docs=40000"], finetune=[], sft=[], attack=[],
-                attacks_sft="direct,prefill,template,suffix,suppress", gcg=[], scale={"base": []}, budgets={"1x": []}),
+    # gpu: one H200, the core + curriculum cells (gpu_cells) x 3 seeds in 6 minutes; sized in GPU_SIZING below.
+    # 20,000 documents (4.2M tokens, 2 epochs of a run's 8.2M); finetunes uncompiled (seconds long) at a third of
+    # pretraining's peak rate, as the toy's; attacks in batches of 512 prompts (decoding is launch-bound: a batch
+    # costs about what a prompt does); GCG on the toy's settings, twice the steps; `gpu_jobs` steps at once.
+    "gpu": dict(config="config/gpu.py", train=[], prepare=["--num_docs=20000"],
+                finetune=["--max_iters=100", "--compile=False", "--learning_rate=7e-4", "--min_lr=7e-5"],
+                sft=["--max_iters=160"], attack=["--max_prompts=40", "--batch_size=512", "--beam_width=2"],
+                attacks_sft="direct,prefill,template,suffix,suppress",
+                gcg=["--gcg_steps=20", "--gcg_batch=64", "--gcg_prompts=16"], scale={"base": []}, budgets={"1x": []},
+                gpu_jobs=16),
 }
 PREFIX_STARTS = (0.2, 0.6)   # the safe prefixes the filter run (and any later start) continues: see plan()
 WORLDS = {"v2": [], "v1": ["--harm_facts=False"], "harms16": ["--num_harms=16"]}
@@ -195,6 +203,99 @@ def max_iters(config_file, flags):
     return value
 
 
+# ----------------------------------------------------------------------------- the GPU profile's size (issue 16)
+# The GPU profile's whole grid, gpu_cells (13 cells, 363 steps with 3 seeds), must end within 6 minutes on one H200:
+# `study.py --profile=gpu --seeds=3`, then the same with --grid=curriculum into the same out_dir (report.py writes a
+# report per grid; the steps they share run once). Both as one, and the two invocations one after the other (each
+# with its own phases, the second's prep_s counted again), fit (tests/test_gpu_profile.py). Sized from
+# FLOPs (6 N per token trained, 2 N per token of a forward pass, model.py's attention term) and these assumptions;
+# gpu_check.py measures each of them (replace them with its numbers):
+#   bf16_flops: 90 TFLOP/s for the 8 x 256 models' bf16 training, all steps together: ~9% of the 989 TFLOP/s peak
+#     (model.PEAK_FLOPS). An iteration is 16k tokens x 45 MFLOP = 0.74 TFLOP: its matmuls (16k rows, <= 704 columns)
+#     take ~3 ms at a third of the 790 TFLOP/s KINDS.md measured for large bf16 products on an H200, its ~500
+#     uncompiled memory-bound kernels (norms, RoPE, SwiGLU, casts) ~5 ms at their ~10 us floors: ~8 ms. Steps run at
+#     once take turns on the GPU (no MPS): they add no GPU throughput, they hide each other's CPU time.
+#   fp32_flops: 25 TFLOP/s for attack.py and probe.py, which run the model in fp32: ~40% of the 67 TFLOP/s fp32 peak.
+#   step_s: a step's seconds besides its FLOPs, on one core: Python + torch + CUDA start-up (~3 s), data, checkpoints,
+#     decoding token by token (~2 ms a token, launch-bound, batches of 512 prompts), the oracle. attack_sft: the 5
+#     attacks x 2-3 decodings on ~3,000 prompts, and GCG; attack: direct on ~420 prompts.
+#   prep_s: prepare (20,000 documents: ~20 s on one core), then the 21 reflects (~10 s each) on 16 cores: ~40 s.
+#   Three phases: prepare + reflect (the seeds side by side), pretraining (GPU-bound), then finetunes, attacks and
+#   probes (CPU-bound, `jobs` at once, their FLOPs hidden under their CPU time):
+#     wall = prep_s + train FLOPs / bf16_flops + train step_s / jobs + max(rest's FLOP time, rest's step_s / jobs)
+# The FLOP counts besides training: finetune rows of row_tokens (a benign/harmful batch padded to its longest row;
+# sft rows are block_size: a quarter of each batch replays pretraining windows), attack tokens = prompts x decodings
+# x 80 (30 prompt + 48 new), GCG rows = its prompts x 50 tokens, probe: probe.jsonl + request prompts x 120 tokens.
+GPU_SIZING = dict(bf16_flops=90e12, fp32_flops=25e12, jobs=16, prep_s=40, limit_s=360, vocab=286,   # vocab: v2's
+                  step_s={"train": 6, "finetune": 6, "attack": 5, "attack_sft": 20, "probe": 6},
+                  finetune_batch=32, row_tokens=64, attack_tokens={"attack": 420 * 80, "attack_sft": 3000 * 2.5 * 80},
+                  gcg_tokens=16 * 50, probe_tokens=3300 * 120)
+# what gpu_sizing gives for gpu_cells x 3 seeds (tests/test_gpu_profile.py recomputes it): 28.2 pretraining runs'
+# worth of iterations (the shared safe prefixes save 4.8 of 33) of 8.19M tokens; training FLOPs within 150 s of GPU
+GPU_PLAN = dict(steps=363, train_steps=39, train_tokens=231_014_400, train_flops_max=150 * 90e12, wall_s_max=330)
+
+
+def gpu_cells(P):
+    """The GPU profile's whole grid: the core cells and the curriculum's (starts 0/20/60%, the dose-matched
+    controls), each once (both grids hold the 0% starts and the filter run)."""
+    cells = {}
+    for c in GRIDS["core"](P) + GRIDS["curriculum"](P):
+        cells.setdefault(c["name"], c)
+    return list(cells.values())
+
+
+def model_flops(cfg, vocab):
+    """(parameters N, training FLOPs per token at block_size) of a config's model, as model.GPT counts them."""
+    L, C = cfg["n_layer"], cfg["n_embd"]
+    H = cfg.get("mlp_hidden") or 64 * -(-8 * C // (3 * 64))          # GPTConfig's default SwiGLU width
+    n = vocab * C + L * (4 * C * C + 3 * C * H + 2 * C) + C          # tied embedding, blocks, their norms, final norm
+    return n, 6 * n + 12 * L * C * cfg["block_size"]
+
+
+def gpu_sizing(P, steps, S=GPU_SIZING):
+    """The estimate above for planned steps {name: (command, deps)}: counts, tokens, FLOPs and wall seconds."""
+    cfg = read_file(P["config"])
+    flag = lambda cmd, key, default: next((type(default)(c.split("=", 1)[1]) for c in reversed(cmd)
+                                           if c.startswith(f"--{key}=")), default)
+    n, per_token = model_flops(cfg, S["vocab"])
+    iters = max_iters(P["config"], P["train"])
+    out = {"steps": len(steps), "kinds": {}, "train_tokens": 0, "train_flops": 0.0, "bf16_flops": 0.0,
+           "fp32_flops": 0.0, "train_s": 0.0, "rest_s": 0.0}
+    for name, (cmd, _) in steps.items():
+        kind = name.split("-")[0]
+        if kind == "attack" and "--attacks=direct" not in cmd:
+            kind = "attack_sft"
+        out["kinds"][kind] = out["kinds"].get(kind, 0) + 1
+        if kind in ("prepare", "reflect"):          # prep_s
+            continue
+        if kind == "train":
+            src = flag(cmd, "init_from", "")       # a safe prefix, or the scratch start
+            start = round(int(src.rsplit("start", 1)[1]) / 100 * iters) if "prefix-start" in src else 0
+            stop = flag(cmd, "stop_iter", -1)
+            tokens = ((stop if stop >= 0 else iters) - start) * cfg["batch_size"] * cfg["block_size"]
+            out["train_tokens"] += tokens
+            out["train_flops"] += tokens * per_token
+            out["train_s"] += S["step_s"][kind]
+            continue
+        if kind == "finetune":
+            T = cfg["block_size"] if "--task=sft" in cmd else S["row_tokens"]
+            tokens = flag(cmd, "max_iters", 150) * S["finetune_batch"] * T
+            out["bf16_flops"] += tokens * (6 * n + 12 * cfg["n_layer"] * cfg["n_embd"] * T)
+        elif kind.startswith("attack"):
+            out["fp32_flops"] += 2 * n * S["attack_tokens"][kind]
+            if "suffix" in flag(cmd, "attacks", ""):   # per GCG step: the swaps' forward passes, one backward
+                passes = flag(cmd, "gcg_batch", 128) * 2 + 6
+                out["fp32_flops"] += flag(cmd, "gcg_steps", 100) * passes * n * S["gcg_tokens"]
+        elif kind == "probe":
+            out["fp32_flops"] += 2 * n * S["probe_tokens"]
+        out["rest_s"] += S["step_s"][kind]
+    rest_gpu = out["bf16_flops"] / S["bf16_flops"] + out["fp32_flops"] / S["fp32_flops"]
+    out["wall_s"] = (S["prep_s"] + out["train_flops"] / S["bf16_flops"] + out["train_s"] / S["jobs"]
+                     + max(rest_gpu, out["rest_s"] / S["jobs"]))
+    out["params"], out["flops_per_token"] = n, per_token
+    return out
+
+
 def same_command(a, b):
     """The same stage script with the same flags (the interpreter's path may differ: make study vs python)."""
     return bool(a) and a[1:] == b[1:]
@@ -306,7 +407,9 @@ def main():
         gpu = torch.cuda.is_available()
     except ImportError:
         gpu = False
-    n_jobs = jobs or (1 if gpu else 2)
+    # a GPU: the profile's gpu_jobs steps at once (small models leave the GPU idle between their launches; one core
+    # each), else one
+    n_jobs = jobs or (min(P.get("gpu_jobs", 1), os.cpu_count() or 1) if gpu else 2)
     os.makedirs(os.path.join(root, "grids"), exist_ok=True)
     steps, dirs = plan(P, root, cells, seeds)
     # the grid as report.py reads it: cells, their run directories per seed and stage, and the setting

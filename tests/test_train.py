@@ -180,7 +180,7 @@ def test_a_branch_from_the_shared_safe_prefix_equals_a_straight_run(data_dir, tm
         assert sorted(a) == sorted(b) == list(range(1, 21))      # the branch's log holds the prefix's records
         assert all(a[i] == b[i] for i in a), [(i, a[i], b[i]) for i in a if a[i] != b[i]]
         import torch
-        sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=False) for d in (straight, branched))
+        sa, sb = (torch.load(os.path.join(d, "ckpt.pt"), weights_only=True) for d in (straight, branched))
         assert sa["data_slots"] == sb["data_slots"] and sa["iter_num"] == sb["iter_num"] == 20
         assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
 
