@@ -28,7 +28,7 @@ import time
 import numpy as np
 import torch
 
-from configurator import configure, defaults_of
+from configurator import configure, defaults_of, read_file
 
 what = "all"                      # kernel | train | loop | nanogpt | all (on CPU, all = kernel + loop)
 dtype = "auto"                    # auto: bfloat16 on CUDA, float32 on CPU | float16 | float32
@@ -170,8 +170,11 @@ def bench_kernel():
 
 
 def profile_config():
-    import train
-    cfg = configure(defaults_of(vars(train)), [profile])
+    """The profile's settings over train.py's defaults for the keys used here (a stage never imports another)."""
+    cfg = dict(n_layer=4, n_head=4, n_embd=128, block_size=128, mlp_hidden=0, rope_base=10000.0, attention="auto",
+               dropout=0.0, vocab_size=0, batch_size=16, gradient_accumulation_steps=1, learning_rate=1e-3,
+               weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0)
+    cfg.update({k: v for k, v in read_file(profile).items() if k in cfg})
     return cfg
 
 

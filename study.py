@@ -4,11 +4,12 @@ grid and every seed, then report.py. Each seed is its own world (world_seed + se
 
 Reads:  nothing but its flags: every step is a stage script's own command, run as a subprocess.
 Writes: <out_dir>/data/<world>-seed<k>/medsafety/...   prepare.py and reflect.py outputs
-        <out_dir>/runs/<world>-seed<k>/<model>/<intervention>-start<NN>/<stage>/   one model per stage: base, sft,
-                                      benign, harmful (a cross ablation's: sft-plain, benign-plain, ...)
+        <out_dir>/runs/<world>-seed<k>/<model>-<budget>/<intervention>[-dose<NN>]-start<NN>/<stage>/   one model
+                                      per stage: base, sft, benign, harmful (a cross ablation's: sft-plain, ...)
         <out_dir>/done/<step>.json    a step's marker (its command) once it succeeded; .started, .log beside it
         <out_dir>/grids/<grid>.json   the grid's cells and their run directories, what report.py reads
         <out_dir>/<grid report>.md    report.py's tables, plots and claims (report.md for the core grid)
+        <out_dir>/wall-<grid>.jsonl, study.log   wall time per invocation; every step's command and output
 Run:    python study.py                              # the toy study: the core grid on one world (make study)
         python study.py --grid=core --seeds=3         # the same on three worlds
         python study.py --grid=scale                  # reflect vs filter at 3 model sizes x 2 token budgets
