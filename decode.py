@@ -30,16 +30,30 @@ def variant(user, prefill="", ban=(), name=None):
     return {"user": user, "prefill": prefill, "ban": list(ban), "variant": name}
 
 
+def force(logits, hit, tok):
+    """The rows where hit is True emit tok next, and nothing else."""
+    if bool(hit.any()):
+        forced = torch.full_like(logits[0], float("-inf"))
+        forced[tok] = 0.0
+        logits = torch.where(hit[:, None], forced, logits)
+    return logits
+
+
+def padded_logits(model, batch, dev):
+    """Windows of different lengths through the model at once, right-padded (causal attention never reads the
+    padding, so each window's logits are its own) -> logits (len(batch), longest, vocab)."""
+    idx = torch.zeros(len(batch), max(len(x) for x in batch), dtype=torch.long)
+    for r, x in enumerate(batch):
+        idx[r, :len(x)] = torch.tensor(x)
+    with torch.no_grad():
+        return model(idx.to(dev))[0]
+
+
 def _stop_after_eot(eot, end):
     """A row that emitted <|endoftext|> is finished too: force END next, so generate() marks it done (the
     response is cut at the first stop token anyway, so the forced END is never seen)."""
     def process(tokens, logits):
-        hit = tokens[:, -1] == eot
-        if bool(hit.any()):
-            forced = torch.full_like(logits[0], float("-inf"))
-            forced[end] = 0.0
-            logits = torch.where(hit[:, None], forced, logits)
-        return logits
+        return force(logits, tokens[:, -1] == eot, end)
     return process
 
 
@@ -60,12 +74,7 @@ def halt_on_unsafe_reflection(think, unsafe, end_think, end):
         a, b = tokens[:, -2], tokens[:, -1]
         close = (a == think) & (b == unsafe)
         stop = (a == unsafe) & (b == end_think)
-        for hit, tok in ((close, end_think), (stop, end)):
-            if bool(hit.any()):
-                forced = torch.full_like(logits[0], float("-inf"))
-                forced[tok] = 0.0
-                logits = torch.where(hit[:, None], forced, logits)
-        return logits
+        return force(force(logits, close, end_think), stop, end)
     return process
 
 
@@ -120,12 +129,7 @@ def halt_on_text(watch, start, end):
     END (the real-text reflect_halt: the unsafe opener "<think> Unsafe" in whatever tokens, then stop)."""
     def process(tokens, logits):
         rows = tokens[:, max(start, tokens.size(1) - watch.width):].tolist()
-        hit = torch.tensor([watch.found(r) for r in rows], device=logits.device)
-        if bool(hit.any()):
-            forced = torch.full_like(logits[0], float("-inf"))
-            forced[end] = 0.0
-            logits = torch.where(hit[:, None], forced, logits)
-        return logits
+        return force(logits, torch.tensor([watch.found(r) for r in rows], device=logits.device), end)
     return process
 
 
@@ -355,12 +359,7 @@ def classify_reflections(model, w, seqs, sites, dev, chunk=256):
     preds = []
     for c0 in range(0, len(windows), chunk):
         batch = windows[c0:c0 + chunk]
-        T = max(len(x) for x in batch)
-        idx = torch.zeros(len(batch), T, dtype=torch.long)      # right padding: causal attention never reads it
-        for r, x in enumerate(batch):
-            idx[r, :len(x)] = torch.tensor(x)
-        with torch.no_grad():
-            logits, _ = model(idx.to(dev))
+        logits = padded_logits(model, batch, dev)
         rows = torch.arange(len(batch), device=dev)
         at = torch.tensor([len(x) - 3 for x in batch], device=dev)
         label = logits[rows, at].argmax(-1).tolist()               # after <think>
@@ -408,12 +407,7 @@ def request_reflection(model, w, recs, info, dev, chunk=256):
     p_unsafe, p_safe = [], []
     for c0 in range(0, len(seqs), chunk):
         batch = seqs[c0:c0 + chunk]
-        T = max(len(x) for x in batch)
-        idx = torch.zeros(len(batch), T, dtype=torch.long)
-        for r, x in enumerate(batch):
-            idx[r, :len(x)] = torch.tensor(x)
-        with torch.no_grad():
-            logits, _ = model(idx.to(dev))
+        logits = padded_logits(model, batch, dev)
         probs = F.softmax(logits[torch.arange(len(batch), device=dev),
                                  torch.tensor([len(x) - 1 for x in batch], device=dev)].float(), -1)
         p_unsafe += probs[:, w.stoi[UNSAFE]].tolist()

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 import realtext
 from classifier import fit_classifier
 from common import fail, read_jsonl, wilson
+from decode import padded_logits
 from realtext import (EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, classify_sentences, label_segments, read_labels,
                       segment, token_tables)
 
@@ -213,12 +214,7 @@ def classify_reflections(model, seqs, sites, safe_tok, unsafe_tok, dev, chunk=64
     preds, mass = [], []
     for c0 in range(0, len(windows), chunk):
         batch = windows[c0:c0 + chunk]
-        T = max(len(x) for x in batch)
-        idx = torch.zeros(len(batch), T, dtype=torch.long)      # right padding: causal attention never reads it
-        for r, x in enumerate(batch):
-            idx[r, :len(x)] = torch.tensor(x)
-        with torch.no_grad():
-            logits, _ = model(idx.to(dev))
+        logits = padded_logits(model, batch, dev)
         last = logits[torch.arange(len(batch), device=dev), torch.tensor([len(x) - 1 for x in batch], device=dev)]
         probs = F.softmax(last.float(), -1)
         pu, ps = probs[:, unsafe_tok].tolist(), probs[:, safe_tok].tolist()
