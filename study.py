@@ -187,7 +187,9 @@ def plan(P, root, cells, n_seeds):
                                                                   f"--task={stage}", f"--out_dir={d}",
                                                                   f"--seed={1337 + k}"] + P["finetune"],
                         [f"finetune-{pre}-{stage_dir(c, 'sft')}"])
-                attacks = P["attacks_sft"] if stage == "sft" and "benign" in c["stages"] else "direct"
+                # per stage, never per grid: grids share this step (run into one out_dir), so a grid-dependent
+                # attack set would make each grid rerun, and overwrite, the other's
+                attacks = P["attacks_sft"] if stage == "sft" else "direct"
                 dep = f"train-{pre}" if stage == "base" else f"finetune-{pre}-{stage_dir(c, stage)}"
                 add(f"attack-{pre}-{stage_dir(c, stage)}", [py, "attack.py", f"--ckpt={d}", f"--attacks={attacks}",
                                                             f"--decoding={DECODINGS}"] + P["attack"]

@@ -385,3 +385,17 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path)
     tokens = table_rows(text, "Tokens read")
     total, mix = (int(x.replace(",", "")) for x in tokens["reflect @60%"][1:3])
     assert abs(mix - 0.4 * total) <= 1
+
+
+@pytest.mark.parametrize("profile", ["smoke", "toy"])
+def test_grids_sharing_a_step_plan_it_with_one_command(profile, tmp_path):
+    # grids run into one out_dir share steps by name; a step that two grids planned with different commands would be
+    # rerun by each grid in turn, each overwriting the other's results (the ablations and scale grids once planned
+    # the core grid's sft attack with direct alone)
+    P, seen = study.PROFILES[profile], {}
+    for g in study.GRIDS:
+        steps, _ = study.plan(P, str(tmp_path), study.GRIDS[g](P), 2)
+        for name, (cmd, deps) in steps.items():
+            first = seen.setdefault(name, (g, cmd, deps))
+            assert (first[1], first[2]) == (cmd, deps), f"{name}: {first[0]} and {g} plan it differently"
+    assert any(n.startswith("attack-") and n.endswith("-sft") for n in seen)
