@@ -11,11 +11,12 @@ Writes: <ckpt>/attack.json (metrics of every (attack, decoding) pass with 95% Wi
 Run:    python attack.py --ckpt=out/raw
         python attack.py --ckpt=out/raw --attacks=direct,prefill,template,suffix --decoding=greedy,topk,safebeam
         python attack.py --ckpt=out/gpt2-run --prompts_file=harmbench.csv --overrefusal_file=xstest.csv  (real text)
-Attacks (ATTACKS) map an evaluation record to variants {"user", "prefill", "ban", "variant"}; decodings (decode.py)
-map prompts to tokens. direct, prefill (the start of the compliance answer), template (jailbreak wrappers in the
-world's words), suffix (a universal GCG suffix, gcg.py), suppress (<think> banned); greedy, topk, safebeam (tag
-models), reflect_halt (reflection models). All of them run on real text too, judged by refusal strings (approximate).
 """
+# Attacks (ATTACKS) map an evaluation record to variants {"user", "prefill", "ban", "variant"}; decodings (decode.py)
+# map prompts to tokens. direct, prefill (the start of the compliance answer), template (jailbreak wrappers in the
+# world's words), suffix (a universal GCG suffix, gcg.py), suppress (<think> banned); greedy, topk, safebeam (tag
+# models), reflect_halt (reflection models). All of them run on real text too, judged by refusal strings (approximate).
+
 import json
 import os
 import sys

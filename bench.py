@@ -8,16 +8,16 @@ Run:    python bench.py                                   # kernel + training ta
         python bench.py --what=train --profile=config/gpt2_124m.py --train_iters=30
         python bench.py --what=loop --profile=config/toy.py  # CPU: train.py against a bare PyTorch loop
         python bench.py --what=nanogpt --shapes="4,4,128,128,32;8,8,256,128,16"   # model.py vs a nanoGPT GPT-2
-
-kernel: forward and backward time and TFLOPS of the three attention backends, causal, per shape
-        (FLOPs: forward 2 matmuls of 2*B*H*T*T*D, halved by causality; backward 2.5x the forward).
-train:  tokens/s and MFU of the profile's model on random tokens (the model, optimizer and precision train.py uses).
-loop:   train.py's own tokens/s (from its log.jsonl) against the same model in a bare loop: train.py's data
-        reading, logging and checkpointing must cost (almost) nothing.
-nanogpt: model.py against NanoGPT2 below (nanoGPT's model.py with bias=False: learned positions, LayerNorm, a 4x GELU
-        MLP, SDPA, tied embeddings) at the same n_layer x n_embd, trained side by side in one process with AdamW,
-        fp32, steps alternating, --train_iters timed steps each; shapes "n_layer,n_head,n_embd,T,B;...".
 """
+# kernel: forward and backward time and TFLOPS of the three attention backends, causal, per shape
+#         (FLOPs: forward 2 matmuls of 2*B*H*T*T*D, halved by causality; backward 2.5x the forward).
+# train:  tokens/s and MFU of the profile's model on random tokens (the model, optimizer and precision train.py uses).
+# loop:   train.py's own tokens/s (from its log.jsonl) against the same model in a bare loop: train.py's data
+#         reading, logging and checkpointing must cost (almost) nothing.
+# nanogpt: model.py against NanoGPT2 below (nanoGPT's model.py with bias=False: learned positions, LayerNorm, a 4x GELU
+#         MLP, SDPA, tied embeddings) at the same n_layer x n_embd, trained side by side in one process with AdamW,
+#         fp32, steps alternating, --train_iters timed steps each; shapes "n_layer,n_head,n_embd,T,B;...".
+
 import json
 import os
 import subprocess

@@ -8,14 +8,15 @@ Writes: <out>/config.json (LlamaConfig), model.safetensors, tokenizer.json (+ to
         world.json for a world model (the oracle's definition travels with it)
 Run:    python export_hf.py --ckpt=out/raw --out=out/raw-hf
         python -c "from transformers import AutoTokenizer, LlamaForCausalLM as M; M.from_pretrained('out/raw-hf')"
-model.py is Llama: RMSNorm, RoPE, SwiGLU, no biases, embeddings tied to the head. Its q and k rows keep Hugging
-Face's rotate-half layout (model.pair_order reorders them only at compute time), so every weight is copied as it is:
-c_attn's rows are q, k, v; c_fc's are gate, up. The tokenizer: a world model gets a word-level `tokenizers`
-tokenizer of the world's vocabulary, a real-text model its tiktoken BPE (gpt2 and the like) as a byte-level BPE,
-with the special tokens (<|endoftext|>, <|harmful|>, ...) at their ids. Needs safetensors and tokenizers (both come
-with transformers); with transformers installed, the export is loaded back and its logits compared with model.py's
-before it replaces anything (--check).
 """
+# model.py is Llama: RMSNorm, RoPE, SwiGLU, no biases, embeddings tied to the head. Its q and k rows keep Hugging
+# Face's rotate-half layout (model.pair_order reorders them only at compute time), so every weight is copied as it is:
+# c_attn's rows are q, k, v; c_fc's are gate, up. The tokenizer: a world model gets a word-level `tokenizers`
+# tokenizer of the world's vocabulary, a real-text model its tiktoken BPE (gpt2 and the like) as a byte-level BPE,
+# with the special tokens (<|endoftext|>, <|harmful|>, ...) at their ids. Needs safetensors and tokenizers (both come
+# with transformers); with transformers installed, the export is loaded back and its logits compared with model.py's
+# before it replaces anything (--check).
+
 import json
 import os
 import shutil

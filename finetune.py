@@ -13,9 +13,10 @@ Run:    python finetune.py --init_from=out/toy-reflect --task=sft               
         python finetune.py --init_from=out/gpt2 --task=sft --data_files=chat.parquet --prompt_key=question
         python finetune.py --init_from=out/gpt2-reflect --task=sft --data_files=chat.jsonl --labels=chat_spans.jsonl
         python finetune.py --init_from=resume --out_dir=out/toy-raw-sft --task=sft  (continues the same finetune)
-Defaults fit config/toy.py models: 150 iterations of 32 rows, learning rate 1e-3 (a third of pretraining's peak,
-so it adapts the model without wiping what pretraining built), a fresh AdamW without weight decay.
 """
+# Defaults fit config/toy.py models: 150 iterations of 32 rows, learning rate 1e-3 (a third of pretraining's peak,
+# so it adapts the model without wiping what pretraining built), a fresh AdamW without weight decay.
+
 import hashlib
 import json
 import math

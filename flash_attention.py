@@ -3,44 +3,43 @@ FlashAttention-2 in Triton: causal self-attention, forward and backward, as one 
 
     from flash_attention import flash_attention
     y = flash_attention(q, k, v)          # q, k, v: (B, H, T, D) -> y: (B, H, T, D), causal
-
-Algorithm (Dao 2023, "FlashAttention-2"), and why each piece is there:
-- Forward. One program owns a block of BLOCK_M queries and streams over the key/value blocks that
-  it may see, never materialising the T x T score matrix. It keeps a running row max m, a running
-  row sum l and an unnormalised output acc ("online softmax"): when a new block raises the max,
-  the old l and acc are rescaled by exp(m_old - m_new). All of this is fp32. Exponentials are
-  exp2, with log2(e) folded into the softmax scale, because exp2 is the native GPU instruction.
-- Causality. Key blocks that lie entirely before the query block are fully visible, so they are
-  processed without any mask; only the key blocks on the diagonal get the causal mask (and the
-  load masks for a sequence tail that is not a multiple of the block size). Blocks after the
-  diagonal are skipped, which halves the work.
-- The forward stores one fp32 number per row, the log-sum-exp (base 2) of the scaled scores.
-  With it the backward recomputes the probabilities P = exp2(S - lse) exactly, block by block,
-  instead of saving the T x T matrix P.
-- Backward, three kernels: (1) delta = rowsum(O * dO), the term that the softmax Jacobian
-  subtracts (dS = P * (dP - delta)); (2) one program per key block accumulates dK and dV while
-  looping over the query blocks that see it; (3) one program per query block accumulates dQ
-  while looping over its key blocks. Splitting (2) and (3) recomputes P twice but means every
-  output element is written by exactly one program: no atomics, and autotuning (which reruns
-  kernels) is safe.
-
-Block shapes: every kernel's outer block is a multiple of its inner (loop) block, which keeps the
-diagonal logic simple: the diagonal is then covered by a whole number of inner blocks, and all
-other inner blocks are either fully visible or skipped. (Forward and dQ: BLOCK_M % BLOCK_N == 0;
-dK/dV: BLOCK_N % BLOCK_M == 0, where BLOCK_M is always the query-side block.)
-
-Dtypes: fp32, fp16 or bf16 inputs (the output and gradients come back in the same dtype).
-Matmuls accumulate in fp32; for fp32 inputs they use full IEEE precision (no TF32), so fp32
-results match a float64 reference to ~1e-6. Head dims 16, 32, 64, 128; any T >= 1.
-
-On a GPU the kernels are autotuned over a few block sizes per (T, head dim, dtype). Under
-Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) fixed 16 x 16 blocks are
-used instead, see INTERPRET_BLOCKS.
-
-Tested (on CPU, through the interpreter) against a float64 reference:
-    .venv/bin/python -m pytest tests/test_flash_attention.py
-Benchmarked against torch's scaled_dot_product_attention by bench.py.
 """
+# Algorithm (Dao 2023, "FlashAttention-2"), and why each piece is there:
+# - Forward. One program owns a block of BLOCK_M queries and streams over the key/value blocks that
+#   it may see, never materialising the T x T score matrix. It keeps a running row max m, a running
+#   row sum l and an unnormalised output acc ("online softmax"): when a new block raises the max,
+#   the old l and acc are rescaled by exp(m_old - m_new). All of this is fp32. Exponentials are
+#   exp2, with log2(e) folded into the softmax scale, because exp2 is the native GPU instruction.
+# - Causality. Key blocks that lie entirely before the query block are fully visible, so they are
+#   processed without any mask; only the key blocks on the diagonal get the causal mask (and the
+#   load masks for a sequence tail that is not a multiple of the block size). Blocks after the
+#   diagonal are skipped, which halves the work.
+# - The forward stores one fp32 number per row, the log-sum-exp (base 2) of the scaled scores.
+#   With it the backward recomputes the probabilities P = exp2(S - lse) exactly, block by block,
+#   instead of saving the T x T matrix P.
+# - Backward, three kernels: (1) delta = rowsum(O * dO), the term that the softmax Jacobian
+#   subtracts (dS = P * (dP - delta)); (2) one program per key block accumulates dK and dV while
+#   looping over the query blocks that see it; (3) one program per query block accumulates dQ
+#   while looping over its key blocks. Splitting (2) and (3) recomputes P twice but means every
+#   output element is written by exactly one program: no atomics, and autotuning (which reruns
+#   kernels) is safe.
+#
+# Block shapes: every kernel's outer block is a multiple of its inner (loop) block, which keeps the
+# diagonal logic simple: the diagonal is then covered by a whole number of inner blocks, and all
+# other inner blocks are either fully visible or skipped. (Forward and dQ: BLOCK_M % BLOCK_N == 0;
+# dK/dV: BLOCK_N % BLOCK_M == 0, where BLOCK_M is always the query-side block.)
+#
+# Dtypes: fp32, fp16 or bf16 inputs (the output and gradients come back in the same dtype).
+# Matmuls accumulate in fp32; for fp32 inputs they use full IEEE precision (no TF32), so fp32
+# results match a float64 reference to ~1e-6. Head dims 16, 32, 64, 128; any T >= 1.
+#
+# On a GPU the kernels are autotuned over a few block sizes per (T, head dim, dtype). Under
+# Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py) fixed 16 x 16 blocks are
+# used instead, see INTERPRET_BLOCKS.
+#
+# Tested (on CPU, through the interpreter) against a float64 reference:
+#     .venv/bin/python -m pytest tests/test_flash_attention.py
+# Benchmarked against torch's scaled_dot_product_attention by bench.py.
 
 import math
 import os

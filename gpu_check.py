@@ -12,30 +12,31 @@ Writes: <out_dir>/results.jsonl  one row per measurement, appended and flushed a
 Run:    python gpu_check.py --out_dir=out/gpu_check                 # one H200: about 5 minutes (--budget_s)
         python gpu_check.py --out_dir=/tmp/gpu_check --cpu_smoke=True   # the same code paths on CPU, tiny shapes
         python gpu_check.py --out_dir=out/gpu_check2 --sections=study   # one section again
-Sections (each guarded: a failure is recorded and the rest still runs; one that would start past the budget is
-skipped with a note):
-  correct  the Triton kernel against a float64 reference (forward, dQ, dK, dV), bf16 and fp16, head dims 64 and
-           128, T = 1024, 4096 and a ragged 1000 (B = 1, H = 16), outputs poisoned with NaN before each run;
-           PyTorch's SDPA on the same inputs beside it. Inputs: torch.randn on a CPU generator seeded with the row's
-           seed, in float64, in the order q, k, v, dO, then cast. One worker process per (dtype, head dim), side by
-           side: the first call of each compiles and autotunes 24 kernel configurations (first_call_s), CPU work.
-  speed    forward and backward ms (median, CUDA events via triton's do_bench, after autotuning) and TFLOP/s of the
-           kernel and of SDPA's flash backend, bf16, causal, d = 64 and 128, T = 1k-8k at 16k tokens per call
-           (FLOPs: 2 matmuls of 2*B*H*T*T*D, halved by causality; backward 2.5x the forward)
-  train    tokens/s, MFU (model.estimate_mfu: bf16 peak) and peak memory of train.py's model, optimizer and
-           precision for config/gpt2_124m.py and config/smollm_1p7b.py (as many of its layers as fit), compiled,
-           4 micro-steps per optimizer step, timed after warm-up; each shape is compiled once beforehand in a worker
-           beside the correct section, so the timed run reads warm caches (compile_s: what its own compile took).
-           If the compiled model fails with the Triton kernel, the error is a row and it is measured with SDPA.
-  study    study.py --profile=gpu on the core grid's safety_pretraining cell (every stage once, the costliest
-           attack: safe beam search), one step at a time: each step's seconds; then `jobs_k` copies of its train
-           and sft-attack steps at once against one alone (the speed-up of study.py --jobs=k)
-Autotuning picks are cached on disk (TRITON_CACHE_AUTOTUNING=1) from the speed section on, which times them on a
-quiet GPU; the correctness workers, side by side, keep theirs to themselves.
---cpu_smoke=True: Triton in its interpreter (fp32/fp16, head dims 16/32, T = 16, 32 and 21), tiny models without
-compile, the smoke study profile on one cell of its scale grid (its speed-up copies the prepare step); wall-clock
-timing. Its numbers say nothing about speed.
 """
+# Sections (each guarded: a failure is recorded and the rest still runs; one that would start past the budget is
+# skipped with a note):
+#   correct  the Triton kernel against a float64 reference (forward, dQ, dK, dV), bf16 and fp16, head dims 64 and
+#            128, T = 1024, 4096 and a ragged 1000 (B = 1, H = 16), outputs poisoned with NaN before each run;
+#            PyTorch's SDPA on the same inputs beside it. Inputs: torch.randn on a CPU generator seeded with the row's
+#            seed, in float64, in the order q, k, v, dO, then cast. One worker process per (dtype, head dim), side by
+#            side: the first call of each compiles and autotunes 24 kernel configurations (first_call_s), CPU work.
+#   speed    forward and backward ms (median, CUDA events via triton's do_bench, after autotuning) and TFLOP/s of the
+#            kernel and of SDPA's flash backend, bf16, causal, d = 64 and 128, T = 1k-8k at 16k tokens per call
+#            (FLOPs: 2 matmuls of 2*B*H*T*T*D, halved by causality; backward 2.5x the forward)
+#   train    tokens/s, MFU (model.estimate_mfu: bf16 peak) and peak memory of train.py's model, optimizer and
+#            precision for config/gpt2_124m.py and config/smollm_1p7b.py (as many of its layers as fit), compiled,
+#            4 micro-steps per optimizer step, timed after warm-up; each shape is compiled once beforehand in a worker
+#            beside the correct section, so the timed run reads warm caches (compile_s: what its own compile took).
+#            If the compiled model fails with the Triton kernel, the error is a row and it is measured with SDPA.
+#   study    study.py --profile=gpu on the core grid's safety_pretraining cell (every stage once, the costliest
+#            attack: safe beam search), one step at a time: each step's seconds; then `jobs_k` copies of its train
+#            and sft-attack steps at once against one alone (the speed-up of study.py --jobs=k)
+# Autotuning picks are cached on disk (TRITON_CACHE_AUTOTUNING=1) from the speed section on, which times them on a
+# quiet GPU; the correctness workers, side by side, keep theirs to themselves.
+# --cpu_smoke=True: Triton in its interpreter (fp32/fp16, head dims 16/32, T = 16, 32 and 21), tiny models without
+# compile, the smoke study profile on one cell of its scale grid (its speed-up copies the prepare step); wall-clock
+# timing. Its numbers say nothing about speed.
+
 import contextlib
 import gc
 import glob

@@ -12,10 +12,11 @@ Run:    python prepare.py                                         # toy MedSafet
         python prepare.py --harm_facts=False                      # world v1 (no stated safety definition)
         python prepare.py --dataset=fineweb-edu --num_docs=100000 --num_proc=8
         python prepare.py --dataset=fineweb-edu --data_files='/data/fineweb/*.parquet' --min_int_score=4
-Every output directory is written beside the old one and swapped in at the end: an interrupted or failed run leaves
-existing outputs intact. The same flags give byte-identical files. FineWeb-Edu keeps its finished shards
-(<out_dir>/fineweb-edu/.docs-partial/): a rerun with the same flags resumes after the last one.
 """
+# Every output directory is written beside the old one and swapped in at the end: an interrupted or failed run leaves
+# existing outputs intact. The same flags give byte-identical files. FineWeb-Edu keeps its finished shards
+# (<out_dir>/fineweb-edu/.docs-partial/): a rerun with the same flags resumes after the last one.
+
 import glob
 import hashlib
 import json

@@ -10,13 +10,14 @@ Writes: <ckpt>/probe.json (layout: README.md, "probe.py"), <ckpt>/probe.png (acc
 Run:    python probe.py --ckpt=out/raw
         python probe.py --ckpt=out/reflect-0,out/reflect-20,out/reflect-60 --labels=0%,20%,60% --out=out/probe.png
         python probe.py --ckpt=out/gpt2-reflect --docs=heldout.jsonl --span_labels=heldout_spans.jsonl  (real text)
-Per layer and feature kind (mean over the segment's tokens, last token) a logistic regression fitted by L-BFGS on
-one half, scored on the other; identical model inputs always fall in the same half (the grammar repeats segments).
-The number to compare is the average over layers 1..L ("deep"); layer 0, the embeddings, reads the words alone.
-Real text: every segment of the documents (the pretraining segmenter and labeller, realreflect.py) is a record, read
-at its end; a document goes whole to one half. A reflection model's own reflections are also read there, teacher-
-forced (P(unsafe opener) vs P(safe opener)): probe.json's "reflection_classification", with Wilson intervals.
 """
+# Per layer and feature kind (mean over the segment's tokens, last token) a logistic regression fitted by L-BFGS on
+# one half, scored on the other; identical model inputs always fall in the same half (the grammar repeats segments).
+# The number to compare is the average over layers 1..L ("deep"); layer 0, the embeddings, reads the words alone.
+# Real text: every segment of the documents (the pretraining segmenter and labeller, realreflect.py) is a record, read
+# at its end; a document goes whole to one half. A reflection model's own reflections are also read there, teacher-
+# forced (P(unsafe opener) vs P(safe opener)): probe.json's "reflection_classification", with Wilson intervals.
+
 import json
 import os
 import random

@@ -5,16 +5,17 @@ held-out segments and the teacher-forced reads of a model's own reflections.
 
 Reads, writes: nothing by itself. The label sources are reflect.py's: --labels (spans from any guard model, read by
 realtext.read_labels) or --train_classifier (the built-in classifier, trained as reflect.py trains it).
-An sft row (finetune.py, --task=sft on a reflection model):
-    prompt  chat_template.format(prompt=...)                       e.g. "User: How do I bake bread?\nAssistant:"
-    target  the reflection on the prompt (the whole prompt is one segment), then, if it is safe, the response (after a
-            space) cut by the pretraining segmenter, each segment followed by its reflection; <|endoftext|> right
-            after the first unsafe reflection (the rest of the response is dropped: the model learns to stop), or after
-            the last one. Labels name the texts "<row id>/prompt" and "<row id>/response", offsets into the data's
-            prompt and response strings.
-Reflections are written as the model's pretraining wrote them (meta.json's reflection_format, else realtext.py's
-" <think> Safe </think>" / " <think> Unsafe {category} </think>").
 """
+# An sft row (finetune.py, --task=sft on a reflection model):
+#     prompt  chat_template.format(prompt=...)                       e.g. "User: How do I bake bread?\nAssistant:"
+#     target  the reflection on the prompt (the whole prompt is one segment), then, if it is safe, the response (after a
+#             space) cut by the pretraining segmenter, each segment followed by its reflection; <|endoftext|> right
+#             after the first unsafe reflection (the rest of the response is dropped: the model learns to stop), or after
+#             the last one. Labels name the texts "<row id>/prompt" and "<row id>/response", offsets into the data's
+#             prompt and response strings.
+# Reflections are written as the model's pretraining wrote them (meta.json's reflection_format, else realtext.py's
+# " <think> Safe </think>" / " <think> Unsafe {category} </think>").
+
 import os
 from itertools import chain
 

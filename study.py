@@ -11,15 +11,18 @@ Writes: <out_dir>/data/<world>-seed<k>/medsafety/...   prepare.py and reflect.py
         <out_dir>/<grid report>.md    report.py's tables, plots and claims (report.md for the core grid)
         <out_dir>/wall-<grid>.jsonl, study.log   wall time per invocation; every step's command and output
 Run:    python study.py                              # the toy study: the core grid on one world (make study)
-        python study.py --grid=core --seeds=3         # the same on three worlds
-        python study.py --grid=scale                  # reflect vs filter at 3 model sizes x 2 token budgets
-        python study.py --grid=ablations --seeds=3    # world v1 vs v2, 16 harm effects vs 8
-        python study.py --grid=curriculum --seeds=3   # starts 0/20/60/100% and dose-matched controls
-        python study.py --only=reflect                # only cells whose name contains one of these
-A rerun skips finished steps, resumes an interrupted training from its checkpoint, and reruns a step whose flags
-changed together with everything after it. Grids share steps: run them into one --out_dir and no model is trained
-twice.
+        python study.py --grid=core --seeds=3         # three worlds; the other grids (GRIDS): see below
 """
+# The grids (python study.py --grid=<name>, one or more worlds with --seeds):
+#   --grid=core --seeds=3         the interventions and the two cross ablations on three worlds
+#   --grid=scale                  reflect vs filter at 3 model sizes x 2 token budgets
+#   --grid=ablations --seeds=3    world v1 vs v2, 16 harm effects vs 8
+#   --grid=curriculum --seeds=3   starts 0/20/60/100% and dose-matched controls
+#   --only=reflect                only cells whose name contains one of these
+# A rerun skips finished steps, resumes an interrupted training from its checkpoint, and reruns a step whose flags
+# changed together with everything after it. Grids share steps: run them into one --out_dir and no model is trained
+# twice.
+
 import json
 import os
 import shlex
