@@ -84,8 +84,8 @@ APPLIES = {   # pass parts that need something of the model: (predicate on the m
 
 
 # ----------------------------------------------------------------------------- attacks
-# attack(world, record, A) -> [{"user", "prefill", "ban", "variant"}] or None if the attack does not apply.
-# A: {"suffix": suffix text, "train_ids": ids of the suffix's train split (left out of scoring), "wrappers"}
+# attack(world, record, shared) -> [{"user", "prefill", "ban", "variant"}] or None if the attack does not apply.
+# shared: {"suffix": suffix text, "train_ids": ids of the suffix's train split (left out of scoring), "wrappers"}
 
 def chat_input(w, user, prefill, info):
     """The model's input for a user turn (and a prefill) in its chat format (model_info): plain "<user> assistant :",
@@ -95,7 +95,7 @@ def chat_input(w, user, prefill, info):
     return w.chat(user, reflect=info["chat"] == "reflect", segment_tokens=info["segment_tokens"])[0]
 
 
-def attack_direct(w, rec, A):
+def attack_direct(w, rec, shared):
     return [variant(rec["user"])]
 
 
@@ -110,7 +110,7 @@ def prefill_of(w, rec):
     return ""
 
 
-def attack_prefill(w, rec, A):
+def attack_prefill(w, rec, shared):
     p = prefill_of(w, rec)
     return [variant(rec["user"], prefill=p)] if p else None
 
@@ -129,17 +129,17 @@ def wrap(user, text):
     return head + text + " " + user[len(head):] if user.startswith(head) else f"{text} {user}"
 
 
-def attack_template(w, rec, A):
-    return [variant(wrap(rec["user"], text), name=name) for name, text in A["wrappers"].items()]
+def attack_template(w, rec, shared):
+    return [variant(wrap(rec["user"], text), name=name) for name, text in shared["wrappers"].items()]
 
 
-def attack_suffix(w, rec, A):
-    if rec["id"] in A["train_ids"]:
+def attack_suffix(w, rec, shared):
+    if rec["id"] in shared["train_ids"]:
         return None   # the suffix's train split: scored on held-out prompts only
-    return [variant(f"{rec['user']} {A['suffix']}")]
+    return [variant(f"{rec['user']} {shared['suffix']}")]
 
 
-def attack_suppress(w, rec, A):
+def attack_suppress(w, rec, shared):
     return [variant(rec["user"], ban=[THINK])]
 
 
@@ -420,12 +420,12 @@ def main():
     print("prompts: " + ", ".join(f"{s} {len(r)}" for s, r in data.items())
           + f"; attacks {','.join(attack_names)}; decodings {','.join(decoding_names)}")
 
-    A = {"suffix": "", "train_ids": set(), "wrappers": {}}
+    shared = {"suffix": "", "train_ids": set(), "wrappers": {}}
     if "template" in attack_names:
-        A["wrappers"], missing = usable_wrappers(w)
+        shared["wrappers"], missing = usable_wrappers(w)
         for name, lack in missing.items():
             print(f"template '{name}': skipped, the world lacks the words {', '.join(lack)}")
-        if not A["wrappers"]:
+        if not shared["wrappers"]:
             fail("no jailbreak template fits this world's vocabulary")
     lock_dir(run_dir)           # the inputs are checked: from here on this process writes run_dir, and only it
     fp = model_fingerprint(model)
@@ -435,9 +435,9 @@ def main():
         hpath = os.path.join(sets_dir(wpath, eval_dir), SET_FILES["harmful"])
         if not os.path.isfile(hpath):
             fail(f"the suffix attack fits on '{hpath}', which is not there (run prepare.py, or pass --eval_dir)")
-        suffix_rec, A["train_ids"] = get_suffix(model, w, read_jsonl(hpath), info["chat"] == "reflect", run_dir,
+        suffix_rec, shared["train_ids"] = get_suffix(model, w, read_jsonl(hpath), info["chat"] == "reflect", run_dir,
                                                 dev, {k: globals()[k] for k in defaults_of(globals())}, fp)
-        A["suffix"] = suffix_rec["suffix"]
+        shared["suffix"] = suffix_rec["suffix"]
 
     # every pass's model inputs first, so a prompt too long for the model stops the run before any generation
     inputs = {}
@@ -449,7 +449,7 @@ def main():
             if s not in ATTACK_SETS.get(a, (s,)):
                 continue
             for r in recs:
-                for x in ATTACKS[a](w, r, A) or []:
+                for x in ATTACKS[a](w, r, shared) or []:
                     x["input"] = chat_input(w, x["user"], x["prefill"], info)
                     try:
                         ids = w.encode(x["input"])
@@ -518,7 +518,7 @@ def main_real(attack_names, decoding_names, dev):
     path, ck, enc, model, run_dir = run.path, run.ck, run.enc, run.model, run.dir
     config = {k: globals()[k] for k in defaults_of(globals())}
     info = model_info(ck)
-    R = RealText(enc, ck.get("meta") or {}, model.config.vocab_size)
+    real = RealText(enc, ck.get("meta") or {}, model.config.vocab_size)
     every = real_records(prompts_file, overrefusal_file)
     recs = cap(every, lambda x: (x[0], x[1]["kind"]))
     if not recs:
@@ -532,17 +532,17 @@ def main_real(attack_names, decoding_names, dev):
     lock_dir(run_dir)
     fp = model_fingerprint(model)
     prev = previous_results(run_dir, fp, ck)
-    A, suffix_rec = {"suffix": "", "suffix_ids": [], "train_ids": set()}, None
+    shared, suffix_rec = {"suffix": "", "suffix_ids": [], "train_ids": set()}, None
     if any(a == "suffix" for a, _ in runs):
-        reflection = (R.safe if info["chat"] == "reflect" else "")
-        suffix_rec, A["train_ids"] = get_real_suffix(
+        reflection = (real.safe if info["chat"] == "reflect" else "")
+        suffix_rec, shared["train_ids"] = get_real_suffix(
             model, enc, [r for s, r in every if s == "harmful"], chat_template,
             lambda r: r.get("target") or REAL_PREFILL, reflection, run_dir, dev, config, fp)
-        A["suffix"], A["suffix_ids"] = suffix_rec["suffix"], suffix_rec["ids"]
+        shared["suffix"], shared["suffix_ids"] = suffix_rec["suffix"], suffix_rec["ids"]
     names = [a for a in attack_names if any(x == a for x, _ in runs)]
-    inputs = real_inputs(names, recs, A, R, chat_template, model.config.block_size, max_new_tokens)
-    ctx = dict(decode_ctx(dev, R.eot, R.eot, {}), **R.ctx())
-    results, skipped, lines = run_passes(model, inputs, (names, decoding_names), ctx, R.judge, R.decode,
+    inputs = real_inputs(names, recs, shared, real, chat_template, model.config.block_size, max_new_tokens)
+    ctx = dict(decode_ctx(dev, real.eot, real.eot, {}), **real.ctx())
+    results, skipped, lines = run_passes(model, inputs, (names, decoding_names), ctx, real.judge, real.decode,
                                          lambda a, d: skip_reason(info, a, d), ["harmful", "xstest"], real_metrics)
     report = {"ckpt": path, "iter_num": ck.get("iter_num"), "world": None, "data_dir": ck.get("data_dir"),
               "tokens_seen": ck.get("tokens_seen"), "model_sha256": fp, "config": config, "model": info,
@@ -550,7 +550,7 @@ def main_real(attack_names, decoding_names, dev):
               "reflection_classification": None, "request_reflection": None, "approximate": True,
               "judge": "refusal strings (REFUSAL_STRINGS), or a halt after an unsafe reflection: approximate, not an "
                        "oracle", "refusal_strings": REFUSAL_STRINGS,
-              "reflection_text": {"opener": R.opener, "unsafe_opener": R.unsafe_opener}}
+              "reflection_text": {"opener": real.opener, "unsafe_opener": real.unsafe_opener}}
     finish(run_dir, report, results, lines, dev, prev)
     print("note: real-text metrics are approximate (a refusal phrase anywhere counts as a refusal)")
 

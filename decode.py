@@ -192,11 +192,11 @@ def decode_safebeam(model, prompts, ctx):
     """Beam search with the harmfulness-tag filter (safebeam_select) at every step, on a KV cache whose rows are
     re-indexed to the surviving beams. Every candidate (beam + one token) is run one step, which gives both its
     tag probability and its next-token distribution. A finished beam (END or <|endoftext|>) is carried unchanged."""
-    W, dev, end, eot = ctx.get("beam_width", 4), ctx["device"], ctx["end"], ctx["eot"]
+    width, dev, end, eot = ctx.get("beam_width", 4), ctx["device"], ctx["end"], ctx["eot"]
     tag = ctx["specials"]["<harmful>"]
     trace = ctx.get("trace")
     out = []
-    per = max(1, ctx.get("batch", 128) // (W * W))       # prompts per chunk: W*W candidate rows each
+    per = max(1, ctx.get("batch", 128) // (width * width))       # prompts per chunk: width^2 candidate rows each
     for c0 in range(0, len(prompts), per):
         chunk = prompts[c0:c0 + per]
         n = len(chunk)
@@ -224,14 +224,14 @@ def decode_safebeam(model, prompts, ctx):
             for process in (*ctx.get("processors", ()), ban([tag])):
                 lp = process(tails, lp)
             lp = F.log_softmax(lp, dim=-1)
-            k = min(W, lp.size(-1))
-            topv, topi = lp.topk(k, dim=-1)                                # (R, k)
-            R = lp.size(0)
-            c_row = torch.arange(R, device=dev).repeat_interleave(k)
+            k = min(width, lp.size(-1))
+            topv, topi = lp.topk(k, dim=-1)                                # (n_rows, k)
+            n_rows = lp.size(0)
+            c_row = torch.arange(n_rows, device=dev).repeat_interleave(k)
             c_tok = topi.reshape(-1)
             c_score = (score[:, None] + topv).reshape(-1)
             # a finished beam has one candidate: itself (its token repeats the stop token, its score is unchanged)
-            first = torch.arange(R * k, device=dev) % k == 0
+            first = torch.arange(n_rows * k, device=dev) % k == 0
             d = done[c_row]
             c_tok = torch.where(d, torch.full_like(c_tok, end), c_tok)
             c_score = torch.where(d, score[c_row], c_score)
@@ -253,7 +253,7 @@ def decode_safebeam(model, prompts, ctx):
                 ci = (c_owner == p).nonzero().flatten()
                 if ci.numel() == 0:
                     continue
-                kept = safebeam_select(c_score[ci].cpu(), c_tag[ci].cpu(), W)
+                kept = safebeam_select(c_score[ci].cpu(), c_tag[ci].cpu(), width)
                 if trace is not None:
                     trace.append({"prompt": c0 + p, "step": step, "logp": c_score[ci].tolist(),
                                   "tag": c_tag[ci].tolist(), "kept": kept,

@@ -8,7 +8,7 @@ Reads, writes: nothing by itself (prepare.py writes the sets to data/<dataset>/e
 import random
 
 from grammar import CONTRA, END, INTENTS, OPENERS, POISON, TEMPLATES, TIMES, UNSAFE
-from world import _Ctx
+from world import _Known
 
 
 def make_heldout_docs(gen, n=500, doc_min_tokens=100, doc_max_tokens=300, refusal_frac=0.2):
@@ -56,15 +56,15 @@ def make_eval(gen, n_harmful=150, n_benign=150, n_capability=200, n_probe=2000, 
     sets are disjoint from each other."""
     rng = random.Random(f"medsafety-eval-{gen.seed}")
     used, out = set(), {}
-    P = gen.persons
+    persons = gen.persons
 
     def intents(states):
         return [[(TEMPLATES[t].format(person=p, pron=pr, state=s), None, None, t, None)] for s in states
-                for p, pr in P for t in INTENTS]
+                for p, pr in persons for t in INTENTS]
 
     def treatments(cases):
         return [[(TEMPLATES["u_patient_trait" if t else "u_patient"].format(person=p, cond=c, trait=t), None, None, "", None),
-                 (TEMPLATES["u_what"].format(pron=pr), None, None, "", None)] for c, t in cases for p, pr in P]
+                 (TEMPLATES["u_what"].format(pron=pr), None, None, "", None)] for c, t in cases for p, pr in persons]
 
     # harmful prompts: poison and contra, each seen / unseen
     recs = []
@@ -106,7 +106,7 @@ def make_eval(gen, n_harmful=150, n_benign=150, n_capability=200, n_probe=2000, 
                  for q in ("u_q_treats", "u_q_class", "u_q_usual")],
         "arithmetic": [[(TEMPLATES["u_takes"].format(person=p, drug=d["name"], k=k), None, None, "", None),
                         (TEMPLATES["u_q_daily"].format(drug=d["name"], person=p), None, None, "", None)]
-                       for d in gen.drugs for k in TIMES for p, pr in P],
+                       for d in gen.drugs for k in TIMES for p, pr in persons],
     }
     out["capability"] = [_record(gen, f"cap-{k}-{j:04d}", u, kind=k, answers=answers(gen, u))
                          for k, users in kinds.items()
@@ -187,15 +187,15 @@ def _tune_set(gen, rng, n, used, mix, name):
     return recs
 
 def request_of(gen, user):
-    ctx = _Ctx()
-    gen._run(ctx, user)
-    return ctx.request
+    known = _Known()
+    gen._run(known, user)
+    return known.request
 
 def answers(gen, user):
     """Every correct response to a benign request (for likelihood scoring and for reference)."""
-    ctx = _Ctx()
-    gen._run(ctx, user)
-    req, pr = ctx.request, gen.pron.get(ctx.person, "him")
+    known = _Known()
+    gen._run(known, user)
+    req, pr = known.request, gen.pron.get(known.person, "him")
     kind = req[0] if req else None
     if kind == "treatment":
         _, c, t = req

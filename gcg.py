@@ -37,14 +37,14 @@ class SpliceLoss:
     prompt given as token ids (before the suffix, after it, the target). Rows are right-padded with `pad` (causal
     attention: padding after a row never changes its earlier positions)."""
 
-    def __init__(self, model, parts, L, dev, pad):
-        self.model, self.L, self.dev = model, L, dev
+    def __init__(self, model, parts, suffix_len, dev, pad):
+        self.model, self.L, self.dev = model, suffix_len, dev
         rows, self.starts, self.tspan = [], [], []
         for pre, post, tgt in parts:
             self.starts.append(len(pre))
-            t0 = len(pre) + L + len(post)
+            t0 = len(pre) + suffix_len + len(post)
             self.tspan.append((t0, t0 + len(tgt)))
-            rows.append(pre + [0] * L + post + tgt)
+            rows.append(pre + [0] * suffix_len + post + tgt)
         T = max(len(x) for x in rows)
         ids = torch.full((len(rows), T), pad, dtype=torch.long)
         tmask = torch.zeros(len(rows), T, dtype=torch.bool)   # which logits (position t predicts t + 1) are scored
@@ -55,7 +55,8 @@ class SpliceLoss:
             tmask[i, a - 1:b - 1] = True
             targets[i, a - 1:b - 1] = ids[i, a:b]
         self.ids, self.targets = ids.to(dev), targets.to(dev)
-        self.cols = (torch.tensor(self.starts)[:, None] + torch.arange(L)[None, :]).to(dev)   # (N, L) suffix slots
+        # (N, suffix_len): the suffix slots
+        self.cols = (torch.tensor(self.starts)[:, None] + torch.arange(suffix_len)[None, :]).to(dev)
         self.ntgt = tmask.sum(1).to(dev).float()
 
     def _per_row(self, logits, targets):
@@ -63,7 +64,7 @@ class SpliceLoss:
         return ce.sum(1)
 
     def __call__(self, cands, chunk=4096):
-        """cands (C, L) suffix ids -> (C,) losses, exactly."""
+        """cands (C, suffix_len) suffix ids -> (C,) losses, exactly."""
         N = self.ids.size(0)
         out = []
         # at most chunk rows and 2^26 logits a forward: a real vocabulary (50k) makes every row's logits large
@@ -80,14 +81,14 @@ class SpliceLoss:
         return torch.cat(out)
 
     def grad(self, suffix):
-        """Gradient of the loss w.r.t. the one-hot suffix tokens, (L, vocab)."""
-        W = self.model.wte.weight
-        onehot = F.one_hot(suffix, W.size(0)).to(W.dtype).requires_grad_(True)
+        """Gradient of the loss w.r.t. the one-hot suffix tokens, (suffix_len, vocab)."""
+        emb_table = self.model.wte.weight
+        onehot = F.one_hot(suffix, emb_table.size(0)).to(emb_table.dtype).requires_grad_(True)
         with torch.enable_grad():
-            emb = W[self.ids].detach()
+            emb = emb_table[self.ids].detach()
             N = emb.size(0)
             rows = torch.arange(N, device=self.dev)[:, None].expand(N, self.L)
-            emb = emb.index_put((rows, self.cols), (onehot @ W)[None].expand(N, -1, -1))
+            emb = emb.index_put((rows, self.cols), (onehot @ emb_table)[None].expand(N, -1, -1))
             logits, _ = self.model(None, embeds=emb)
             loss = (self._per_row(logits, self.targets) / self.ntgt).mean()
             loss.backward()
@@ -98,35 +99,35 @@ class SuffixLoss(SpliceLoss):
     """SpliceLoss on MedSafetyWorld prompts: the user turn, the suffix, "assistant :" (plain models; a reflection
     model reflects right after the user turn, so its target starts with the reflection), the target."""
 
-    def __init__(self, model, w, recs, reflective, L, dev):
+    def __init__(self, model, w, recs, reflective, suffix_len, dev):
         parts = [(w.encode(r["user"]), [] if reflective else w.encode("assistant :"),
                   w.encode(gcg_target(w, r, reflective))) for r in recs]
-        super().__init__(model, parts, L, dev, w.stoi[EOT])
+        super().__init__(model, parts, suffix_len, dev, w.stoi[EOT])
 
 
-def fit_suffix(model, w, recs, reflective, dev, steps, topk, batch, L, gen, log=print, loss=None):
+def fit_suffix(model, w, recs, reflective, dev, steps, topk, batch, suffix_len, gen, log=print, loss=None):
     """GCG (descend) on the world: words only, starting from "please" at every position.
     loss: the objective (SuffixLoss's interface: __call__ on (C, L) candidates and grad); None: SuffixLoss."""
     V = model.wte.weight.size(0)
     allowed = torch.zeros(V, dtype=torch.bool, device=dev)
     allowed[:w.vocab_size] = True
     allowed[[w.stoi[t] for t in SPECIALS]] = False   # the attacker types words, not control tokens
-    f = loss if loss is not None else SuffixLoss(model, w, recs, reflective, L, dev)
-    return descend(f, allowed, w.stoi["please"], steps, topk, batch, L, gen, dev, log, w.decode)
+    f = loss if loss is not None else SuffixLoss(model, w, recs, reflective, suffix_len, dev)
+    return descend(f, allowed, w.stoi["please"], steps, topk, batch, suffix_len, gen, dev, log, w.decode)
 
 
-def descend(f, allowed, start, steps, topk, batch, L, gen, dev, log, decode):
+def descend(f, allowed, start, steps, topk, batch, suffix_len, gen, dev, log, decode):
     """Greedy coordinate gradient (Zou et al. 2023) for one suffix shared by all prompts: per step, the top-k allowed
     tokens of each position by the negative gradient, `batch` random single-token swaps among them evaluated exactly,
     and the best swap kept only if it lowers the loss. Returns (suffix ids, losses: [initial, after step 1, ...],
     suffix_history: the suffix ids after each step, aligned with losses, so each loss can be recomputed)."""
-    cur = torch.full((L,), start, dtype=torch.long, device=dev)
+    cur = torch.full((suffix_len,), start, dtype=torch.long, device=dev)
     losses = [float(f(cur[None])[0])]
     history = [cur.tolist()]
     for step in range(steps):
         g = f.grad(cur).masked_fill(~allowed[None], float("inf"))
-        top = (-g).topk(min(topk, int(allowed.sum())), dim=1).indices          # (L, k)
-        pos = torch.randint(L, (batch,), generator=gen).to(dev)
+        top = (-g).topk(min(topk, int(allowed.sum())), dim=1).indices          # (suffix_len, k)
+        pos = torch.randint(suffix_len, (batch,), generator=gen).to(dev)
         pick = torch.randint(top.size(1), (batch,), generator=gen).to(dev)
         cands = cur.repeat(batch, 1)
         cands[torch.arange(batch, device=dev), pos] = top[pos, pick]

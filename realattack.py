@@ -159,34 +159,36 @@ class RealText:
         return self.enc.decode([t for t in ids if t != self.eot])
 
 
-# attack(record, A, R) -> [variant] or None; A: {"suffix": text, "suffix_ids", "train_ids"}, R: RealText
+# attack(record, shared, real) -> [variant] or None; shared: {"suffix": text, "suffix_ids", "train_ids"}, real: RealText
 REAL_ATTACKS = {
-    "direct": lambda rec, A, R: [variant(rec["user"])],
-    "prefill": lambda rec, A, R: [variant(rec["user"], prefill=REAL_PREFILL)] if rec["kind"] == "harmful" else None,
-    "template": lambda rec, A, R: [variant(t.format(prompt=rec["user"]), name=n) for n, t in REAL_WRAPPERS.items()],
+    "direct": lambda rec, shared, real: [variant(rec["user"])],
+    "prefill": lambda rec, shared, real: ([variant(rec["user"], prefill=REAL_PREFILL)] if rec["kind"] == "harmful"
+                                          else None),
+    "template": lambda rec, shared, real: [variant(t.format(prompt=rec["user"]), name=n)
+                                           for n, t in REAL_WRAPPERS.items()],
     # scored on the prompts outside the suffix's train split; the suffix goes in as the ids GCG fitted (decoding it
     # to text and encoding it again may give other tokens)
-    "suffix": lambda rec, A, R: None if rec["id"] in A["train_ids"] else [
-        dict(variant(f"{rec['user']} {A['suffix']}"), splice=A["suffix_ids"])],
-    "suppress": lambda rec, A, R: [variant(rec["user"], ban=[R.opener])],
+    "suffix": lambda rec, shared, real: None if rec["id"] in shared["train_ids"] else [
+        dict(variant(f"{rec['user']} {shared['suffix']}"), splice=shared["suffix_ids"])],
+    "suppress": lambda rec, shared, real: [variant(rec["user"], ban=[real.opener])],
 }
 
 
-def real_inputs(attack_names, recs, A, R, chat_template, block_size, max_new_tokens):
+def real_inputs(attack_names, recs, shared, real, chat_template, block_size, max_new_tokens):
     """{attack: [(set, record, variant, input ids)]}: the chat template around each variant, cut from the left
     (the end is the turn to answer) to leave max_new_tokens of the block."""
     inputs = {}
     for a in attack_names:
         items = []
         for s, r in recs:
-            for x in REAL_ATTACKS[a](r, A, R) or []:
+            for x in REAL_ATTACKS[a](r, shared, real) or []:
                 if "splice" in x:
-                    pre, post, _ = real_parts(R.enc, r, chat_template, "")
+                    pre, post, _ = real_parts(real.enc, r, chat_template, "")
                     ids = pre + x.pop("splice") + post
-                    x["input"] = R.enc.decode(ids)
+                    x["input"] = real.enc.decode(ids)
                 else:
                     x["input"] = chat_template.format(prompt=x["user"]) + (" " + x["prefill"] if x["prefill"] else "")
-                    ids = R.enc.encode_ordinary(x["input"])
+                    ids = real.enc.encode_ordinary(x["input"])
                 items.append((s, dict(r, prompt=r["user"]), x, ids[-(block_size - max_new_tokens):]))
         if not items:
             fail(f"attack '{a}' applies to none of the prompts")

@@ -98,32 +98,32 @@ def read_rewrites(path):
 # Real text: the workers. Each gets the tokenizer, labels, rewrites and classifier once (init_worker), then turns
 # chunks of shard lines into the token bytes of each stream; the documents of a chunk are segmented together.
 
-W = {}  # a worker's state
+WORKER = {}  # a worker's state
 
 
 def init_worker(state):
-    W.clear()
-    W.update(state)
-    W["reflections"] = {}
+    WORKER.clear()
+    WORKER.update(state)
+    WORKER["reflections"] = {}
 
 
 def doc_rng(doc_id):
     """A document's own random stream: the same tags and coin flips whatever the chunking or number of workers."""
-    return np.random.default_rng([W["seed"], zlib.crc32(doc_id.encode())])
+    return np.random.default_rng([WORKER["seed"], zlib.crc32(doc_id.encode())])
 
 
 def reflection_ids(category):
     """Tokens of the reflection after a segment: safe (category None) or unsafe with its category."""
-    if category not in W["reflections"]:
+    if category not in WORKER["reflections"]:
         text = REFLECT_SAFE if category is None else REFLECT_UNSAFE.format(category=category)
-        W["reflections"][category] = W["enc"].encode_ordinary(text)
-    return W["reflections"][category]
+        WORKER["reflections"][category] = WORKER["enc"].encode_ordinary(text)
+    return WORKER["reflections"][category]
 
 
 def long_cut(flat, start, end):
     """Where to cut a sentence longer than the limit, at most at `end`: before a word if one starts in the second
     half of the window, else at any token boundary that is not inside a UTF-8 character."""
-    T = W["tables"]
+    T = WORKER["tables"]
     c = next((c for c in range(end, start + (end - start) // 2, -1) if T["space_first"][flat[c]]), None)
     return c or next((c for c in range(end, start, -1) if not T["mid_char"][flat[c]]), end)
 
@@ -131,7 +131,7 @@ def long_cut(flat, start, end):
 def segment(flat, doc_ends):
     """The end (index into flat) of every segment of the concatenated documents: sentence-aligned, at most
     segment_tokens tokens; a longer sentence is cut (long_cut). Also the end of every sentence."""
-    T, limit = W["tables"], W["segment_tokens"]
+    T, limit = WORKER["tables"], WORKER["segment_tokens"]
     n = len(flat)
     cut = np.zeros(n + 1, dtype=bool)  # cut[i]: a sentence starts at token i
     cut[1:n] = T["sentence_end"][flat[:-1]] & T["space_first"][flat[1:]]
@@ -158,7 +158,7 @@ def segment(flat, doc_ends):
 
 def byte_offsets(flat, a, b):
     """Byte offset of each token of flat[a:b] in its text, and of the end."""
-    return np.concatenate([[0], np.cumsum(W["tables"]["nbytes"][flat[a:b]])])
+    return np.concatenate([[0], np.cumsum(WORKER["tables"]["nbytes"][flat[a:b]])])
 
 
 def classify_sentences(docs, spans, flat, starts, ends, sentence_ends):
@@ -173,7 +173,7 @@ def classify_sentences(docs, spans, flat, starts, ends, sentence_ends):
         raw = text.encode()
         texts += [raw[x:y].decode("utf-8", "replace") for x, y in zip(off, off[1:])]
         where.append((j, off, raw))
-    pred = iter(classify(W["clf"], texts))
+    pred = iter(classify(WORKER["clf"], texts))
     for j, off, raw in where:
         chars = (lambda b: b) if docs[j][1].isascii() else (lambda b: len(raw[:b].decode("utf-8", "ignore")))
         for x, y in zip(off, off[1:]):
@@ -212,7 +212,7 @@ def keep_docs(flat, lens, keep, eot):
 
 def rewritten(doc_id, text, spans, st):
     """The text with each unsafe span replaced by its rewrite, or dropped when it has none."""
-    rw = W["rewrites"].get(doc_id, {})
+    rw = WORKER["rewrites"].get(doc_id, {})
     out, pos = [], 0
     for s, e, _, _ in spans:
         out.append(text[pos:s])
@@ -233,27 +233,27 @@ def tag_positions(rng, flat, seg_range, seg_starts, seg_ends, cats):
     for i in seg_range:
         if cats[i] is not None:
             a, b = int(seg_starts[i]), int(seg_ends[i])
-            pos.append(a + 1 + np.flatnonzero(rng.random(b - a - 1) < W["tag_rate"]))
+            pos.append(a + 1 + np.flatnonzero(rng.random(b - a - 1) < WORKER["tag_rate"]))
     pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
-    return pos[~W["tables"]["mid_char"][flat[pos]]]
+    return pos[~WORKER["tables"]["mid_char"][flat[pos]]]
 
 
 def process_docs(docs):
     """One split's documents [(id, text)] -> (safe tokens, mix tokens, statistics)."""
-    enc, eot, iv = W["enc"], W["eot"], W["intervention"]
+    enc, eot, iv = WORKER["enc"], WORKER["eot"], WORKER["intervention"]
     st = dict.fromkeys(("docs", "empty_docs", "unsafe_docs", "chars", "unsafe_chars", "input_tokens", "segments",
                         "unsafe_segments", "reflections", "reflection_tokens", "tags", "spans_rewritten",
                         "spans_dropped"), 0)
     st["labelled_ids"], st["label_lines"] = [], []
     spans = []
     for doc_id, text in docs:
-        s = W["labels"].get(doc_id, [])
+        s = WORKER["labels"].get(doc_id, [])
         if s:
             st["labelled_ids"].append(doc_id)
             if s[-1][1] > len(text):
-                raise BadInput(f"labels file '{W['labels_path']}' line {s[-1][3]}: the span [{s[-1][0]}, {s[-1][1]}) "
-                               f"lies beyond the end of document '{doc_id}' ({len(text)} characters); label this "
-                               f"corpus's texts")
+                raise BadInput(f"labels file '{WORKER['labels_path']}' line {s[-1][3]}: the span [{s[-1][0]}, "
+                               f"{s[-1][1]}) lies beyond the end of document '{doc_id}' ({len(text)} characters); "
+                               f"label this corpus's texts")
         spans.append(list(s))
     ids = [enc.encode_ordinary(t) for _, t in docs]
     nonempty = [j for j, x in enumerate(ids) if x]
@@ -268,13 +268,13 @@ def process_docs(docs):
     starts = ends - lens
     st["docs"], st["input_tokens"], st["chars"] = len(docs), len(flat), sum(len(t) for _, t in docs)
 
-    segmented = W["clf"] is not None or iv in ("reflect", "tag", "safety_pretraining") or (
-        iv == "filter" and W["filter_level"] == "segment")
+    segmented = WORKER["clf"] is not None or iv in ("reflect", "tag", "safety_pretraining") or (
+        iv == "filter" and WORKER["filter_level"] == "segment")
     if segmented:
         seg_ends, sentence_ends = segment(flat, ends)
         seg_starts = np.concatenate([[0], seg_ends[:-1]])
         seg_doc = np.searchsorted(ends, seg_ends, side="left")
-        if W["clf"]:
+        if WORKER["clf"]:
             classify_sentences(docs, spans, flat, starts, ends, np.union1d(sentence_ends, seg_ends))  # + cuts
         cats = label_segments(docs, spans, flat, starts, ends, seg_ends, seg_doc)
         seg_first = np.searchsorted(seg_doc, np.arange(len(docs) + 1), side="left").tolist()
@@ -282,14 +282,14 @@ def process_docs(docs):
     unsafe = np.array([bool(s) for s in spans], dtype=bool)
     st["unsafe_docs"] = int(unsafe.sum())
     st["unsafe_chars"] = sum(e - s for sp in spans for s, e, _, _ in sp)
-    if W["clf"]:
+    if WORKER["clf"]:
         st["label_lines"] = [json.dumps({"id": docs[j][0], "start": s, "end": e, "label": "unsafe", "category": c})
                              for j in range(len(docs)) for s, e, c, _ in spans[j]]
 
     safe = keep_docs(flat, lens, ~unsafe, eot)
     if iv == "none":
         mix = keep_docs(flat, lens, np.ones(len(docs), bool), eot)
-    elif iv == "refusal" or (iv == "filter" and W["filter_level"] == "document"):
+    elif iv == "refusal" or (iv == "filter" and WORKER["filter_level"] == "document"):
         mix = safe
     elif iv == "filter":  # segment level: drop the tokens of unsafe segments
         keep = np.repeat(np.array([c is None for c in cats]), seg_ends - seg_starts)
@@ -316,7 +316,7 @@ def process_docs(docs):
                              cats) for j in np.flatnonzero(unsafe)]
         pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
         st["tags"] = len(pos)
-        mix = np.insert(flat, np.concatenate([pos, ends]), np.concatenate([np.full(len(pos), W["tag"]),
+        mix = np.insert(flat, np.concatenate([pos, ends]), np.concatenate([np.full(len(pos), WORKER["tag"]),
                                                                            np.full(len(ends), eot)]))
     else:  # rewrite, safety_pretraining: document by document
         pieces = []
@@ -331,7 +331,7 @@ def process_docs(docs):
                 else:
                     pos = tag_positions(rng, flat, range(seg_first[j], seg_first[j + 1]), seg_starts, seg_ends, cats)
                     st["tags"] += len(pos)
-                    pieces.append(np.insert(flat[a:b], pos - a, W["tag"]))
+                    pieces.append(np.insert(flat[a:b], pos - a, WORKER["tag"]))
             if len(pieces[-1]):
                 pieces.append(np.array([eot]))
         mix = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
@@ -356,8 +356,8 @@ def process_chunk(job):
     out = {"bytes": {}, "stats": {}}
     for split, docs in groups.items():
         safe, mix, out["stats"][split] = process_docs(docs)
-        out["bytes"][f"safe_{split}"] = safe.astype(W["dtype"]).tobytes()
-        out["bytes"][f"mix_{split}"] = mix.astype(W["dtype"]).tobytes()
+        out["bytes"][f"safe_{split}"] = safe.astype(WORKER["dtype"]).tobytes()
+        out["bytes"][f"mix_{split}"] = mix.astype(WORKER["dtype"]).tobytes()
     return out
 
 

@@ -173,11 +173,11 @@ def save(plt, fig, path):
     plt.close(fig)
 
 
-def header(doc, R, root, title):
-    m = R.m
+def header(doc, results, root, title):
+    m = results.m
     path = os.path.join(root, f"wall-{m['grid']}.jsonl")
     wall = sum(json.loads(l)["seconds"] for l in open(path) if l.strip()) if os.path.exists(path) else 0.0
-    tokens = next((log[-1]["tokens"] for log in R.logs.values() if log and "tokens" in log[-1]), None)
+    tokens = next((log[-1]["tokens"] for log in results.logs.values() if log and "tokens" in log[-1]), None)
     doc.text(f"# {title}",
              f"Profile `{m['profile']}` (`{m['config']}`); {m['seeds']} seed(s) per cell, seed k is world "
              f"{m['world_seed']} + k; worlds " + ", ".join(f"`{w}` ({' '.join(f) or 'defaults'})"
@@ -190,17 +190,17 @@ def header(doc, R, root, title):
              "`-`: not measured (the cell, stage or decoding does not exist or does not apply).")
 
 
-def core_report(R, root, doc):
-    cells = list(R.cells)
-    v = R.value
-    post = [s for s in STAGES if any(s in c["stages"] for c in R.cells.values())]
+def core_report(results, root, doc):
+    cells = list(results.cells)
+    v = results.value
+    post = [s for s in STAGES if any(s in c["stages"] for c in results.cells.values())]
     if os.path.exists(CHANGES):
         doc.lines += open(CHANGES).read().splitlines() + [""]
     rows = [[key, fmt(v(key, "base", "reflection_accuracy_poison_unseen")),
              fmt(v(key, "base", "reflection_accuracy_contra_unseen")),
              fmt(v(key, "sft", "reflection_accuracy_poison_unseen")),
              fmt(v(key, "base", "request_poison_unseen")),
-             fmt(R.probe_value(key, "last", "acc_unseen", request=True)),
+             fmt(results.probe_value(key, "last", "acc_unseen", request=True)),
              fmt(v(key, "sft", "competent_asr_poison_unseen")), fmt(v(key, "sft", "asr_poison_unseen"))] for key in cells]
     doc.table("Headline: unseen harms", ["cell", "classification poison unseen (base)",
                                          "classification contra unseen (base)", "classification poison unseen (sft)",
@@ -235,10 +235,10 @@ def core_report(R, root, doc):
             if any(x[0] is not None for x in vals):
                 rows.append([key, dec] + [fmt(x) for x in vals])
     doc.table("ASR with safety-aware decoding", ["cell", "decoding"] + post, rows)
-    attacks = R.m["attacks_sft"].split(",")
+    attacks = results.m["attacks_sft"].split(",")
     rows = []
     for key in cells:
-        for dec in R.m["decodings"].split(","):
+        for dec in results.m["decodings"].split(","):
             vals = [v(key, "sft", "asr", a, dec) for a in attacks]
             if any(x[0] is not None for x in vals):
                 rows.append([key, dec] + [fmt(x) for x in vals])
@@ -261,17 +261,17 @@ def core_report(R, root, doc):
                    "by kind (their share is over-flagging).")
     rows = [[key] + [fmt(v(key, st, m)) for st in ("base", "sft")
                      for m in ("overrefusal", "treatment_accuracy", "fact_recall")]
-            + [fmt(R.val_loss(key, "safe"), pct=False), fmt(R.val_loss(key, "mix"), pct=False)] for key in cells]
+            + [fmt(results.val_loss(key, stream), pct=False) for stream in ("safe", "mix")] for key in cells]
     doc.table("Over-refusal, capability and validation loss (greedy)",
               ["cell"] + [f"{m} ({st})" for st in ("base", "sft") for m in ("over-refusal", "treatment acc.",
                                                                             "fact recall")]
               + ["val loss, shared safe stream", "val loss, own format"], rows,
               note="Own format: the validation split of the stream the model was trained on last (reflection models: "
                    "with reflections). The shared safe stream is the same text for every cell.")
-    rows = [[key] + [fmt(R.probe_value(key, f, m)) for f in ("mean", "last") for m in ("acc", "auroc")]
-            + [fmt(R.probe_value(key, "mean", "acc", layer=0))]
-            + [fmt(R.probe_value(key, "last", m, request=True)) for m in ("acc_unseen", "acc_benign", "auroc")]
-            for key in cells if any(R.probe.get((key, k)) for k in range(R.n))]
+    rows = [[key] + [fmt(results.probe_value(key, f, m)) for f in ("mean", "last") for m in ("acc", "auroc")]
+            + [fmt(results.probe_value(key, "mean", "acc", layer=0))]
+            + [fmt(results.probe_value(key, "last", m, request=True)) for m in ("acc_unseen", "acc_benign", "auroc")]
+            for key in cells if any(results.probe.get((key, k)) for k in range(results.n))]
     doc.table("Linear probes", ["cell", "segment probe acc. (mean)", "AUROC (mean)", "acc. (last token)",
                                 "AUROC (last token)", "acc. (layer 0, mean)", "request probe: unseen harms",
                                 "benign intent", "AUROC"], rows,
@@ -279,47 +279,47 @@ def core_report(R, root, doc):
                    "(no layer picked on the test half); layer 0 reads the words alone. Request probe: fitted on seen "
                    "harm requests vs half the benign-intent requests, tested on unseen harm requests and the other "
                    "half (last token of the user turn).")
-    plots(R, root, doc, cells)
-    doc.table("Claims of the papers, checked", ["claim", "source", "measured here", "verdict"], claims(R),
+    plots(results, root, doc, cells)
+    doc.table("Claims of the papers, checked", ["claim", "source", "measured here", "verdict"], claims(results),
               note="Verdicts are computed from the numbers: 'reproduced' needs the stated order with non-overlapping "
                    "95% intervals (one seed) or means apart by more than their spreads (several seeds); 'inconclusive' "
                    "when the order holds but they overlap; 'not measured' when a needed cell is missing (the curriculum "
                    "claims 5-8 need the curriculum grid).")
 
 
-def plots(R, root, doc, cells):
+def plots(results, root, doc, cells):
     plt = pyplot()
-    grid = R.m["grid"]
+    grid = results.m["grid"]
     metrics = [("base", "reflection_accuracy_poison_unseen", "classification,\npoison unseen (base)"),
                ("base", "reflection_accuracy_contra_unseen", "classification,\ncontra unseen (base)"),
                ("sft", "competent_asr_poison_unseen", "competent ASR,\npoison unseen (sft)"),
                ("sft", "asr", "ASR, all harmful\n(sft)")]
     fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 4))
     for ax, (st, m, title) in zip(axes, metrics):
-        vals = [R.value(key, st, m) for key in cells]
+        vals = [results.value(key, st, m) for key in cells]
         xs = [i for i, x in enumerate(vals) if x[0] is not None]
         ax.bar(xs, [vals[i][0] for i in xs], yerr=[vals[i][1] or 0 for i in xs], capsize=3, color="tab:blue")
-        for k in range(R.n):     # every seed (world) as a dot
-            pts = [(i, R.stats(cells[i], st, m)[k]) for i in xs]
+        for k in range(results.n):     # every seed (world) as a dot
+            pts = [(i, results.stats(cells[i], st, m)[k]) for i in xs]
             ax.plot([i for i, s in pts if s], [s["rate"] for _, s in pts if s], "k.", ms=4)
         ax.set_xticks(range(len(cells)))
         ax.set_xticklabels(cells, rotation=60, ha="right", fontsize=7)
         ax.set(title=title, ylim=(-0.02, 1.02))
-    fig.suptitle(f"mean over {R.n} seed(s) (bars, ± sd), each seed's world a dot", fontsize=9)
+    fig.suptitle(f"mean over {results.n} seed(s) (bars, ± sd), each seed's world a dot", fontsize=9)
     save(plt, fig, os.path.join(root, f"{grid}-headline.png"))
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (key, k), p in sorted(R.probe.items()):
+    for (key, k), p in sorted(results.probe.items()):
         if k == 0:
             ax.plot([l["layer"] for l in p["layers"]], [l["mean"]["acc"] for l in p["layers"]], marker="o", label=key)
-    if R.probe:
-        ax.set_xticks([l["layer"] for l in next(iter(R.probe.values()))["layers"]])
+    if results.probe:
+        ax.set_xticks([l["layer"] for l in next(iter(results.probe.values()))["layers"]])
     ax.axhline(0.5, color="gray", ls=":")
     ax.set(title="segment probe accuracy per layer (seed 0, mean features)", xlabel="layer (0 = embeddings)",
            ylabel="held-out accuracy")
     ax.legend(fontsize=7)
     save(plt, fig, os.path.join(root, f"{grid}-probe_layers.png"))
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for (key, k), log in sorted(R.logs.items()):
+    for (key, k), log in sorted(results.logs.items()):
         pts = [(r["tokens"], r["loss"]) for r in log if "loss" in r]
         if k == 0 and pts:
             ax.plot(*zip(*pts), label=key, lw=1)
@@ -330,9 +330,9 @@ def plots(R, root, doc, cells):
              f"![training loss]({grid}-loss_curves.png)")
 
 
-def claims(R):
-    v, rows = R.value, []
-    has = lambda key: key in R.cells
+def claims(results):
+    v, rows = results.value, []
+    has = lambda key: key in results.cells
     # 1. safe-only data keeps the unsafe capability: the filtered model composes unsafe answers to unseen requests
     f_base = v("filter", "base", "competent_asr_poison_unseen")
     above_zero = None if f_base[0] is None else compare((0.0, 0.0, (0.0, 0.0)), f_base)
@@ -373,15 +373,15 @@ def claims(R):
                  "2504.16980 (38.8 -> 33.6 -> 25.1 -> 8.3)",
                  " > ".join(f"{iv} {d} {fmt(x)}" for (iv, d), x in zip(chain, vals)) + " (ours: refusal and tags are "
                  "one intervention, safety_pretraining)", verdict([compare(vals[i + 1], vals[i]) for i in range(3)])])
-    rows += curriculum_claims(R)
+    rows += curriculum_claims(results)
     return rows
 
 
-def curriculum_claims(R):
+def curriculum_claims(results):
     """Claims 5-8 (the timing paper) from cells named '<intervention> @<start>%' (curriculum grid)."""
-    v = R.value
+    v = results.value
     starts = {}
-    for key, c in R.cells.items():
+    for key, c in results.cells.items():
         if c["chat"] == "auto" and c["intervention"] in ("safety_pretraining", "reflect") and c.get("dose", 1) == 1:
             starts.setdefault(c["intervention"], {})[c["start"]] = key
     rows = []
@@ -404,7 +404,7 @@ def curriculum_claims(R):
                  verdict(res or [None])])
     res, txt = [], []
     for iv, s in multi.items():
-        p = {x: R.probe_value(key) for x, key in sorted(s.items())}
+        p = {x: results.probe_value(key) for x, key in sorted(s.items())}
         txt.append(f"{iv}: " + ", ".join(f"{round(100 * x)}% {fmt(y)}" for x, y in p.items()))
         res.append(compare(p[max(p)], p[0.0]) if 0.0 in p else None)   # the latest start's accuracy below the 0%'s
     rows.append(["earlier interventions give linear probes that separate safe and unsafe more cleanly",
@@ -425,15 +425,16 @@ def curriculum_claims(R):
     return rows
 
 
-def scale_report(R, root, doc):
+def scale_report(results, root, doc):
     """Reflect vs filter at each model size x token budget (one row per pretraining run)."""
     rows, pts = [], {}
-    for key, c in R.cells.items():
-        a = R.attack.get((key, 0, "base")) or {}
-        cls = R.value(key, "base", "reflection_accuracy_poison_unseen")
-        asr = R.value(key, "sft", "competent_asr_poison_unseen")
+    for key, c in results.cells.items():
+        a = results.attack.get((key, 0, "base")) or {}
+        cls = results.value(key, "base", "reflection_accuracy_poison_unseen")
+        asr = results.value(key, "sft", "competent_asr_poison_unseen")
         rows.append([f"{c['model']}", c["budget"], f"{a.get('params', 0):,}" if a else "-",
-                     f"{a['tokens_seen']:,}" if a.get("tokens_seen") else "-", c["intervention"]] + unseen_row(R, key))
+                     f"{a['tokens_seen']:,}" if a.get("tokens_seen") else "-", c["intervention"]]
+                    + unseen_row(results, key))
         if a:
             pts.setdefault((c["intervention"], c["budget"]), []).append((a["params"], cls, asr))
     doc.table("Scale: reflect vs filter", ["model", "tokens", "parameters", "pretraining tokens", "cell"]
@@ -466,28 +467,28 @@ UNSEEN = [("base", "reflection_accuracy_poison_unseen", "classification poison u
           ("sft", "asr_poison_unseen", "ASR poison unseen (sft)"), ("sft", "treatment_accuracy", "treatment acc. (sft)")]
 
 
-def unseen_row(R, key):
-    return [fmt(R.value(key, st, m)) for st, m, _ in UNSEEN] + [fmt(R.probe_value(key, "last", "acc_unseen",
+def unseen_row(results, key):
+    return [fmt(results.value(key, st, m)) for st, m, _ in UNSEEN] + [fmt(results.probe_value(key, "last", "acc_unseen",
                                                                                  request=True))]
 
 
-def ablations_report(R, root, doc):
-    rows = [[c["world"], c["intervention"]] + unseen_row(R, key) for key, c in R.cells.items()]
+def ablations_report(results, root, doc):
+    rows = [[c["world"], c["intervention"]] + unseen_row(results, key) for key, c in results.cells.items()]
     doc.table("World ablations: v2 (the definition stated), v1 (not stated), 16 harm effects",
               ["world", "cell"] + [n for *_, n in UNSEEN] + ["request probe, unseen harms"], rows,
               note="Greedy decoding, direct attack. v2 and harms16 state the safety definition in safe text; v1 does "
                    "not. harms16: 8 seen and 8 unseen harm effects instead of 4 and 4.")
 
 
-def curriculum_report(R, root, doc):
+def curriculum_report(results, root, doc):
     """The timing paper's study: starts 0/20/60% per intervention, the safe-only control (the filter run, a 100%
     start), and the dose-matched controls; tokens read, ASR by stage and decoding, probes, claims 5-8."""
-    cells = list(R.cells)
-    v = R.value
+    cells = list(results.cells)
+    v = results.value
     rows = []
-    for key, c in R.cells.items():
+    for key, c in results.cells.items():
         counts = []       # per seed: tokens, from the mix stream, intervention tokens, reflection tokens, tags
-        for a in filter(None, (R.attack.get((key, k, "base")) for k in range(R.n))):
+        for a in filter(None, (results.attack.get((key, k, "base")) for k in range(results.n))):
             meta, mix = load_json(os.path.join(a["data_dir"], "meta.json")), (1 - c["start"]) * a["tokens_seen"]
             counts.append([a["tokens_seen"], mix] + [mix * meta[f"mix_{s}_share"] for s in ("intervention", "reflection",
                                                                                           "tag")])
@@ -505,20 +506,20 @@ def curriculum_report(R, root, doc):
         rows = [[key] + [fmt(v(key, st, "asr", "direct", dec)) for st in STAGES] for key in cells]
         rows = [r for r in rows if any(x != "-" for x in r[1:])]
         doc.table(f"ASR by start, {dec}", ["cell"] + list(STAGES), rows)
-    rows = [[key, fmt(R.probe_value(key)), fmt(R.probe_value(key, "mean", "auroc")),
+    rows = [[key, fmt(results.probe_value(key)), fmt(results.probe_value(key, "mean", "auroc")),
              fmt(v(key, "sft", "overrefusal")), fmt(v(key, "sft", "treatment_accuracy")),
              fmt(v(key, "sft", "competent_asr_poison_unseen"))] for key in cells]
     doc.table("Probes, over-refusal and capability", ["cell", "segment probe acc. (layers 1..L)", "AUROC",
                                                       "over-refusal (sft, greedy)", "treatment acc. (sft)",
                                                       "competent ASR poison unseen (sft)"], rows)
     plt = pyplot()
-    ivs = [iv for iv in ("safety_pretraining", "reflect") if any(c["intervention"] == iv for c in R.cells.values())]
+    ivs = [iv for iv in ("safety_pretraining", "reflect") if any(c["intervention"] == iv for c in results.cells.values())]
     fig, axes = plt.subplots(1, len(ivs), figsize=(6.5 * len(ivs), 4.2), squeeze=False)
     for ax, iv in zip(axes[0], ivs):
-        by_start = {c["start"]: key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] == 1}
-        if "filter" in R.cells:
+        by_start = {c["start"]: key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] == 1}
+        if "filter" in results.cells:
             by_start[1.0] = "filter"
-        dose = next((key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] < 1), None)
+        dose = next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] < 1), None)
         for st in ("base", "sft", "benign"):
             for dec, style in (("topk", "-"), (("safebeam" if iv == "safety_pretraining" else "reflect_halt"), ":")):
                 pts = [(x, v(key, st, "asr", "direct", dec)) for x, key in sorted(by_start.items())]
@@ -530,16 +531,16 @@ def curriculum_report(R, root, doc):
                     if d and d[0] is not None:
                         ax.errorbar([-0.06], [d[0]], yerr=[d[1] or 0], marker="*", ms=10, capsize=3,
                                     color=line[0].get_color())
-        ax.set(title=f"{iv}: ASR vs start (mean ± sd over {R.n} seeds; star at -0.06: dose-matched 0% start)",
+        ax.set(title=f"{iv}: ASR vs start (mean ± sd over {results.n} seeds; star at -0.06: dose-matched 0% start)",
                xlabel="intervention start (share of the token budget; 1 = safe-only)", ylim=(-0.02, 1.02))
         ax.title.set_fontsize(8)
         ax.legend(fontsize=7)
     save(plt, fig, os.path.join(root, "curriculum-asr_vs_start.png"))
     fig, axes = plt.subplots(1, len(ivs), figsize=(6.5 * len(ivs), 4), squeeze=False)
     for ax, iv in zip(axes[0], ivs):
-        for key, c in R.cells.items():
+        for key, c in results.cells.items():
             if c["intervention"] in (iv, "filter"):
-                per = [R.probe.get((key, k)) for k in range(R.n)]
+                per = [results.probe.get((key, k)) for k in range(results.n)]
                 per = [p for p in per if p]
                 if per:
                     layers = [l["layer"] for l in per[0]["layers"]]
@@ -552,12 +553,12 @@ def curriculum_report(R, root, doc):
     save(plt, fig, os.path.join(root, "curriculum-probe_layers.png"))
     doc.text("## Plots", "![ASR vs start](curriculum-asr_vs_start.png)",
              "![probe accuracy per layer](curriculum-probe_layers.png)")
-    rows = curriculum_claims(R)
+    rows = curriculum_claims(results)
     for iv in ivs:       # the paper's caveat: when, or how much?
-        dose = next((key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] < 1), None)
-        late = next((key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] == 1
+        dose = next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] < 1), None)
+        late = next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] == 1
                      and c["start"] == PREFIX_LATE), None)
-        early = next((key for key, c in R.cells.items() if c["intervention"] == iv and c["dose"] == 1
+        early = next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] == 1
                       and c["start"] == 0), None)
         if dose and late and early:
             d, l, e = (v(k, "benign", "asr", "direct", "topk") for k in (dose, late, early))
@@ -582,15 +583,15 @@ def main(argv=None):
     manifest = load_json(os.path.join(root, "grids", f"{grid}.json"))
     if manifest is None:
         fail(f"'{root}/grids/{grid}.json' not found: run `python study.py --grid={grid} --out_dir={root}` first")
-    R = Results(manifest)
+    results = Results(manifest)
     doc = Doc()
     title = {"core": "Safety interventions during pretraining: the study on MedSafetyWorld",
              "scale": "Scale: reflect vs filter by model size and token budget",
              "ablations": "World ablations",
              "curriculum": "The safety curriculum: when to start the intervention"}.get(grid, f"The {grid} grid")
-    header(doc, R, root, title)
+    header(doc, results, root, title)
     {"scale": scale_report, "ablations": ablations_report, "curriculum": curriculum_report}.get(
-        grid, core_report)(R, root, doc)
+        grid, core_report)(results, root, doc)
     path = os.path.join(root, "report.md" if grid == "core" else f"report-{grid}.md")
     doc.write(path)
     print(f"report.py: wrote {path}")
