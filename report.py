@@ -432,8 +432,8 @@ def scale_report(results, root, doc):
         a = results.attack.get((key, 0, "base")) or {}
         cls = results.value(key, "base", "reflection_accuracy_poison_unseen")
         asr = results.value(key, "sft", "competent_asr_poison_unseen")
-        rows.append([f"{c['model']}", c["budget"], f"{a.get('params', 0):,}" if a else "-",
-                     f"{a['tokens_seen']:,}" if a.get("tokens_seen") else "-", c["intervention"]]
+        tokens = f"{a['tokens_seen']:,}" if a.get("tokens_seen") else "-"
+        rows.append([c["model"], c["budget"], f"{a.get('params', 0):,}" if a else "-", tokens, c["intervention"]]
                     + unseen_row(results, key))
         if a:
             pts.setdefault((c["intervention"], c["budget"]), []).append((a["params"], cls, asr))
@@ -583,15 +583,14 @@ def main(argv=None):
     manifest = load_json(os.path.join(root, "grids", f"{grid}.json"))
     if manifest is None:
         fail(f"'{root}/grids/{grid}.json' not found: run `python study.py --grid={grid} --out_dir={root}` first")
-    results = Results(manifest)
-    doc = Doc()
+    results, doc = Results(manifest), Doc()
     title = {"core": "Safety interventions during pretraining: the study on MedSafetyWorld",
              "scale": "Scale: reflect vs filter by model size and token budget",
              "ablations": "World ablations",
              "curriculum": "The safety curriculum: when to start the intervention"}.get(grid, f"The {grid} grid")
     header(doc, results, root, title)
-    {"scale": scale_report, "ablations": ablations_report, "curriculum": curriculum_report}.get(
-        grid, core_report)(results, root, doc)
+    {"scale": scale_report, "ablations": ablations_report, "curriculum": curriculum_report}.get(grid, core_report)(
+        results, root, doc)
     path = os.path.join(root, "report.md" if grid == "core" else f"report-{grid}.md")
     doc.write(path)
     print(f"report.py: wrote {path}")
