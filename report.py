@@ -514,34 +514,35 @@ def curriculum_report(results, root, doc):
                                                       "competent ASR poison unseen (sft)"], rows)
     plt = pyplot()
     ivs = [iv for iv in ("safety_pretraining", "reflect") if any(c["intervention"] == iv for c in results.cells.values())]
-    fig, axes = plt.subplots(1, len(ivs), figsize=(6.5 * len(ivs), 4.2), squeeze=False)
-    for ax, iv in zip(axes[0], ivs):
+    # a row per intervention, a panel per stage, a line per decoding; the filter run at start 1 (safe-only)
+    fig, axes = plt.subplots(len(ivs), len(STAGES), figsize=(4 * len(STAGES), 3.4 * len(ivs)), squeeze=False)
+    for row, iv in zip(axes, ivs):
         by_start = {c["start"]: key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] == 1}
         if "filter" in results.cells:
             by_start[1.0] = "filter"
         dose = next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] < 1), None)
-        for st in ("base", "sft", "benign"):
-            for dec, style in (("topk", "-"), (("safebeam" if iv == "safety_pretraining" else "reflect_halt"), ":")):
+        for ax, st in zip(row, STAGES):
+            for dec in ("topk", "greedy", "safebeam" if iv == "safety_pretraining" else "reflect_halt"):
                 pts = [(x, v(key, st, "asr", "direct", dec)) for x, key in sorted(by_start.items())]
                 pts = [(x, y) for x, y in pts if y[0] is not None]
                 if pts:
                     line = ax.errorbar([x for x, _ in pts], [y[0] for _, y in pts], yerr=[y[1] or 0 for _, y in pts],
-                                       ls=style, marker="o", capsize=3, label=f"{st}, {dec}")
+                                       marker="o", capsize=3, label=dec)
                     d = dose and v(dose, st, "asr", "direct", dec)
                     if d and d[0] is not None:
-                        ax.errorbar([-0.06], [d[0]], yerr=[d[1] or 0], marker="*", ms=10, capsize=3,
+                        ax.errorbar([-0.08], [d[0]], yerr=[d[1] or 0], marker="*", ms=10, capsize=3,
                                     color=line[0].get_color())
-        ax.set(title=f"{iv}: ASR vs start (mean ± sd over {results.n} seeds; star at -0.06: dose-matched 0% start)",
-               xlabel="intervention start (share of the token budget; 1 = safe-only)", ylim=(-0.02, 1.02))
-        ax.title.set_fontsize(8)
-        ax.legend(fontsize=7)
+            ax.set(title=f"{iv}, {st}", xlabel="start (share of tokens; 1 = safe-only)", ylim=(-0.02, 1.02))
+            ax.title.set_fontsize(9)
+        row[0].set_ylabel("ASR (direct)")
+        row[0].legend(fontsize=7)
+    fig.suptitle(f"ASR vs start, mean ± sd over {results.n} seed(s); star at -0.08: the dose-matched 0% start", fontsize=9)
     save(plt, fig, os.path.join(root, "curriculum-asr_vs_start.png"))
     fig, axes = plt.subplots(1, len(ivs), figsize=(6.5 * len(ivs), 4), squeeze=False)
     for ax, iv in zip(axes[0], ivs):
         for key, c in results.cells.items():
             if c["intervention"] in (iv, "filter"):
-                per = [results.probe.get((key, k)) for k in range(results.n)]
-                per = [p for p in per if p]
+                per = [p for p in (results.probe.get((key, k)) for k in range(results.n)) if p]
                 if per:
                     layers = [l["layer"] for l in per[0]["layers"]]
                     ax.plot(layers, [mean_spread([p["layers"][i]["mean"]["acc"] for p in per])[0]
@@ -556,10 +557,8 @@ def curriculum_report(results, root, doc):
     rows = curriculum_claims(results)
     for iv in ivs:       # the paper's caveat: when, or how much?
         dose = next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] < 1), None)
-        late = next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] == 1
-                     and c["start"] == PREFIX_LATE), None)
-        early = next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] == 1
-                      and c["start"] == 0), None)
+        late, early = (next((key for key, c in results.cells.items() if c["intervention"] == iv and c["dose"] == 1
+                             and c["start"] == start), None) for start in (PREFIX_LATE, 0))
         if dose and late and early:
             d, l, e = (v(k, "benign", "asr", "direct", "topk") for k in (dose, late, early))
             rows.append([f"{iv}: a late start's robustness comes from when, not how much (the dose-matched 0% start is "
