@@ -38,7 +38,7 @@ class SpliceLoss:
     attention: padding after a row never changes its earlier positions)."""
 
     def __init__(self, model, parts, suffix_len, dev, pad):
-        self.model, self.L, self.dev = model, suffix_len, dev
+        self.model, self.suffix_len, self.dev = model, suffix_len, dev
         rows, self.starts, self.tspan = [], [], []
         for pre, post, tgt in parts:
             self.starts.append(len(pre))
@@ -87,7 +87,7 @@ class SpliceLoss:
         with torch.enable_grad():
             emb = emb_table[self.ids].detach()
             N = emb.size(0)
-            rows = torch.arange(N, device=self.dev)[:, None].expand(N, self.L)
+            rows = torch.arange(N, device=self.dev)[:, None].expand(N, self.suffix_len)
             emb = emb.index_put((rows, self.cols), (onehot @ emb_table)[None].expand(N, -1, -1))
             logits, _ = self.model(None, embeds=emb)
             loss = (self._per_row(logits, self.targets) / self.ntgt).mean()
@@ -107,7 +107,7 @@ class SuffixLoss(SpliceLoss):
 
 def fit_suffix(model, w, recs, reflective, dev, steps, topk, batch, suffix_len, gen, log=print, loss=None):
     """GCG (descend) on the world: words only, starting from "please" at every position.
-    loss: the objective (SuffixLoss's interface: __call__ on (C, L) candidates and grad); None: SuffixLoss."""
+    loss: the objective (SuffixLoss's interface: __call__ on (C, suffix_len) candidates and grad); None: SuffixLoss."""
     V = model.wte.weight.size(0)
     allowed = torch.zeros(V, dtype=torch.bool, device=dev)
     allowed[:w.vocab_size] = True

@@ -11,7 +11,7 @@ Writes: <out_dir>/data/<world>-seed<k>/medsafety/...   prepare.py and reflect.py
         <out_dir>/<grid report>.md    report.py's tables, plots and claims (report.md for the core grid)
         <out_dir>/wall-<grid>.jsonl, study.log   wall time per invocation; every step's command and output
 Run:    python study.py                              # the toy study: the core grid on one world (make study)
-        python study.py --grid=core --seeds=3         # three worlds; the other grids (GRIDS): see below
+        python study.py --grid=core --seeds=3         # three worlds; other grids: README.md, GRIDS below
 """
 # The grids (python study.py --grid=<name>, one or more worlds with --seeds):
 #   --grid=core --seeds=3         the interventions and the two cross ablations on three worlds

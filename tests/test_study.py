@@ -285,14 +285,14 @@ def test_bad_flags_one_line():
     assert r.returncode == 1 and "study.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def start_and_kill(out):
-    """A smoke study of the reflect cell, sent SIGTERM once its training step has started -> its stdout so far."""
+def start_and_kill(out, until="start train-"):
+    """A smoke study of the reflect cell, sent SIGTERM once a line of its output holds `until` -> its stdout so far."""
     p = subprocess.Popen([sys.executable, "study.py", "--profile=smoke", f"--out_dir={out}", "--only=v2/base-1x/reflect-start00",
                           "--jobs=1"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     seen = []
     for line in p.stdout:
         seen.append(line)
-        if "start train-" in line:
+        if until in line:
             break
     p.terminate()
     p.communicate(timeout=60)
@@ -311,16 +311,17 @@ def start_and_kill(out):
 
 def test_a_killed_study_stops_its_steps_and_counts_its_time(tmp_path):
     # SIGTERM while a training step runs: the study stops its children, records the time it ran, keeps the markers
-    # of finished steps, and a rerun continues from there (the killed step is started again, resuming its run).
-    # The rerun is killed too once it has started that step: a study running to its end is smoke_study's test.
+    # of finished steps, and a rerun continues from there: the killed step is started again and finishes (the rerun
+    # is stopped after it: a study running to its end is smoke_study's test)
     out = str(tmp_path / "study")
     start_and_kill(out)
     walls = [json.loads(l) for l in open(os.path.join(out, "wall-core.jsonl"))]
     assert len(walls) == 1 and walls[0]["seconds"] > 0
     done = sorted(n[:-5] for n in os.listdir(os.path.join(out, "done")) if n.endswith(".json"))
     assert done == ["prepare-v2-seed0", "reflect-v2-seed0-reflect"]
-    second = start_and_kill(out)
+    second = start_and_kill(out, until="done  train-v2-seed0-base-1x-reflect-start00")
     assert "2 already done" in second and "start train-v2-seed0-base-1x-reflect-start00" in second
+    assert os.path.exists(os.path.join(out, "done", "train-v2-seed0-base-1x-reflect-start00.json"))
     assert len(open(os.path.join(out, "wall-core.jsonl")).readlines()) == 2
 
 
