@@ -325,6 +325,9 @@ def output_dir(cmd):
     return next((c.split("=", 1)[1] for c in cmd if c.startswith("--out_dir=")), None)
 
 
+STOP = []   # set by the SIGTERM handler (main)
+
+
 def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
     """Run the steps in dependency order, n_jobs at a time; skip finished ones; stop at the first failure.
     A step is finished when its marker holds the same command and every step it depends on is finished, so a
@@ -349,6 +352,8 @@ def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
     running, t_start, log_path = {}, time.time(), os.path.join(root, "study.log")
     try:
         while todo or running:
+            if STOP:     # a SIGTERM, acted on here: never between a step's Popen and its entry in `running`
+                sys.exit(STOP[0])
             for name in list(todo):
                 if len(running) >= n_jobs:
                     break
@@ -439,11 +444,15 @@ def main():
             beat[0] = time.time()
             line = json.dumps({"seconds": time.time() - t0, "jobs": n_jobs, "steps": len(steps)}) + "\n"
             write_atomic(wall_path, lambda f: f.writelines(earlier + [line]))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a kill runs the finally blocks: children stop
+    # a kill stops the study at the scheduler's next turn (the finally blocks stop the children); exiting inside the
+    # handler could strike while a step is being started and leave that step running, unknown to the study
+    signal.signal(signal.SIGTERM, lambda *_: STOP.append(143))
     try:
         run_steps(steps, root, n_jobs, heartbeat)
     finally:
         heartbeat(force=True)
+    if STOP:
+        sys.exit(STOP[0])
     write_json(os.path.join(root, "grids", f"{grid}.json"), manifest, indent=1)
     r = subprocess.run([sys.executable, "report.py", root, f"--grid={grid}"])
     if r.returncode:
