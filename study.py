@@ -383,6 +383,8 @@ def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
                     output = f.read()
                 with open(log_path, "a") as f:
                     f.write(f"$ {shlex.join(cmd)}\n# {name}: exit {proc.returncode} after {dt:.1f}s\n{output}\n")
+                if proc.returncode != 0 and STOP:     # killed with the study (a kill of the process group)
+                    sys.exit(STOP[0])
                 if proc.returncode != 0:
                     tail = "\n".join(output.strip().splitlines()[-5:])
                     fail(f"step {name} failed (exit {proc.returncode}); its output ends:\n{tail}\n"
