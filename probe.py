@@ -302,10 +302,15 @@ def probe_run(path, label, dev):
               "n_train_inputs": len(set(keys[i] for i in train)), "n_test_inputs": len(set(keys[i] for i in test)),
               "layers": layers, "deep": deep, "best": best, "request": request, "config": config,
               "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
+    return save_report(run_dir, report, label)
+
+
+def save_report(run_dir, report, label):
+    """probe.json beside the checkpoint, the table and a summary line (world and real-text probes alike)."""
     dest = os.path.join(run_dir, "probe.json")
     write_json(dest, report, indent=1)
     print_table(report)
-    print(f"{label}: {2 * len(layers)} probes in {t_probe:.1f}s; wrote {dest}")
+    print(f"{label}: {2 * len(report['layers'])} probes in {report['seconds']['probes']:.1f}s; wrote {dest}")
     return report
 
 
@@ -396,11 +401,7 @@ def probe_text(run, label, dev):
               "truncated": truncated, "layers": layers, "deep": deep, "best": best, "request": None,
               "reflection_classification": refl, "config": {k: globals()[k] for k in defaults_of(globals())},
               "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
-    dest = os.path.join(run_dir, "probe.json")
-    write_json(dest, report, indent=1)
-    print_table(report)
-    print(f"{label}: {2 * len(layers)} probes in {t_probe:.1f}s; wrote {dest}")
-    return report
+    return save_report(run_dir, report, label)
 
 
 def request_probe(model, w, wpath, dev):
