@@ -9,9 +9,10 @@ PY := .venv/bin/python
 	.venv/bin/pip install -q -r requirements.txt
 	touch $@
 
-# the suite on both cores, one test file per worker (a file's fixtures are built once)
+# the suite on both cores, one test file per worker (a file's fixtures are built once); it ends with its 15 slowest
+# steps, where the suite's time goes
 test: .venv/installed
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 # The main job: the toy study (docs/STUDY.md's grid sized for 2 CPU cores) -> out/study/report.md. Resumable: run it again
 # after an interruption and finished steps are skipped.
