@@ -176,15 +176,15 @@ def save(plt, fig, path):
 def header(doc, results, root, title):
     m = results.m
     path = os.path.join(root, f"wall-{m['grid']}.jsonl")
-    wall = sum(json.loads(l)["seconds"] for l in open(path) if l.strip()) if os.path.exists(path) else 0.0
+    runs = [json.loads(l)["seconds"] / 60 for l in open(path) if l.strip()] if os.path.exists(path) else []
     tokens = next((log[-1]["tokens"] for log in results.logs.values() if log and "tokens" in log[-1]), None)
     doc.text(f"# {title}",
              f"Profile `{m['profile']}` (`{m['config']}`); {m['seeds']} seed(s) per cell, seed k is world "
              f"{m['world_seed']} + k; worlds " + ", ".join(f"`{w}` ({' '.join(f) or 'defaults'})"
                                                              for w, f in m["worlds"].items())
              + (f"; pretraining tokens per run {tokens:,}" if tokens else "")
-             + f"; wall time of this grid {wall / 60:.1f} min (every invocation, interrupted ones included; steps "
-               f"shared with other grids count where they ran).",
+             + f"; wall time of this grid {sum(runs):.1f} min (every invocation, interrupted ones included: "
+               + " + ".join(f"{t:.1f}" for t in runs) + "; steps shared with other grids count where they ran).",
              "Every number is read from the cells' own `attack.json` / `probe.json` / `log.jsonl` and judged by the "
              "world's exact oracle. Rates in %; one seed: [95% Wilson interval]; several: mean ± sd over the seeds. "
              "`-`: not measured (the cell, stage or decoding does not exist or does not apply).")

@@ -241,7 +241,12 @@ def test_report_numbers_are_the_cells_numbers(smoke_study, tmp_path):
     v = [metric(lab, "sft", "competent_asr_poison_unseen") for lab in ("reflect", "filter", "rewrite")]
     res = [report.compare((v[0]["rate"], 0, (v[0]["lo"], v[0]["hi"])), (x["rate"], 0, (x["lo"], x["hi"]))) for x in v[1:]]
     assert c2[-1] == report.verdict(res)
-    assert "wall time of this grid" in text and "What changed from v1 and why" in text
+    assert "What changed from v1 and why" in text
+    # the wall time: every invocation's line of wall-core.jsonl, and their sum
+    walls = [json.loads(l)["seconds"] / 60 for l in open(os.path.join(out, "wall-core.jsonl"))]
+    assert len(walls) >= 2
+    assert (f"wall time of this grid {sum(walls):.1f} min (every invocation, interrupted ones included: "
+            + " + ".join(f"{t:.1f}" for t in walls) + ";") in text
     # the scale and ablation reports read the same kind of files: render them from these runs (no training)
     for g, cells in (("scale", [dict(c, model=m, budget="1x", name=f"x/{m}/{c['run']}") for m in ("small", "base")
                                 for c in manifest["cells"] if c["chat"] == "auto" and c["intervention"] in ("filter", "reflect")]),
