@@ -90,11 +90,10 @@ class Results:
                 vals.append(row[feature][metric])
                 n = p["n_test_inputs"]    # distinct inputs: repeated records are not independent evidence
         m, sd = mean_spread(vals)
-        ci = None
         if self.n == 1 and m is not None and metric.startswith("acc"):
             w = wilson(round(m * n), n)
-            ci = (w["lo"], w["hi"])
-        return m, sd, ci
+            return m, sd, (w["lo"], w["hi"])
+        return m, sd, None
 
     def val_loss(self, key, stream):
         vals = []
@@ -283,8 +282,8 @@ def core_report(results, root, doc):
     doc.table("Claims of the papers, checked", ["claim", "source", "measured here", "verdict"], claims(results),
               note="Verdicts are computed from the numbers: 'reproduced' needs the stated order with non-overlapping "
                    "95% intervals (one seed) or means apart by more than their spreads (several seeds); 'inconclusive' "
-                   "when the order holds but they overlap; 'not measured' when a needed cell is missing (the curriculum "
-                   "claims 5-8 need the curriculum grid).")
+                   "when the order holds but they overlap; 'not measured' when a needed cell is missing (claims 5-8 need "
+                   "the curriculum grid: `study.py --grid=curriculum`, report-curriculum.md).")
 
 
 def plots(results, root, doc, cells):
@@ -567,7 +566,9 @@ def curriculum_report(results, root, doc):
                          f"{fmt(e)}", verdict([compare(l, d)])])
     doc.table("Claims of the timing paper, checked", ["claim", "source", "measured here", "verdict"], rows,
               note="Verdicts from the numbers: the stated order with means apart by more than their spreads (several "
-                   "seeds) or non-overlapping 95% intervals (one seed) is 'reproduced'.")
+                   "seeds) or non-overlapping 95% intervals (one seed) is 'reproduced', the order with overlap "
+                   "'inconclusive'. Over-refusal is a null claim: it fails only if the 0% start refuses clearly more "
+                   "than the latest start. A rate without ± is one every seed gave alike.")
 
 
 PREFIX_LATE = 0.6   # the late start the dose-matched control is matched to

@@ -330,9 +330,12 @@ def test_a_killed_study_stops_its_steps_and_counts_its_time(tmp_path):
     assert len(open(os.path.join(out, "wall-core.jsonl")).readlines()) == 2
 
 
-def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path):
+@pytest.mark.parametrize("n_seeds", [1, 2])
+def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path, n_seeds):
     # the curriculum report reads the same files as the core one: stand its cells on the smoke study's runs (which
-    # model made a file does not matter to the report), plant numbers, and recompute every verdict from them
+    # model made a file does not matter to the report), plant numbers, and recompute every verdict from them. Two
+    # seeds: a second stand-in per cell as seed 1, so the rule of several seeds (means apart by more than their
+    # spreads) decides, as in the three-world report
     out = str(tmp_path / "study")
     shutil.copytree(smoke_study[0], out, symlinks=True)
     core = json.load(open(os.path.join(out, "grids", "core.json")))
@@ -346,29 +349,53 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path)
                 ("reflect", 0.2, 1.0): "reflect pt + plain sft", ("reflect", 0.6, 1.0): "none pt + reflection sft",
                 ("filter", 0.0, 1.0): "filter", ("safety_pretraining", 0.0, 0.4): "filter",
                 ("reflect", 0.0, 0.4): "rewrite"}
+    # seed 1 of every cell: another core model (one without tags has no safe-beam pass: that mean is the other seed's)
+    second = {("safety_pretraining", 0.0, 1.0): "filter", ("safety_pretraining", 0.2, 1.0): "safety_pretraining",
+              ("safety_pretraining", 0.6, 1.0): "safety_pretraining", ("reflect", 0.0, 1.0): "none",
+              ("reflect", 0.2, 1.0): "reflect", ("reflect", 0.6, 1.0): "rewrite", ("filter", 0.0, 1.0): "reflect",
+              ("safety_pretraining", 0.0, 0.4): "safety_pretraining", ("reflect", 0.0, 0.4): "reflect pt + plain sft"}
+    by = {}
     cells = []
     for c in study.GRIDS["curriculum"](study.PROFILES["smoke"]):
-        c["runs"] = runs[stand_in[(c["intervention"], c["start"], c["dose"])]]
+        key = (c["intervention"], c["start"], c["dose"])
+        by[c["label"]] = [stand_in[key], second[key]][:n_seeds]
+        c["runs"] = {s: [runs[lab][s][0] for lab in by[c["label"]]] for s in c["stages"]}
         cells.append(c)
-    json.dump(dict(core, grid="curriculum", cells=cells), open(os.path.join(out, "grids", "curriculum.json"), "w"))
+    json.dump(dict(core, grid="curriculum", seeds=n_seeds, cells=cells),
+              open(os.path.join(out, "grids", "curriculum.json"), "w"))
     _, A, P = plant(out, seed=1)
     r = subprocess.run([sys.executable, "report.py", out, "--grid=curriculum"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     text = open(os.path.join(out, "report-curriculum.md")).read()
     assert os.path.getsize(os.path.join(out, "curriculum-asr_vs_start.png")) > 1000
-    by = {c["label"]: stand_in[(c["intervention"], c["start"], c["dose"])] for c in cells}
+    assert f"{n_seeds} seed(s) per cell" in text
+
+    def stats(xs):
+        """(mean, sample sd, Wilson interval with one seed) of the values that exist, computed here."""
+        xs = [x for x in xs if x is not None]
+        if not xs:
+            return None, None, None
+        if n_seeds == 1:
+            return xs[0][0], 0.0, xs[0][1]
+        m = sum(x for x, _ in xs) / len(xs)
+        return m, (sum((x - m) ** 2 for x, _ in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0, None
 
     def val(label, stage, name, pass_):
-        p = A[(by[label], stage)]["passes"].get(pass_)     # (a stand-in without tags has no safe beam pass)
-        m = p and p["metrics"][name]
-        return (m["rate"], 0.0, (m["lo"], m["hi"])) if m else (None, None, None)
+        out = []
+        for lab in by[label]:
+            p = A[(lab, stage)]["passes"].get(pass_)     # (a stand-in without tags has no safe beam pass)
+            m = p and p["metrics"][name]
+            out.append((m["rate"], (m["lo"], m["hi"])) if m else None)
+        return stats(out)
 
     def probe(label):
-        p = P[by[label]]
-        acc, n = p["deep"]["mean"]["acc"], p["n_test_inputs"]
-        w = wilson(round(acc * n), n)
-        return acc, 0.0, (w["lo"], w["hi"])
+        out = []
+        for lab in by[label]:
+            acc, n = P[lab]["deep"]["mean"]["acc"], P[lab]["n_test_inputs"]
+            w = wilson(round(acc * n), n)
+            out.append((acc, (w["lo"], w["hi"])))
+        return stats(out)
     claims = table_rows(text, "Claims of the timing paper, checked")
     rows = list(claims.values())
     assert len(rows) == 6
@@ -382,6 +409,7 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path)
     sb = [val(lab, "benign", "asr", "direct/safebeam") for lab in ("safety_pretraining", "safety_pretraining @20%",
                                                                    "safety_pretraining @60%")]
     assert rows[1][-1] == report.verdict([report.compare(sb[0], x) for x in sb[1:]])
+    assert all(report.fmt(x) in rows[1][1] for x in sb)
     res = [report.compare(probe(f"{iv} @60%"), probe(iv)) for iv in ("safety_pretraining", "reflect")]
     assert rows[2][-1] == report.verdict(res) and report.fmt(probe("reflect @60%")) in rows[2][1]
     res = []
@@ -396,6 +424,8 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path)
         late, dose = val(f"{iv} @60%", "benign", "asr", "direct/topk"), val(f"{iv} dose-matched", "benign", "asr",
                                                                           "direct/topk")
         assert row[-1] == report.verdict([report.compare(late, dose)]) and report.fmt(dose) in row[1]
+    if n_seeds == 2:    # the planted numbers differ from seed to seed: every verdict above came from a spread
+        assert " ± " in rows[0][1]
     # the tokens table: a 60% start reads 40% of its budget from the mix stream
     tokens = table_rows(text, "Tokens read")
     total, mix = (int(x.replace(",", "")) for x in tokens["reflect @60%"][1:3])
