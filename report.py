@@ -6,9 +6,8 @@ Reads:  <root>/grids/<grid>.json (study.py: the cells and their run directories)
 Writes: <root>/report.md (grid core) or <root>/report-<grid>.md, and the plots beside it (<grid>-*.png)
 Run:    python report.py out/study                    # the core grid (study.py writes it at the end)
         python report.py out/study --grid=scale
-Numbers: rates in %; with one seed, [95% Wilson interval]; with several, mean ± standard deviation over the seeds
-(each seed a different world). A verdict needs the stated order with intervals (one seed) or mean ± sd (several
-seeds) apart; see compare().
+Numbers: rates in %; one seed: [95% Wilson interval]; several: mean ± sd over the seeds (each a different world).
+A verdict needs the stated order with intervals (one seed) or mean ± sd (several seeds) apart; see compare().
 """
 import json
 import os
@@ -26,8 +25,7 @@ CHANGES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "v2-c
 
 
 class Results:
-    """Every finished cell's numbers: attack.json per (cell, seed, stage), probe.json and log.jsonl per (cell, seed)
-    of the pretrained model."""
+    """Every finished cell's numbers: attack.json per (cell, seed, stage); probe.json, log.jsonl per (cell, seed)."""
 
     def __init__(self, manifest):
         self.m, self.n = manifest, manifest["seeds"]
@@ -150,8 +148,7 @@ class Doc:
 
     def table(self, title, header, rows, note=""):
         self.lines += [f"## {title}", ""] + ([note, ""] if note else [])
-        self.lines.append("| " + " | ".join(header) + " |")
-        self.lines.append("|" + "---|" * len(header))
+        self.lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         self.lines += ["| " + " | ".join(r) + " |" for r in (rows or [["-"] * len(header)])]
         self.lines.append("")
 
@@ -227,21 +224,14 @@ def core_report(results, root, doc):
                for key in cells for group in ("harmful", "harmful_poison_unseen", "harmful_contra_unseen", "benign")],
               note="Every response is exactly one of these (the shares of a row add up to 100): a low ASR cannot hide "
                    "garbled output. Halted: nothing but an unsafe reflection, then the end of the turn.")
-    rows = []
-    for key in cells:
-        for dec in ("safebeam", "reflect_halt"):
-            vals = [v(key, st, "asr", "direct", dec) for st in post]
-            if any(x[0] is not None for x in vals):
-                rows.append([key, dec] + [fmt(x) for x in vals])
-    doc.table("ASR with safety-aware decoding", ["cell", "decoding"] + post, rows)
+    def measured(decodings, values):    # a row per cell and decoding that has a measured value
+        return [[key, dec] + [fmt(x) for x in values(key, dec)] for key in cells for dec in decodings
+                if any(x[0] is not None for x in values(key, dec))]
+    doc.table("ASR with safety-aware decoding", ["cell", "decoding"] + post, measured(
+        ("safebeam", "reflect_halt"), lambda key, dec: [v(key, st, "asr", "direct", dec) for st in post]))
     attacks = results.m["attacks_sft"].split(",")
-    rows = []
-    for key in cells:
-        for dec in results.m["decodings"].split(","):
-            vals = [v(key, "sft", "asr", a, dec) for a in attacks]
-            if any(x[0] is not None for x in vals):
-                rows.append([key, dec] + [fmt(x) for x in vals])
-    doc.table("ASR per attack after sft", ["cell", "decoding"] + attacks, rows)
+    doc.table("ASR per attack after sft", ["cell", "decoding"] + attacks, measured(
+        results.m["decodings"].split(","), lambda key, dec: [v(key, "sft", "asr", a, dec) for a in attacks]))
     names = ["reflection_accuracy_safe"] + [f"reflection_accuracy_{c}_{s}" for c, s in SPLITS]
     refl = [key for key in cells if any(v(key, st, "reflection_accuracy")[0] is not None for st in post)]
     doc.table("Safety classification by the model's own reflections", ["cell", "stage", "all"]
@@ -301,8 +291,7 @@ def plots(results, root, doc, cells):
         for k in range(results.n):     # every seed (world) as a dot
             pts = [(i, results.stats(cells[i], st, m)[k]) for i in xs]
             ax.plot([i for i, s in pts if s], [s["rate"] for _, s in pts if s], "k.", ms=4)
-        ax.set_xticks(range(len(cells)))
-        ax.set_xticklabels(cells, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(cells)), cells, rotation=60, ha="right", fontsize=7)
         ax.set(title=title, ylim=(-0.02, 1.02))
     fig.suptitle(f"mean over {results.n} seed(s) (bars, ± sd), each seed's world a dot", fontsize=9)
     save(plt, fig, os.path.join(root, f"{grid}-headline.png"))
@@ -426,16 +415,16 @@ def curriculum_claims(results):
 
 def scale_report(results, root, doc):
     """Reflect vs filter at each model size x token budget (one row per pretraining run)."""
-    rows, pts = [], {}
+    rows, pts, v = [], {}, results.value
     for key, c in results.cells.items():
         a = results.attack.get((key, 0, "base")) or {}
-        cls = results.value(key, "base", "reflection_accuracy_poison_unseen")
-        asr = results.value(key, "sft", "competent_asr_poison_unseen")
         tokens = f"{a['tokens_seen']:,}" if a.get("tokens_seen") else "-"
         rows.append([c["model"], c["budget"], f"{a.get('params', 0):,}" if a else "-", tokens, c["intervention"]]
                     + unseen_row(results, key))
         if a:
-            pts.setdefault((c["intervention"], c["budget"]), []).append((a["params"], cls, asr))
+            pts.setdefault((c["intervention"], c["budget"]), []).append(
+                (a["params"], v(key, "base", "reflection_accuracy_poison_unseen"),
+                 v(key, "sft", "competent_asr_poison_unseen")))
     doc.table("Scale: reflect vs filter", ["model", "tokens", "parameters", "pretraining tokens", "cell"]
               + [name for *_, name in UNSEEN] + ["request probe, unseen harms"], rows,
               note="Greedy decoding, direct attack. Classification exists for the reflection models only. The paper's "
@@ -446,16 +435,25 @@ def scale_report(results, root, doc):
     for (iv, budget), p in sorted(pts.items()):
         p.sort()
         for ax, j in zip(axes, (1, 2)):
-            xs = [x for x, *rest in p if rest[j - 1][0] is not None]
-            ys = [rest[j - 1][0] for x, *rest in p if rest[j - 1][0] is not None]
-            if xs:
-                ax.plot(xs, ys, marker="o", ls="-" if budget == "1x" else "--", label=f"{iv}, {budget} tokens")
+            xy = [(q[0], q[j][0]) for q in p if q[j][0] is not None]   # (parameters, the metric's mean)
+            if xy:
+                ax.plot(*zip(*xy), marker="o" if iv == "filter" else "x", ms=9 if iv == "filter" else 7,   # both seen at 0
+                        ls="-" if budget == "1x" else "--", label=f"{iv}, {budget} tokens")
+    ticks = sorted({x for p in pts.values() for x, *_ in p})   # the models' sizes, not a log scale's minor labels
     for ax, title in zip(axes, ("reflection classification, poison unseen (base)",
                                 "competent ASR, poison unseen (after sft)")):
-        ax.set(title=title, xscale="log", xlabel="parameters", ylim=(-0.02, 1.02))
+        ax.set(title=title, xscale="log", xlabel="parameters", ylim=(-0.02, 1.02), xticks=ticks,
+               xticklabels=[f"{t / 1e6:.2f}M" for t in ticks])
+        ax.minorticks_off()
         ax.legend(fontsize=7)
     save(plt, fig, os.path.join(root, "scale.png"))
     doc.text("![scale](scale.png)")
+    key_of = {(c["model"], c["budget"], c["intervention"]): key for key, c in results.cells.items()}
+    asr = {(m, b): [v(key_of[(m, b, iv)], "sft", "competent_asr_poison_unseen") for iv in ("reflect", "filter")]
+           for m, b, iv in key_of if iv == "reflect" and (m, b, "filter") in key_of}
+    won = [f"{m} x {b}" for (m, b), (r, f) in asr.items() if compare(r, f) == "below"]
+    doc.text("Where the paper's effect appears (reflect's competent ASR on unseen poison after sft clearly below "
+             f"filter's): {', '.join(won) or f'at none of the {len(asr)} model sizes x token budgets measured'}.")
 
 
 # the unseen-harm numbers of the scale and ablation tables
@@ -480,8 +478,7 @@ def ablations_report(results, root, doc):
 
 
 def curriculum_report(results, root, doc):
-    """The timing paper's study: starts 0/20/60% per intervention, the safe-only control (the filter run, a 100%
-    start), and the dose-matched controls; tokens read, ASR by stage and decoding, probes, claims 5-8."""
+    """The timing paper's grid (starts 0/20/60%, safe-only and dose-matched controls): tokens, ASR, probes, claims."""
     cells = list(results.cells)
     v = results.value
     rows = []

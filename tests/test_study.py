@@ -263,6 +263,11 @@ def test_report_numbers_are_the_cells_numbers(smoke_study, tmp_path):
         flat = " ".join(" ".join(r) for r in rows.values())
         assert want(metric("reflect", "base", "reflection_accuracy_poison_unseen")) in flat
         assert want(metric("filter", "sft", "competent_asr_poison_unseen")) in flat
+        if g == "scale":    # where the paper's effect appears: reflect clearly below filter, per model x budget
+            r_, f_ = (metric(iv, "sft", "competent_asr_poison_unseen") for iv in ("reflect", "filter"))
+            won = report.compare((r_["rate"], 0, (r_["lo"], r_["hi"])), (f_["rate"], 0, (f_["lo"], f_["hi"]))) == "below"
+            assert ("after sft clearly below filter's): " + ("small x 1x, base x 1x." if won else
+                    "at none of the 2 model sizes x token budgets measured.")) in open(os.path.join(out, "report-scale.md")).read()
 
 
 def test_verdicts_follow_the_numbers():
