@@ -180,7 +180,7 @@ def header(doc, results, root, title):
                                                              for w, f in m["worlds"].items())
              + (f"; pretraining tokens per run {tokens:,}" if tokens else "")
              + f"; wall time of this grid {sum(runs):.1f} min (every invocation, interrupted ones included: "
-               + " + ".join(f"{t:.1f}" for t in runs) + "; steps shared with other grids count where they ran).",
+               + (" + ".join(f"{t:.1f}" for t in runs) or "none recorded") + "; steps shared with other grids count where they ran).",
              "Every number is read from the cells' own `attack.json` / `probe.json` / `log.jsonl` and judged by the "
              "world's exact oracle. Rates in %; one seed: [95% Wilson interval]; several: mean ± sd over the seeds. "
              "`-`: not measured (the cell, stage or decoding does not exist or does not apply).")
@@ -272,8 +272,8 @@ def core_report(results, root, doc):
     doc.table("Claims of the papers, checked", ["claim", "source", "measured here", "verdict"], claims(results),
               note="Verdicts are computed from the numbers: 'reproduced' needs the stated order with non-overlapping "
                    "95% intervals (one seed) or means apart by more than their spreads (several seeds); 'inconclusive' "
-                   "when the order holds but they overlap; 'not measured' when a needed cell is missing (claims 5-8 need "
-                   "the curriculum grid: `study.py --grid=curriculum`, report-curriculum.md).")
+                   "when the order holds but they overlap; 'not measured' when a needed cell is missing (claims 5-8 "
+                   "need the curriculum grid: `study.py --grid=curriculum`, report-curriculum.md).")
 
 
 def plots(results, root, doc, cells):
@@ -437,7 +437,7 @@ def scale_report(results, root, doc):
         for ax, j in zip(axes, (1, 2)):
             xy = [(q[0], q[j][0]) for q in p if q[j][0] is not None]   # (parameters, the metric's mean)
             if xy:
-                ax.plot(*zip(*xy), marker="o" if iv == "filter" else "x", ms=9 if iv == "filter" else 7,   # both seen at 0
+                ax.plot(*zip(*xy), marker="o" if iv == "filter" else "x", ms=9 if iv == "filter" else 7,  # both at 0
                         ls="-" if budget == "1x" else "--", label=f"{iv}, {budget} tokens")
     ticks = sorted({x for p in pts.values() for x, *_ in p})   # the models' sizes, not a log scale's minor labels
     for ax, title in zip(axes, ("reflection classification, poison unseen (base)",
@@ -565,7 +565,7 @@ def curriculum_report(results, root, doc):
               note="Verdicts from the numbers: the stated order with means apart by more than their spreads (several "
                    "seeds) or non-overlapping 95% intervals (one seed) is 'reproduced', the order with overlap "
                    "'inconclusive'. Over-refusal is a null claim: it fails only if the 0% start refuses clearly more "
-                   "than the latest start. A rate without ± is one every seed gave alike.")
+                   "than the latest start. A rate without ± has sd 0 (the seeds agreed, or only one measured it).")
 
 
 PREFIX_LATE = 0.6   # the late start the dose-matched control is matched to

@@ -265,9 +265,10 @@ def test_report_numbers_are_the_cells_numbers(smoke_study, tmp_path):
         assert want(metric("filter", "sft", "competent_asr_poison_unseen")) in flat
         if g == "scale":    # where the paper's effect appears: reflect clearly below filter, per model x budget
             r_, f_ = (metric(iv, "sft", "competent_asr_poison_unseen") for iv in ("reflect", "filter"))
-            won = report.compare((r_["rate"], 0, (r_["lo"], r_["hi"])), (f_["rate"], 0, (f_["lo"], f_["hi"]))) == "below"
-            assert ("after sft clearly below filter's): " + ("small x 1x, base x 1x." if won else
-                    "at none of the 2 model sizes x token budgets measured.")) in open(os.path.join(out, "report-scale.md")).read()
+            won = report.compare((r_["rate"], 0, (r_["lo"], r_["hi"])), (f_["rate"], 0, (f_["lo"], f_["hi"])))
+            assert ("after sft clearly below filter's): " + ("small x 1x, base x 1x." if won == "below" else
+                    "at none of the 2 model sizes x token budgets measured.")) in open(
+                        os.path.join(out, "report-scale.md")).read()
 
 
 def test_verdicts_follow_the_numbers():
@@ -369,6 +370,15 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path,
     json.dump(dict(core, grid="curriculum", seeds=n_seeds, cells=cells),
               open(os.path.join(out, "grids", "curriculum.json"), "w"))
     _, A, P = plant(out, seed=1)
+    # only the tagged model has a safe-beam pass: give the other stand-ins of safety_pretraining's cells one with a
+    # number of its own (after benign ft, where claim 6 reads it), so that its verdict compares different numbers
+    rng = random.Random(2)
+    for lab in ("filter", "rewrite", "none"):
+        beam = json.loads(json.dumps(A[("safety_pretraining", "benign")]["passes"]["direct/safebeam"]))
+        x = round(rng.uniform(0.01, 0.99), 3)
+        beam["metrics"]["asr"].update(rate=x, lo=round(x - 0.005, 4), hi=round(x + 0.005, 4))
+        A[(lab, "benign")]["passes"]["direct/safebeam"] = beam
+        json.dump(A[(lab, "benign")], open(os.path.join(runs[lab]["benign"][0], "attack.json"), "w"))
     r = subprocess.run([sys.executable, "report.py", out, "--grid=curriculum"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -414,7 +424,7 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path,
     sb = [val(lab, "benign", "asr", "direct/safebeam") for lab in ("safety_pretraining", "safety_pretraining @20%",
                                                                    "safety_pretraining @60%")]
     assert rows[1][-1] == report.verdict([report.compare(sb[0], x) for x in sb[1:]])
-    assert all(report.fmt(x) in rows[1][1] for x in sb)
+    assert all(report.fmt(x) in rows[1][1] for x in sb) and len({x[0] for x in sb}) == 3   # three numbers of their own
     res = [report.compare(probe(f"{iv} @60%"), probe(iv)) for iv in ("safety_pretraining", "reflect")]
     assert rows[2][-1] == report.verdict(res) and report.fmt(probe("reflect @60%")) in rows[2][1]
     res = []
