@@ -225,8 +225,8 @@ def core_report(results, root, doc):
               note="Every response is exactly one of these (the shares of a row add up to 100): a low ASR cannot hide "
                    "garbled output. Halted: nothing but an unsafe reflection, then the end of the turn.")
     def measured(decodings, values):    # a row per cell and decoding that has a measured value
-        return [[key, dec] + [fmt(x) for x in values(key, dec)] for key in cells for dec in decodings
-                if any(x[0] is not None for x in values(key, dec))]
+        rows = ((key, dec, values(key, dec)) for key in cells for dec in decodings)
+        return [[key, dec] + [fmt(x) for x in vals] for key, dec, vals in rows if any(x[0] is not None for x in vals)]
     doc.table("ASR with safety-aware decoding", ["cell", "decoding"] + post, measured(
         ("safebeam", "reflect_halt"), lambda key, dec: [v(key, st, "asr", "direct", dec) for st in post]))
     attacks = results.m["attacks_sft"].split(",")
