@@ -240,6 +240,13 @@ def example_rows(examples, T, pad):
     return x, y
 
 
+def micro_pieces(rows, replayed, eot):
+    """A micro-step's forwards: the example rows padded to their longest, then the replayed windows (x, y) at full
+    length. Two forwards, not one padded to block_size: short chat examples would make most of an sft step padding.
+    The loss is the same (a causal model; padding holds no targets), weighted by each piece's share of the targets."""
+    return [example_rows(rows, max(len(p) + len(t) for p, t in rows) - 1, eot)] + ([replayed] if replayed else [])
+
+
 def data_digest(files):
     h = hashlib.sha256()
     for p in files.split(","):
@@ -461,21 +468,20 @@ def main():
         for micro in range(accum):
             part = (micro * world_n + rank)    # this rank's block of rows of the global batch
             rows = batch[part * n_ex:(part + 1) * n_ex]
-            T = block if replay_stream else max(len(p) + len(t) for p, t in rows) - 1
-            x, y = example_rows(rows, T, eot)
-            if replay_stream:
-                rx, ry = replay_stream.batch(slots["replay"] + part * n_replay, n_replay, torch.device("cpu"))
-                x, y = torch.cat([x, rx]), torch.cat([y, ry])
-            x, y = x.to(device_t), y.to(device_t)
-            n_here = int((y != -1).sum())
-            sync = not ddp or micro == accum - 1
-            with (nullcontext() if sync else model.no_sync()), autocast:
-                _, loss = model(x, y)
-                # the mean over this micro-batch's targets, reweighted to its share of the iteration's targets
-                # (times world_n: DDP averages the ranks' gradients, and they should add)
-                loss = loss * (n_here * world_n / n_targets)
-            loss.backward()
-            loss_sum += loss.detach()
+            replayed = replay_stream.batch(slots["replay"] + part * n_replay, n_replay, torch.device("cpu")) \
+                if replay_stream else None
+            pieces = micro_pieces(rows, replayed, eot)
+            for j, (x, y) in enumerate(pieces):
+                x, y = x.to(device_t), y.to(device_t)
+                n_here = int((y != -1).sum())
+                sync = not ddp or (micro == accum - 1 and j == len(pieces) - 1)
+                with (nullcontext() if sync else model.no_sync()), autocast:
+                    _, loss = model(x, y)
+                    # the mean over this piece's targets, reweighted to its share of the iteration's targets
+                    # (times world_n: DDP averages the ranks' gradients, and they should add)
+                    loss = loss * (n_here * world_n / n_targets)
+                loss.backward()
+                loss_sum += loss.detach()
         slots["examples"] = first + len(batch)
         slots["replay"] += n_replay * gradient_accumulation_steps
         if grad_clip > 0:

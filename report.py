@@ -3,8 +3,8 @@ The study's report: tables, plots and the papers' claims, from the cells' own re
 
 Reads:  <root>/grids/<grid>.json (study.py: the cells and their run directories) and, in each run directory,
         attack.json, probe.json and log.jsonl
-Writes: <root>/report.md (grid core) or <root>/report-<grid>.md, and the plots beside it (<grid>-*.png)
-Run:    python report.py out/study                    # the core grid (study.py writes it at the end)
+Writes: <root>/report.md (grids main, core) or <root>/report-<grid>.md, and the plots beside it (<grid>-*.png)
+Run:    python report.py out/study                    # the main grid (study.py writes it at the end)
         python report.py out/study --grid=scale
 Numbers: rates in %; one seed: [95% Wilson interval]; several: mean ± sd over the seeds (each a different world).
 A verdict needs the stated order with intervals (one seed) or mean ± sd (several seeds) apart; see compare().
@@ -17,7 +17,7 @@ from common import fail, load_json, mean_spread, wilson, write_atomic
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
-grid = "core"
+grid = "main"
 # -----------------------------------------------------------------------------
 STAGES = ("base", "sft", "benign", "harmful")
 SPLITS = [(c, s) for c in ("poison", "contra") for s in ("seen", "unseen")]
@@ -29,7 +29,7 @@ class Results:
 
     def __init__(self, manifest):
         self.m, self.n = manifest, manifest["seeds"]
-        by_label = manifest["grid"] in ("core", "curriculum")    # labels are unique there; elsewhere names
+        by_label = manifest["grid"] in ("main", "core", "curriculum")    # labels are unique there; else names
         self.cells = {c["label"] if by_label else c["name"]: c for c in manifest["cells"]}
         self.attack, self.probe, self.logs = {}, {}, {}
         for key, c in self.cells.items():
@@ -192,6 +192,9 @@ def core_report(results, root, doc):
     post = [s for s in STAGES if any(s in c["stages"] for c in results.cells.values())]
     if os.path.exists(CHANGES):
         doc.lines += open(CHANGES).read().splitlines() + [""]
+    if results.m["grid"] == "main":
+        doc.text("The main grid (`make study`): the core grid without its two cross ablations and the harmful "
+                 "finetuning attack, which `study.py --grid=core` adds.")
     rows = [[key, fmt(v(key, "base", "reflection_accuracy_poison_unseen")),
              fmt(v(key, "base", "reflection_accuracy_contra_unseen")),
              fmt(v(key, "sft", "reflection_accuracy_poison_unseen")),
@@ -574,21 +577,20 @@ PREFIX_LATE = 0.6   # the late start the dose-matched control is matched to
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("--"):
-        fail("usage: python report.py <study out_dir> [--grid=core|scale|ablations|curriculum]")
+        fail("usage: python report.py <study out_dir> [--grid=main|core|scale|ablations|curriculum]")
     root, rest = args[0], args[1:]
     globals().update(configure(defaults_of(globals()), rest))
     manifest = load_json(os.path.join(root, "grids", f"{grid}.json"))
     if manifest is None:
         fail(f"'{root}/grids/{grid}.json' not found: run `python study.py --grid={grid} --out_dir={root}` first")
     results, doc = Results(manifest), Doc()
-    title = {"core": "Safety interventions during pretraining: the study on MedSafetyWorld",
-             "scale": "Scale: reflect vs filter by model size and token budget",
-             "ablations": "World ablations",
-             "curriculum": "The safety curriculum: when to start the intervention"}.get(grid, f"The {grid} grid")
+    title = {"scale": "Scale: reflect vs filter by model size and token budget", "ablations": "World ablations",
+             "curriculum": "The safety curriculum: when to start the intervention"}.get(
+        grid, "Safety interventions during pretraining: the study on MedSafetyWorld")   # main, core
     header(doc, results, root, title)
     {"scale": scale_report, "ablations": ablations_report, "curriculum": curriculum_report}.get(grid, core_report)(
         results, root, doc)
-    path = os.path.join(root, "report.md" if grid == "core" else f"report-{grid}.md")
+    path = os.path.join(root, "report.md" if grid in ("main", "core") else f"report-{grid}.md")
     doc.write(path)
     print(f"report.py: wrote {path}")
 

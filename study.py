@@ -8,13 +8,14 @@ Writes: <out_dir>/data/<world>-seed<k>/medsafety/...   prepare.py and reflect.py
                                       per stage: base, sft, benign, harmful (a cross ablation's: sft-plain, ...)
         <out_dir>/done/<step>.json    a step's marker (its command) once it succeeded; .started, .log beside it
         <out_dir>/grids/<grid>.json   the grid's cells and their run directories, what report.py reads
-        <out_dir>/<grid report>.md    report.py's tables, plots and claims (report.md for the core grid)
+        <out_dir>/<grid report>.md    report.py's tables, plots and claims (report.md for grids main and core)
         <out_dir>/wall-<grid>.jsonl, study.log   wall time per invocation; every step's command and output
-Run:    python study.py                              # the toy study: the core grid on one world (make study)
+Run:    python study.py                              # the toy study: the main grid on one world (make study)
         python study.py --grid=core --seeds=3         # three worlds; other grids: README.md, GRIDS below
 """
 # The grids (python study.py --grid=<name>, one or more worlds with --seeds):
-#   --grid=core --seeds=3         the interventions and the two cross ablations on three worlds
+#   (default) --grid=main         the five interventions through sft and benign finetuning, one world
+#   --grid=core --seeds=3         + the two cross ablations and the harmful finetuning attack, three worlds
 #   --grid=scale                  reflect vs filter at 3 model sizes x 2 token budgets
 #   --grid=ablations --seeds=3    world v1 vs v2, 16 harm effects vs 8
 #   --grid=curriculum --seeds=3   starts 0/20/60/100% and dose-matched controls
@@ -37,7 +38,7 @@ from configurator import configure, defaults_of, read_file
 
 # -----------------------------------------------------------------------------
 profile = "toy"            # smoke | toy | gpu: model sizes, set sizes, finetuning and attack settings
-grid = "core"              # core | scale | ablations | curriculum: which cells (see GRIDS)
+grid = "main"              # main | core | scale | ablations | curriculum: which cells (see GRIDS)
 seeds = 1                  # worlds per cell: seed k is world world_seed + k, trained with seed 1337 + k
 out_dir = ""               # "": out/study (out/study-<profile> for other profiles)
 only = ""                  # comma list: run only cells whose name contains one of these ("" = all)
@@ -46,7 +47,7 @@ world_seed = 1337
 # -----------------------------------------------------------------------------
 
 # Per profile: the pretraining config, flags of each stage, the model variants of the scale grid and the safe
-# prefixes. toy: sized for 2 CPU cores (the core grid on one world in about half an hour).
+# prefixes. toy: sized for 2 CPU cores (the main grid on one world in under half an hour, README.md).
 PROFILES = {
     "smoke": dict(config="config/smoke.py", train=["--block_size=96", "--max_iters=20"],
                   prepare=["--num_docs=400", "--n_harmful=8", "--n_benign=4", "--n_capability=4", "--n_probe=60",
@@ -101,6 +102,9 @@ def core_cells(world="v2", stages=STAGES):
 
 
 GRIDS = {
+    # make study: the five interventions through sft and benign finetuning, the cells and stages claims 1-4 read
+    # (the core grid's own steps: --grid=core into the same out_dir runs only what it adds)
+    "main": lambda P: core_cells(stages=STAGES[:3])[:5],
     # the interventions on world v2, and the two cross ablations: reflect-pretrained + plain sft (what the
     # pretraining adds) and raw-pretrained + reflection sft (what the post-training format adds)
     "core": lambda P: core_cells(),

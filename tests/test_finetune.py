@@ -111,6 +111,40 @@ def test_loss_mask_covers_exactly_the_response(world_run):
         assert w.decode(x[r, P - 2:P].tolist()) == "assistant :"
 
 
+def test_split_forwards_give_the_loss_and_gradients_of_one_block_padded_batch(world_run):
+    # the reference is the old micro-step: example rows padded to block_size, concatenated with the replayed windows
+    w = world_run["world"]
+    tok = {"world": w, "world_path": ""}
+    ex = finetune.load_examples(tok, "plain", os.path.join(world_run["eval"], "sft.jsonl"), "user", "response", 6,
+                                "sft")
+    model = common.load_run(world_run["base"], frozen=False).model.eval()   # eval: no dropout, gradients still on
+    T = model.config.block_size
+    g = torch.Generator().manual_seed(0)
+    rx = torch.randint(0, model.config.vocab_size, (2, T), generator=g)
+    ry = torch.randint(0, model.config.vocab_size, (2, T), generator=g)
+    pieces = finetune.micro_pieces(ex, (rx, ry), w.stoi[EOT])
+    assert len(pieces) == 2 and pieces[0][0].shape[1] < T and torch.equal(pieces[1][0], rx)
+    n_targets = sum(int((y != -1).sum()) for _, y in pieces)
+    assert n_targets == sum(len(t) for _, t in ex) + 2 * T
+
+    def grads(parts):
+        model.zero_grad(set_to_none=True)
+        total = 0.0
+        for x, y in parts:
+            loss = model(x, y)[1] * (int((y != -1).sum()) / n_targets)
+            loss.backward()
+            total += float(loss.detach())
+        return total, {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    x0, y0 = finetune.example_rows(ex, T, w.stoi[EOT])
+    ref_loss, ref = grads([(torch.cat([x0, rx]), torch.cat([y0, ry]))])
+    loss, got = grads(pieces)
+    assert abs(loss - ref_loss) < 1e-5, (loss, ref_loss)
+    for k in ref:
+        assert torch.allclose(got[k], ref[k], atol=1e-6, rtol=1e-4), k
+    assert finetune.micro_pieces(ex, None, w.stoi[EOT])[0][0].shape == pieces[0][0].shape   # no replay: one piece
+
+
 def test_chat_format_and_replay_follow_one_rule_for_every_arm(world_run):
     import attack
     w = world_run["world"]

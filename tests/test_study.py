@@ -43,12 +43,12 @@ def table_rows(text, title, keys=1):
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("study"))
-    # first an "interrupted" study: only the reflection cells, then the whole grid
+    # first an "interrupted" study: the default grid's (make study's) reflection cell, then the whole core grid
     first = run_study(out, "--only=reflect")
     assert "0 already done" in first
     marks = {n: os.path.getmtime(os.path.join(out, "done", n)) for n in os.listdir(os.path.join(out, "done"))
              if n.endswith(".json")}
-    second = run_study(out)
+    second = run_study(out, "--grid=core")
     return out, first, second, marks
 
 
@@ -59,9 +59,13 @@ def test_resume_recomputes_nothing_finished(smoke_study):
         assert os.path.getmtime(os.path.join(out, "done", n)) == t
         assert f"start {n[:-5]}\n" not in second
     ran = [l.split("start ")[1] for l in second.splitlines() if " start " in l]
-    assert ran and not any("reflect-start00" in n for n in ran)
+    # of the reflect pretraining run, only what the default grid leaves out runs now: the harmful finetuning attack
+    # and the plain-sft cross ablation
+    pre = "v2-seed0-base-1x-reflect-start00"
+    assert ran and {n for n in ran if pre in n} == {f"{k}-{pre}-{s}" for k in ("finetune", "attack")
+                                                    for s in ("harmful", "sft-plain", "benign-plain", "harmful-plain")}
     # and once all is done, nothing runs again (the plan lists a safe prefix before the filter stream it reads)
-    assert " 0 to run" in run_study(out)
+    assert " 0 to run" in run_study(out, "--grid=core")
     # the cross ablations share their pretraining run: one train step per intervention, the filter run continuing
     # the chain of safe prefixes
     trains = sorted(n[:-5] for n in os.listdir(os.path.join(out, "done")) if n.startswith("train-") and n.endswith(".json"))
@@ -120,7 +124,8 @@ def test_report_numbers_are_the_cells_numbers(smoke_study, tmp_path):
         c["runs"] = {s: [d.replace(smoke_study[0], out) for d in v] for s, v in c["runs"].items()}
     json.dump(manifest, open(os.path.join(out, "grids", "core.json"), "w"))
     manifest, A, P = plant(out)
-    r = subprocess.run([sys.executable, "report.py", out], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "report.py", out, "--grid=core"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
     assert r.returncode == 0, r.stderr
     text = open(os.path.join(out, "report.md")).read()
     for png in ("core-headline.png", "core-probe_layers.png", "core-loss_curves.png"):
@@ -326,14 +331,14 @@ def test_a_killed_study_stops_its_steps_and_counts_its_time(tmp_path):
     # is stopped after it: a study running to its end is smoke_study's test)
     out = str(tmp_path / "study")
     start_and_kill(out)
-    walls = [json.loads(l) for l in open(os.path.join(out, "wall-core.jsonl"))]
+    walls = [json.loads(l) for l in open(os.path.join(out, "wall-main.jsonl"))]    # the default grid
     assert len(walls) == 1 and walls[0]["seconds"] > 0
     done = sorted(n[:-5] for n in os.listdir(os.path.join(out, "done")) if n.endswith(".json"))
     assert done == ["prepare-v2-seed0", "reflect-v2-seed0-reflect"]
     second = start_and_kill(out, until="done  train-v2-seed0-base-1x-reflect-start00")
     assert "2 already done" in second and "start train-v2-seed0-base-1x-reflect-start00" in second
     assert os.path.exists(os.path.join(out, "done", "train-v2-seed0-base-1x-reflect-start00.json"))
-    assert len(open(os.path.join(out, "wall-core.jsonl")).readlines()) == 2
+    assert len(open(os.path.join(out, "wall-main.jsonl")).readlines()) == 2
 
 
 @pytest.mark.parametrize("n_seeds", [1, 2])
@@ -445,6 +450,25 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path,
     tokens = table_rows(text, "Tokens read")
     total, mix = (int(x.replace(",", "")) for x in tokens["reflect @60%"][1:3])
     assert abs(mix - 0.4 * total) <= 1
+
+
+def test_make_study_runs_the_core_grid_without_the_cross_ablations_and_the_harmful_stage(smoke_study, tmp_path):
+    # make study's grid (study.py's default) is a part of the core grid: each of its steps is a core step with the
+    # same command (so --grid=core afterwards, as smoke_study runs it, adds only the rest), and what it leaves out
+    # is the cross ablations' post-training and the harmful finetuning attack, which no claim of the report reads
+    P = study.PROFILES["toy"]
+    assert study.grid == report.grid == "main"
+    assert [c["label"] for c in study.GRIDS["main"](P)] == ["none", "filter", "rewrite", "safety_pretraining",
+                                                            "reflect"]
+    main, core = (study.plan(P, str(tmp_path), study.GRIDS[g](P), 1)[0] for g in ("main", "core"))
+    assert set(main) < set(core) and all(main[n] == core[n] for n in main)
+    assert all(n.endswith(("-harmful", "-plain", "-reflect")) for n in set(core) - set(main)), set(core) - set(main)
+    assert not any(n.endswith("-harmful") for n in main)
+    # the smoke study's first, default-grid run wrote its report with the stages it ran
+    out = smoke_study[0]
+    cells = json.load(open(os.path.join(out, "grids", "main.json")))["cells"]
+    assert [c["label"] for c in cells] == ["reflect"] and list(cells[0]["runs"]) == ["base", "sft", "benign"]
+    assert "study: " in smoke_study[1] and "report.py: wrote" in smoke_study[1]
 
 
 @pytest.mark.parametrize("profile", ["smoke", "toy"])
