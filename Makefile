@@ -14,7 +14,7 @@ PY := .venv/bin/python
 test: .venv/installed
 	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
-# The main job: the toy study (docs/STUDY.md's grid sized for 2 CPU cores) -> out/study/report.md. Resumable: run it again
-# after an interruption and finished steps are skipped.
+# The main job: the toy study (docs/STUDY.md's main grid, sized for 2 CPU cores) -> out/study/report.md.
+# Resumable: run it again after an interruption and finished steps are skipped.
 study: .venv/installed
 	$(PY) study.py

@@ -215,7 +215,7 @@ def max_iters(config_file, flags):
 
 # ----------------------------------------------------------------------------- the GPU profile's size (issue 16)
 # The GPU profile's whole grid, gpu_cells (13 cells, 363 steps with 3 seeds), must end within 6 minutes on one H200:
-# `study.py --profile=gpu --seeds=3`, then the same with --grid=curriculum into the same out_dir (report.py writes a
+# `study.py --profile=gpu --seeds=3 --grid=core`, then --grid=curriculum into the same out_dir (report.py writes a
 # report per grid; the steps they share run once). Both as one, and the two invocations one after the other (each
 # with its own phases, the second's prep_s counted again), fit (tests/test_gpu_profile.py). Sized from
 # FLOPs (6 N per token trained, 2 N per token of a forward pass, model.py's attention term) and these assumptions;
@@ -234,7 +234,7 @@ def max_iters(config_file, flags):
 #   probes (CPU-bound, `jobs` at once, their FLOPs hidden under their CPU time):
 #     wall = prep_s + train FLOPs / bf16_flops + train step_s / jobs + max(rest's FLOP time, rest's step_s / jobs)
 # The FLOP counts besides training: finetune rows of row_tokens (a benign/harmful batch padded to its longest row;
-# sft rows are block_size: a quarter of each batch replays pretraining windows), attack tokens = prompts x decodings
+# sft rows counted at block_size, an upper bound: only the quarter replaying pretraining windows is that long), attack tokens = prompts x decodings
 # x 80 (30 prompt + 48 new), GCG rows = its prompts x 50 tokens, probe: probe.jsonl + request prompts x 120 tokens.
 GPU_SIZING = dict(bf16_flops=90e12, fp32_flops=25e12, jobs=16, prep_s=40, limit_s=360, vocab=286,   # vocab: v2's
                   step_s={"train": 6, "finetune": 6, "attack": 5, "attack_sft": 20, "probe": 6},

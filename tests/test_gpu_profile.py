@@ -1,6 +1,6 @@
 # The GPU study profile, planned with study.plan and sized without running anything: `study.py --profile=gpu
-# --seeds=3` on the core + curriculum cells has the steps, tokens and FLOPs study.GPU_PLAN states, fits the 6 minutes
-# under study.GPU_SIZING's assumptions, and trains models of at least 8 layers x 256.
+# --seeds=3 --grid=core`, then --grid=curriculum, has the steps, tokens and FLOPs study.GPU_PLAN states, fits the
+# 6 minutes under study.GPU_SIZING's assumptions, and trains models of at least 8 layers x 256.
 
 import pytest
 
