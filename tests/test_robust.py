@@ -318,8 +318,9 @@ def test_a_second_writer_of_a_run_is_refused_with_one_line(streams, tmp_path):
 
 
 def test_a_killed_study_keeps_the_time_it_ran(tmp_path):
-    # kill -9 study.py itself: no finally block runs, yet the time it ran is kept (its line of wall-core.jsonl is
-    # rewritten every 10 s); its orphaned step meets the step lock if a rerun starts it again (the test above)
+    # kill -9 study.py itself: no finally block runs, yet the time it ran is kept (its line of wall-main.jsonl, the
+    # default grid's, is rewritten every 10 s); its orphaned step meets the step lock if a rerun starts it again (the
+    # test above)
     out = str(tmp_path / "study")
     study = subprocess.Popen([sys.executable, "study.py", "--profile=smoke", f"--out_dir={out}", "--jobs=1",
                               "--only=v2/base-1x/reflect-start00"], cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -329,7 +330,7 @@ def test_a_killed_study_keeps_the_time_it_ran(tmp_path):
         study.wait()
     finally:
         subprocess.run(["pkill", "-9", "-f", out])     # the orphaned step
-    walls = [json.loads(l) for l in open(os.path.join(out, "wall-core.jsonl"))]
+    walls = [json.loads(l) for l in open(os.path.join(out, "wall-main.jsonl"))]
     assert len(walls) == 1 and walls[0]["seconds"] >= 10, walls
 
 
