@@ -472,8 +472,8 @@ def main():
                 if replay_stream else None
             pieces = micro_pieces(rows, replayed, eot)
             for j, (x, y) in enumerate(pieces):
+                n_here = int((y != -1).sum())     # counted on the host: no device sync per piece
                 x, y = x.to(device_t), y.to(device_t)
-                n_here = int((y != -1).sum())
                 sync = not ddp or (micro == accum - 1 and j == len(pieces) - 1)
                 with (nullcontext() if sync else model.no_sync()), autocast:
                     _, loss = model(x, y)
