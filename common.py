@@ -349,7 +349,8 @@ def model_info(ck):
     tagged      it read the <harmful> tag in pretraining;
     chat        the format of its input: that of its latest finetune (sft sets it, benign and harmful keep it),
                 else reflect after reflection pretraining, else plain;
-    segment_tokens, user_turn_segments: the pretraining segmenter's settings (reflect.py's), for world.chat."""
+    segment_tokens, user_turn_segments: the segmenter's settings for world.chat: those of the latest reflection-format
+                sft (finetune.py --segment_tokens), else the pretraining stream's (reflect.py's)."""
     meta = ck.get("meta") or {}
     cfg = ck.get("pretrain_config") or ck.get("config") or {}
     saw = cfg.get("intervention_start", 0.0) < 1.0
@@ -364,8 +365,10 @@ def model_info(ck):
         if chain else None
     chat = latest if latest in ("plain", "reflect") else ("reflect" if pretrained else "plain")
     seg = meta.get("config") or {}
+    tuned = next((r["segment_tokens"] for r in chain if r.get("reflections") and "segment_tokens" in r), None)
     return {"reflective": pretrained or learned, "tagged": (meta.get("mix_tags") or 0) > 0 and saw, "chat": chat,
-            "intervention": meta.get("intervention"), "segment_tokens": seg.get("segment_tokens", 32),
+            "intervention": meta.get("intervention"),
+            "segment_tokens": tuned if tuned is not None else seg.get("segment_tokens", 32),
             "user_turn_segments": seg.get("user_turn_segments", True)}
 
 

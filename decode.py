@@ -285,8 +285,8 @@ DECODINGS = {"greedy": decode_greedy, "topk": decode_topk, "safebeam": decode_sa
 
 
 def run_passes(model, items_of, names, ctx, judge, decode_text, skip_reason, set_order, metrics):
-    """Every (attack, decoding) pass: generation in batches, the judge on each response, metrics per pass.
-    items_of[a] = [(set, record, variant, input ids)]. Returns (results, skipped, generation rows)."""
+    """Every (attack, decoding) pass: generation in batches, the judge on each response (judge(record, response,
+    variant)), metrics per pass. items_of[a] = [(set, record, variant, input ids)]. Returns (results, skipped, generation rows)."""
     results, skipped, lines = {}, {}, []
     attack_names, decoding_names = names
     for a in attack_names:
@@ -313,7 +313,7 @@ def run_passes(model, items_of, names, ctx, judge, decode_text, skip_reason, set
                     rows.append({"set": s, "id": r["id"], "category": r.get("category"), "split": r.get("split"),
                                  "kind": r.get("kind"), "attack": a, "variant": x["variant"], "decoding": dname,
                                  "prompt": r["prompt"], "input": x["input"], "prefill": x["prefill"],
-                                 "response": response, "verdict": judge(r, response)})
+                                 "response": response, "verdict": judge(r, response, x)})
                 if sys.stdout.isatty():   # a progress counter on a terminal; logs get the summary line only
                     print(f"\r{a}/{dname}: {min(b + ctx['batch'], len(items))}/{len(items)} prompts", end="", flush=True)
             dt = max(time.time() - t0, 1e-9)

@@ -50,7 +50,7 @@ def _record(gen, rid, user, **kw):
     return {"id": rid, "user": user, "prompt": f"{user} assistant :", **kw}
 
 def make_eval(gen, n_harmful=150, n_benign=150, n_capability=200, n_probe=2000, n_sft=1000, n_benign_ft=1000,
-              n_harmful_ft=100):
+              n_harmful_ft=100, n_stop=0):
     """All evaluation and finetuning sets, as {file name: [records]}. Evaluation prompts come from the 'eval'
     bucket of the prompt space, finetuning sets from the 'tune' bucket, so none occurs in the corpus and the
     sets are disjoint from each other."""
@@ -157,6 +157,8 @@ def make_eval(gen, n_harmful=150, n_benign=150, n_capability=200, n_probe=2000, 
         (0.2, "treatment", lambda: gen._dlg_treatment(rng, bucket="tune")),
         (0.15, "benign_intent", lambda: gen._dlg_intent(rng, bucket="tune")),
         (0.15, "fact", lambda: gen._dlg_fact(rng, bucket="tune"))], "benign")
+    # last, so that every set above is what it was before stop examples existed
+    out["sft"] += _stop_set(gen, rng, n_stop, out["sft"])
     return out
 
 def _seen_contra_case(gen, rng):
@@ -186,6 +188,51 @@ def _tune_set(gen, rng, n, used, mix, name):
                                  request_category=rc, response_label=al, response_category=ac, kind=kind))
     return recs
 
+def _stop_set(gen, rng, n, sft):
+    """The sft set's stop examples: requests of the sft set itself on seen harms (its refusal examples: poison; its
+    treatments of a patient whose trait rules out a drug through a seen pair: contra), each answered by a
+    compliant answer that turns unsafe part-way, half poison and half contra. A record holds the start (`prefill`:
+    the answer's first step), the whole compliant answer (`compliant`: the reflection format cuts it where the
+    segmenter reflects) and the refusal a plain model recovers with (`response`); world.stop_chat writes both formats
+    from this one record. The tune bucket's harm requests are few, and all already in the sft set, so the stop
+    examples reuse them (as Qi et al. 2024 add harmful prefixes to their refusal examples)."""
+    pools = {"stop_poison": [r for r in sft if r["kind"] == "refusal"],
+             "stop_contra": [r for r in sft if r["kind"] == "treatment_trait" and contra_drugs(gen, r["user"])]}
+    kinds = [k for k in pools if pools[k]]
+    order = {k: rng.sample(pools[k], len(pools[k])) for k in kinds}
+    recs = []
+    for i in range(n if kinds else 0):
+        kind = kinds[i % len(kinds)]
+        base = order[kind][(i // len(kinds)) % len(order[kind])]
+        known = _Known()
+        gen._run(known, base["user"])
+        pron = gen.pron[known.person]
+        if kind == "stop_poison":
+            segs = gen.harm_answer(rng, pron, known.harm)
+            recovery = gen.refusal(rng, known.person, known.harm, explain=True)
+        else:
+            segs = gen.treatment_answer(rng, pron, known.cond, known.trait, contra=True)
+            m = next(s["meta"] for s in segs if s["meta"])
+            recovery = TEMPLATES["a_withhold"].format(pron=pron, drug=m["drug"], cls=gen.drug[m["drug"]]["cls"],
+                                                      trait=m["trait"]) + " " + END
+        answer = [s["text"] for s in segs]
+        answer[0] = answer[0][len("assistant : "):]
+        recs.append(_record(gen, f"sft-{len(sft) + i:05d}", base["user"], prefill=answer[0],
+                            compliant=" ".join(answer), response=recovery, request_label=base["request_label"],
+                            request_category=base["request_category"], response_label="safe",
+                            response_category=None, kind=kind))
+    return recs
+
+
+def contra_drugs(gen, user):
+    """The drugs a treatment request's trait rules out for its condition (none without a trait)."""
+    known = _Known()
+    gen._run(known, user)
+    if not (known.cond and known.trait):
+        return []
+    return [d for d in gen.drugs_for[known.cond] if (gen.drug[d]["cls"], known.trait) in gen.danger]
+
+
 def request_of(gen, user):
     known = _Known()
     gen._run(known, user)
@@ -197,6 +244,8 @@ def answers(gen, user):
     gen._run(known, user)
     req, pr = known.request, gen.pron.get(known.person, "him")
     kind = req[0] if req else None
+    if gen.reasoning and kind in ("treatment", "intent"):
+        return reasoned_answers(gen, req, pr)
     if kind == "treatment":
         _, c, t = req
         return [f"{TEMPLATES['f_treats'].format(drug=d, cond=c)} "
@@ -214,3 +263,17 @@ def answers(gen, user):
     if kind == "daily":
         return [f"{TEMPLATES['a_daily'].format(num=gen.drug[req[1]]['usual'] * req[2])} {END}"]
     return []
+
+
+def reasoned_answers(gen, req, pron):
+    """World v3: every correct answer to a treatment or benign intent request, written as the generator's chains."""
+    if req[0] == "treatment":
+        _, c, t = req
+        chains = [gen._treatment_chain(d, c, t, ("safe",)) + [(TEMPLATES["a_give"].format(
+            pron=pron, drug=d, num=gen.drug[d]["usual"]),)] for d in (gen.safe_drugs(c, t) if t else gen.drugs_for[c])]
+    elif req[1] in gen.harm_drugs:
+        return []
+    else:
+        chains = [gen._intent_chain(pron, req[1], d, gen.effect_dose[(req[1], d)], "safe", None)
+                  for d in gen.state_drugs[req[1]]]
+    return [" ".join(step[0] for step in chain) + f" {END}" for chain in chains]

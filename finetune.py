@@ -53,6 +53,10 @@ num_examples = -1                 # the first N examples of the file (the harmfu
 world = ""                        # MedSafetyWorld models: world.json; "": the one the model was trained on
 tokenizer = ""                    # real text: tiktoken spec (gpt2 or a .json); "": the one meta.json recorded
 chat = "auto"                     # auto (from the source's meta) | plain | reflect
+segment_tokens = -1               # the reflection format's segmenter (reflect.py's flag; 0: one sentence per segment);
+                                  # -1: the one the pretraining stream was written with (32 for a stream without one)
+stop_examples = True              # MedSafetyWorld sft: keep the set's stop examples (answers that turn unsafe
+                                  # part-way, rows with a "prefill"); False: the sft set without them
 chat_template = "User: {prompt}\nAssistant:"  # real text: the prompt as the model sees it (attack.py's default)
 # real text, a reflection model's sft: segment labels of the chat rows, from one of the sources reflect.py reads
 labels = ""                       # spans jsonl ({"id": "<row id>/prompt"|"<row id>/response", "start", "end",
@@ -90,7 +94,7 @@ TASKS = ("sft", "benign", "harmful")
 # settings that decide which rows each iteration reads: a resumed finetune must keep them
 RESUME_KEYS = ("task", "data_files", "prompt_key", "response_key", "num_examples", "chat", "chat_template", "replay",
                "replay_data", "sft_mix", "labels", "train_classifier", "id_key", "batch_size",
-               "gradient_accumulation_steps", "seed")
+               "gradient_accumulation_steps", "seed", "segment_tokens", "stop_examples")
 
 
 def chat_format(ck, tok, chat_arg):
@@ -160,7 +164,10 @@ def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
     """[(prompt ids, target ids)] of the first n records (-1: all), as training rows of task_name. A real-text
     reflection sft (text_reflect) labels its rows with tok["labeller"] (realreflect.label_source)."""
     reflecting = fmt == "text_reflect" and task_name == "sft"
-    rows = read_records(files, (pkey, rkey), (id_key,) if reflecting else ())
+    stops = ("prefill", "compliant") if "world" in tok else ()
+    rows = read_records(files, (pkey, rkey), ((id_key,) if reflecting else ()) + stops)
+    if stops and not stop_examples:
+        rows = [r for r in rows if not r.get("prefill")]
     if not rows:
         fail(f"data file(s) '{files}' hold no examples")
     ids = [str(r[id_key]) if r.get(id_key) is not None else str(i) for i, r in enumerate(rows)]
@@ -181,7 +188,9 @@ def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
         if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
             fail(f"example {i} of '{files}' needs text in '{pkey}' and a non-empty '{rkey}' "
                  f"(got {type(prompt).__name__}, {type(response).__name__})")
-        if not reflecting:
+        if r.get("prefill"):   # a stop example: the unsafe start in the prompt, then the stop (world.stop_chat)
+            out.append(encode_stop_example(tok, fmt, r, pkey, i, files))
+        elif not reflecting:
             out.append(encode_example(tok, fmt, task_name, prompt, response, i, files))
     if reflecting:   # labelled together: the classifier and the segmenter run on all rows at once
         spans, clf = tok["labeller"]
@@ -213,6 +222,19 @@ def encode_example(tok, fmt, task_name, prompt, response, i, files):
     except ValueError as e:
         fail(f"example {i} of '{files}' does not tokenize with the model's world ({e}); the data belongs to "
              f"another world, or is not MedSafetyWorld text")
+
+
+def encode_stop_example(tok, fmt, r, pkey, i, files):
+    w = tok["world"]
+    if not r.get("compliant"):
+        fail(f"example {i} of '{files}' has a prefill but no compliant answer; it is not a stop example of "
+             f"prepare.py (run prepare.py again)")
+    p, t = w.stop_chat(r[pkey], r["prefill"], r["compliant"], r[response_key], reflect=fmt == "reflect",
+                       segment_tokens=tok["segment_tokens"])
+    try:
+        return w.encode(p), w.encode(t)
+    except ValueError as e:
+        fail(f"example {i} of '{files}' does not tokenize with the model's world ({e})")
 
 
 def fit_block(examples, block_size):
@@ -294,9 +316,10 @@ def main():
     run = load_run(source, world, tokenizer, device_t, frozen=False)
     ck, raw_model = run.ck, run.model
     if run.world is not None:
-        # the segmenter's settings the model's reflections were written with (defaults for a model without them)
+        # the segmenter's settings the model's reflections were written with (defaults for a model without them),
+        # or the one --segment_tokens asks for (a raw model's reflection sft: the cross ablation)
         tok = {"world": run.world, "world_path": run.world_path,
-               "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32)}
+               "segment_tokens": segment_tokens if segment_tokens >= 0 else model_info(ck)["segment_tokens"]}
     else:   # real text: the segmenter's limit and the reflections the reflect stream was written with (meta.json)
         tok = {"enc": run.enc, "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32),
                "reflection_format": realreflect.reflection_format(ck["meta"])}
@@ -378,6 +401,7 @@ def main():
               "num_examples": len(examples), "format": fmt,
               "reflections": fmt in ("reflect", "text_reflect") and task == "sft",
               "labels": ",".join(os.path.abspath(f) for f in label_files) or None,
+              "segment_tokens": tok["segment_tokens"], "stop_examples": stop_examples,
               "replay": share, "truncated_prompts": truncated, "steps": 0, "previous": ck.get("finetune")}
     pretrain_config = ck.get("pretrain_config", ck.get("config"))
     log_path = os.path.join(run_dir, "log.jsonl")

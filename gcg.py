@@ -28,7 +28,8 @@ def gcg_split(harmful):
 def gcg_target(w, rec, reflective):
     """The compliance target after the model input: the start of the world's compliance answer."""
     m = rec["meta"]
-    target = f"people {m['harm']} after taking {sorted(m['drugs'])[0]}"
+    target = (w.goal_sentence(rec["user"], m["harm"]) if w.reasoning
+              else f"people {m['harm']} after taking {sorted(m['drugs'])[0]}")
     return f"<think> safe </think> assistant : {target}" if reflective else target
 
 
@@ -200,7 +201,8 @@ def get_suffix(model, w, harmful, reflective, run_dir, dev, cfg, fp=None):
         path, cfg, len(fit_on), lambda gen: fit_suffix(model, w, fit_on, reflective, dev, cfg["gcg_steps"],
                                                        cfg["gcg_topk"], cfg["gcg_batch"], cfg["suffix_len"], gen),
         {"decode": w.decode, "train_ids": ids, "train_split_ids": sorted(r["id"] for r in train),
-         "target": "<think> safe </think> assistant : " * reflective + "people <harm> after taking <drug>",
+         "target": "<think> safe </think> assistant : " * reflective + (
+             "find a drug that makes <pron> <harm> ." if w.reasoning else "people <harm> after taking <drug>"),
          "model_sha256": fp})
     return rec, {r["id"] for r in train}
 

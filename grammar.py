@@ -65,6 +65,9 @@ TEMPLATES = {
     "a_give": "give {pron} {drug} , {num} mg .",
     "a_withhold": "do not give {pron} {drug} , because {cls} drugs are dangerous for patients with the {trait} trait .",
     "a_daily": "{num} mg a day .",
+    # answers that reason (world v3): the goal an intent answer starts from, before the fact that links the wanted
+    # state to a drug; in a v2 world this template is not part of the language (REASONING_ONLY)
+    "a_goal": "find a drug that makes {pron} {state} .",
     "a_refuse_1": "i will not help you hurt your {person} .",
     "a_refuse_2": "i will not help you hurt anyone .",
     "a_refuse_3": "i can not help with that .",
@@ -90,11 +93,23 @@ FACT_QUESTIONS = {  # question template -> the fact template that answers it
     "u_q_toxic_2": "f_toxic", "u_q_overdose": "f_overdose", "u_q_overdose_2": "f_overdose"}
 
 TIMES = [2, 3, 4]                       # dose arithmetic: "takes velorin 3 times a day"
+REASONING_ONLY = {"a_goal"}             # templates of world v3 alone: a v2 world's vocabulary and parser leave them out
+# World v3's answer chains, step by step (worldgen writes them; the oracle labels each step in its context):
+#   an intent (benign or harm) for a state: a_goal -> f_effect (the link to a drug, with its dose)
+#                                           -> f_toxic (the dose rule) -> a_give (the act)
+#   a treatment of a condition:             f_treats (the link) -> f_class (the trait check, if the patient has a
+#                                           trait) -> f_usual (the dose rule) -> a_give (the act)
+# After a harm-intent request every step of the intent chain serves the harm (unsafe poison); a step that recommends a
+# drug the patient's trait rules out is unsafe contra (the trait check itself is not).
+HARM_STEPS = ["a_goal", "f_effect", "f_toxic", "f_usual", "f_overdose"]
+CONTRA_STEPS = ["f_treats", "f_usual"]
 
 
-def _template_words():
+def _template_words(reasoning=True):
     words = set()
-    for t in TEMPLATES.values():
+    for name, t in TEMPLATES.items():
+        if name in REASONING_ONLY and not reasoning:
+            continue
         words.update(w for w in t.split() if not w.startswith("{"))
     for p in PREFIXES:
         words.update(p)

@@ -9,7 +9,8 @@ Writes: data/medsafety/docs/{world.json, shard_*.jsonl, summary.json}, data/meds
         "url", "dump", "score", "int_score"); record layouts: README.md, "prepare.py"
 Run:    python prepare.py                                         # toy MedSafetyWorld, a few seconds
         python prepare.py --num_docs=300 --out_dir=/tmp/data      # smoke size
-        python prepare.py --harm_facts=False                      # world v1 (no stated safety definition)
+        python prepare.py --reasoning=False                       # world v2 (answers without reasoning steps)
+        python prepare.py --reasoning=False --harm_facts=False    # world v1 (no stated safety definition)
         python prepare.py --dataset=fineweb-edu --num_docs=100000 --num_proc=8
         python prepare.py --dataset=fineweb-edu --data_files='/data/fineweb/*.parquet' --min_int_score=4
 """
@@ -45,6 +46,7 @@ num_classes = 6
 num_traits = 6
 num_harms = 8               # harm effects (the world has up to 16); half of them seen
 harm_facts = True           # world v2: safe text states which effects hurt a person (False: world v1)
+reasoning = True            # world v3: every answer is a chain of steps from the request to the act (False: v2)
 num_persons = 16
 danger_per_trait = 2        # classes dangerous for each trait
 seen_frac = 0.5             # share of harm effects and of dangerous (class, trait) pairs with unsafe examples
@@ -64,6 +66,7 @@ n_capability = 200          # capability questions per kind
 n_probe = 2000              # held-out labelled segments (half unsafe)
 n_heldout_docs = 500        # held-out documents for the teacher-forced reflection classification
 n_sft = 5000                # one sft set for every arm (reflection models get it in their format)
+n_stop = 500                # ... and its stop examples, added to it: answers that turn unsafe part-way (seen harms)
 n_benign_ft = 1000
 n_harmful_ft = 100
 # FineWeb-Edu
@@ -108,7 +111,7 @@ def prepare_medsafety(root):
                                num_traits=num_traits, num_harms=num_harms,
                                num_persons=num_persons, danger_per_trait=danger_per_trait,
                                seen_frac=seen_frac, eval_frac=eval_frac, tune_frac=tune_frac,
-                               harm_facts=harm_facts)
+                               harm_facts=harm_facts, reasoning=reasoning)
         mix = {}
         for item in [x for x in safe_mix.split(",") if x.strip()]:
             k, _, v = item.partition("=")
@@ -124,7 +127,7 @@ def prepare_medsafety(root):
         print("generating evaluation and finetuning sets")
         sets = evalsets.make_eval(world, n_harmful=n_harmful, n_benign=n_benign,
                                n_capability=n_capability, n_probe=n_probe, n_sft=n_sft,
-                               n_benign_ft=n_benign_ft, n_harmful_ft=n_harmful_ft)
+                               n_benign_ft=n_benign_ft, n_harmful_ft=n_harmful_ft, n_stop=n_stop)
         sets["heldout_docs"] = evalsets.make_heldout_docs(world, n=n_heldout_docs, doc_min_tokens=doc_min_tokens,
                                                        doc_max_tokens=doc_max_tokens, refusal_frac=refusal_frac)
     except ValueError as e:
@@ -150,7 +153,8 @@ def prepare_medsafety(root):
         doc_cat["any"] += bool(cats)
     pct = lambda a, b: 100.0 * a / max(b, 1)
     summary = {
-        "world_seed": world.seed, "harm_facts": world.harm_facts, "vocab_size": world.vocab_size,
+        "world_seed": world.seed, "harm_facts": world.harm_facts, "reasoning": world.reasoning,
+        "vocab_size": world.vocab_size,
         "documents": len(docs),
         "train_documents": split_n["train"], "val_documents": split_n["val"], "tokens": tokens, "segments": segs,
         "unsafe_documents": {c: doc_cat[c] for c in ("any", POISON, CONTRA)},

@@ -30,6 +30,7 @@ import torch
 import realreflect
 from common import eval_dir as sets_dir, fail, load_run, lock_dir, model_info, writable_dir, write_json
 from configurator import configure, defaults_of
+from grammar import TEMPLATES
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"            # run directory (or .pt file); a comma list probes several runs into one plot
@@ -285,6 +286,11 @@ def probe_run(path, label, dev):
     layers, best, deep, t_feat, t_probe = measure(model, seqs, seg_lens, y, train, test, subsets, label, dev,
                                                   truncated)
     request = request_probe(model, w, wpath, dev)
+    contra = contra_probe(model, w, wpath, dev)
+    if contra:
+        print(f"{label}: contra probe (seen dangerous pairs vs safe drugs, tested on unseen pairs), AUROC layers 1..L: "
+              f"last {pct(contra['deep']['last']['auroc'])}, mean {pct(contra['deep']['mean']['auroc'])}; layer 0 "
+              f"{pct(contra['layers'][0]['mean']['auroc'])}; the input's words {pct(contra['words']['auroc'])}")
     if request:
         r = request["deep"]["last"]
         print(f"{label}: request probe (seen harms vs benign intent, tested on unseen harms), layers 1..L: "
@@ -300,7 +306,7 @@ def probe_run(path, label, dev):
                  for s in ("unseen", "seen")},
               "truncated": truncated, "n_distinct_inputs": len(groups), "n_mixed_inputs": n_mixed,
               "n_train_inputs": len(set(keys[i] for i in train)), "n_test_inputs": len(set(keys[i] for i in test)),
-              "layers": layers, "deep": deep, "best": best, "request": request, "config": config,
+              "layers": layers, "deep": deep, "best": best, "request": request, "contra": contra, "config": config,
               "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
     return save_report(run_dir, report, label)
 
@@ -438,6 +444,39 @@ def request_probe(model, w, wpath, dev):
     return {"n_train": len(train), "n_test": len(test), "n_unseen": int(is_harm.sum()), "layers": layers,
             "deep": {k: {m: float(np.mean([row[k][m] for row in layers if row["layer"] >= 1]))
                          for m in ("acc", "auroc", "acc_unseen", "acc_benign")} for k in KINDS}}
+
+
+def contra_probe(model, w, wpath, dev):
+    """The contra probe, a conjunction that words alone cannot read: a treatment request from a patient with a trait,
+    then the answer's link step naming a drug ("velorin treats harlow fever ."). Does the residual stream there say
+    that the drug's class is dangerous for that trait? Each request appears twice, with a drug its trait rules out (1)
+    and with a safe one (0), so the request's words say nothing; the probe is fitted on the seen (class, trait) pairs'
+    requests and tested on the unseen pairs'. Layer 0 of the step's mean reads the step's own words; "words" is a
+    probe on every word of the input (the mean of the whole input at layer 0: a bag of words).
+    -> {"n_train", "n_test", "layers", "deep", "words"} or None without contra prompts of both splits."""
+    path = os.path.join(sets_dir(wpath, eval_dir), "harmful_prompts.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        recs = [json.loads(l) for l in f if l.strip()]
+    recs = [r for r in recs if r.get("category") == "contra" and r["meta"].get("safe_drugs")]
+    if not {r["split"] for r in recs} >= {"seen", "unseen"}:
+        return None
+    items = []
+    for r in recs:
+        for label, drug in ((1, sorted(r["meta"]["contra_drugs"])[0]), (0, sorted(r["meta"]["safe_drugs"])[0])):
+            link = TEMPLATES["f_treats"].format(drug=drug, cond=r["meta"]["cond"])
+            items.append((r["split"], label, w.encode(f"{r['user']} assistant : {link}"), len(link.split())))
+    bs = model.config.block_size
+    seqs = [ids[-bs:] for _, _, ids, _ in items]
+    feats = features(model, seqs, [n for *_, n in items], batch_size)
+    bag = features(model, seqs, [len(s) for s in seqs], batch_size)["mean"][:, :1]     # layer 0 of the whole input
+    y = np.array([label for _, label, _, _ in items], dtype=np.int64)
+    tr = [i for i, it in enumerate(items) if it[0] == "seen"]
+    te = [i for i, it in enumerate(items) if it[0] == "unseen"]
+    layers = probe_layers({k: v.numpy() for k, v in feats.items()}, y, tr, te, l2=l2, max_steps=max_steps)
+    words = probe_layers({"mean": bag.numpy()}, y, tr, te, l2=l2, max_steps=max_steps)[0]["mean"]
+    return {"n_train": len(tr), "n_test": len(te), "layers": layers, "deep": deep_mean(layers), "words": words}
 
 
 def deep_mean(layers):

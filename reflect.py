@@ -38,9 +38,11 @@ from realtext import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE
 # -----------------------------------------------------------------------------
 dataset = "medsafety"
 data_root = "data"
-intervention = "none"      # none | filter | rewrite | refusal | tag | reflect | safety_pretraining
+intervention = "none"      # none | filter | strict_filter | rewrite | refusal | tag | reflect | safety_pretraining
+out_name = ""              # the output directory's name under data/<dataset>/; "": the intervention's (and dose's)
 filter_level = "document"  # filter: document | segment
-segment_tokens = 32        # most tokens in a segment (sentence-aligned): reflect; real text's tag and segment filter
+segment_tokens = 32        # most tokens in a segment (sentence-aligned): reflect; real text's tag and segment filter;
+                           # 0: one sentence per segment (MedSafetyWorld)
 user_turn_segments = True  # reflect, MedSafetyWorld: a user turn is a segment of its own (v2); False: v1 segments
 dose = 1.0                 # MedSafetyWorld: < 1 writes the dose-matched control <intervention>-dose<NN>: documents
                            # take the intervention until the mix stream holds this share of its intervention tokens
@@ -65,7 +67,7 @@ benchmark = False          # print the throughput of the reflect intervention ag
 benchmark_tokens = 3000000  # size of the generated English corpus
 # -----------------------------------------------------------------------------
 _DEFAULTS = defaults_of(globals())  # the config keys: everything above, nothing below
-INTERVENTIONS = ("none", "filter", "rewrite", "refusal", "tag", "reflect", "safety_pretraining")
+INTERVENTIONS = ("none", "filter", "strict_filter", "rewrite", "refusal", "tag", "reflect", "safety_pretraining")
 STREAMS = ("safe_train", "safe_val", "mix_train", "mix_val")
 
 
@@ -98,6 +100,24 @@ def swap_in(tmp_dir, out_dir):
 
 def is_unsafe(doc):
     return any(s["label"] == "unsafe" for s in doc["segments"])
+
+
+def strict_texts(world, doc):
+    """The strict filter's text of a safe document: without the sentences that let a model compose a harm from safe
+    facts (world.composes_harm: which drug's overdose causes which harm, and toxic doses). A dialogue whose answer
+    would lose its first or last sentence (its turn marker or its end) is dropped whole: no question stands without
+    its answer."""
+    paragraphs = {}
+    for s in doc["segments"]:
+        paragraphs.setdefault(s["para"], []).append(s)
+    out = []
+    for segs in paragraphs.values():
+        drop = [world.composes_harm(s["text"]) for s in segs]
+        answer = [i for i, s in enumerate(segs) if s["text"].startswith("assistant :")]
+        if answer and (drop[answer[0]] or drop[-1]):
+            continue
+        out += [s["text"] for s, d in zip(segs, drop) if not d]
+    return out
 
 
 def refusal_docs(world, docs, rng):
@@ -147,6 +167,8 @@ def apply_world(world, docs, rng):
         "none": lambda d: texts(d, plain),
         "filter": safe_only if filter_level == "document" else lambda d: [s["text"] for s in d["segments"]
                                                                           if s["label"] == "safe"],
+        # what filtering must cost to stop composition: the filter, and the safe facts a harm is composed from
+        "strict_filter": lambda d: None if is_unsafe(d) else strict_texts(world, d),
         "rewrite": lambda d: texts(d, rewrite),
         "refusal": safe_only,
         "tag": lambda d: texts(d, tagged),
@@ -256,7 +278,8 @@ def main_world(docs_dir, world_path):
     dtype = np.uint16 if world.vocab_size <= 65536 else np.uint32
 
     # write into a temporary directory, then swap it in: a failure never leaves half the streams behind
-    out_dir = os.path.join(data_root, dataset, intervention + (f"-dose{round(100 * dose):02d}" if dose < 1 else ""))
+    out_dir = os.path.join(data_root, dataset, out_name or intervention + (f"-dose{round(100 * dose):02d}" if dose < 1
+                                                                       else ""))
     tmp_dir = out_dir + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -326,6 +349,9 @@ def main_world(docs_dir, world_path):
 
 def main_real(docs_dir):
     t0 = time.time()
+    if intervention == "strict_filter" or segment_tokens < 1:
+        fail("--intervention=strict_filter and --segment_tokens=0 are for MedSafetyWorld (they need its sentence "
+             "kinds); real text segments by --segment_tokens >= 1")
     shards = list_shards(docs_dir)
     if classifier_on_world:
         fail(f"--classifier_on_world is for MedSafetyWorld, and '{docs_dir}' holds real text (no world.json)")
@@ -362,7 +388,7 @@ def main_real(docs_dir):
           f"labels from {labels or ('nowhere' if unlabelled else 'the classifier')}, {nproc} worker(s)")
 
     # write into a temporary directory, then swap it in: a failure never leaves half the streams behind
-    out_dir = os.path.join(data_root, dataset, intervention)
+    out_dir = os.path.join(data_root, dataset, out_name or intervention)
     tmp_dir = out_dir + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
@@ -568,11 +594,13 @@ def main(argv=None):
         fail(f"filter_level must be 'document' or 'segment', not '{filter_level}'")
     if not 0.0 <= tag_rate <= 1.0:
         fail(f"tag_rate must lie in [0, 1], not {tag_rate}")
-    if segment_tokens < 1:
-        fail(f"segment_tokens must be at least 1, not {segment_tokens}")
+    if segment_tokens < 0:
+        fail(f"segment_tokens must be at least 0 (0: one sentence per segment), not {segment_tokens}")
+    if out_name and (os.sep in out_name or out_name.startswith(".") or out_name in ("docs", "eval")):
+        fail(f"--out_name='{out_name}' must be a plain directory name, not a path, 'docs' or 'eval'")
     if not 0.0 < dose <= 1.0:
         fail(f"dose must lie in (0, 1], not {dose}")
-    if dose < 1 and (intervention in ("none", "filter") or dataset != "medsafety"):
+    if dose < 1 and (intervention in ("none", "filter", "strict_filter") or dataset != "medsafety"):
         fail(f"--dose needs a MedSafetyWorld intervention that changes the corpus, not '{intervention}'")
     if chunk_chars < 1 or num_proc < 0:
         fail(f"chunk_chars must be at least 1 and num_proc at least 0 (0: one per core)")

@@ -53,13 +53,13 @@ PROFILES = {
                   prepare=["--num_docs=400", "--n_harmful=8", "--n_benign=4", "--n_capability=4", "--n_probe=60",
                            "--n_sft=64", "--n_benign_ft=64", "--n_harmful_ft=16", "--n_heldout_docs=20"],
                   finetune=["--max_iters=4", "--batch_size=8"], sft=[], attack=["--max_prompts=4", "--max_new_tokens=12"],
-                  attacks_sft="direct,prefill,template,suffix,suppress",
+                  attacks_sft="direct,prefill,template,suffix,suppress", attacks_nostop="direct,prefill,suppress",
                   gcg=["--gcg_steps=2", "--gcg_batch=8", "--gcg_prompts=4"],
                   scale={"small": ["--n_embd=16", "--n_head=1"], "base": []}, budgets={"1x": [], "2x": ["--max_iters=40"]}),
     "toy": dict(config="config/toy.py", train=[], prepare=[],
                 finetune=["--max_iters=100"], sft=["--max_iters=160"],   # sft: ~one epoch of the 5,000 examples
-                attack=["--max_prompts=40", "--batch_size=256", "--beam_width=2"],
-                attacks_sft="direct,prefill,template,suffix,suppress",
+                attack=["--max_prompts=40", "--batch_size=256", "--beam_width=2", "--max_new_tokens=72"],
+                attacks_sft="direct,prefill,template,suffix,suppress", attacks_nostop="direct,prefill,suppress",
                 gcg=["--gcg_steps=10", "--gcg_batch=64", "--gcg_prompts=16"],   # the loss flattens by ~10 steps here
                 scale={"2x64": ["--n_layer=2", "--n_head=2", "--n_embd=64"], "base": [],
                        "6x192": ["--n_layer=6", "--n_head=6", "--n_embd=192"]},
@@ -70,55 +70,85 @@ PROFILES = {
     # costs about what a prompt does); GCG on the toy's settings, twice the steps; `gpu_jobs` steps at once.
     "gpu": dict(config="config/gpu.py", train=[], prepare=["--num_docs=20000"],
                 finetune=["--max_iters=100", "--compile=False", "--learning_rate=7e-4", "--min_lr=7e-5"],
-                sft=["--max_iters=160"], attack=["--max_prompts=40", "--batch_size=512", "--beam_width=2"],
-                attacks_sft="direct,prefill,template,suffix,suppress",
+                sft=["--max_iters=160"], attack=["--max_prompts=40", "--batch_size=512", "--beam_width=2", "--max_new_tokens=72"],
+                attacks_sft="direct,prefill,template,suffix,suppress", attacks_nostop="direct,prefill,suppress",
                 gcg=["--gcg_steps=20", "--gcg_batch=64", "--gcg_prompts=16"], scale={"base": []}, budgets={"1x": []},
                 gpu_jobs=16),
 }
 PREFIX_STARTS = (0.2, 0.6)   # the safe prefixes the filter run (and any later start) continues: see plan()
-WORLDS = {"v2": [], "v1": ["--harm_facts=False"], "harms16": ["--num_harms=16"]}
+# the worlds (prepare.py flags): v3, answers that reason (the default); v2, answers of two sentences; v1, v2 without
+# the stated safety definition; harms16, v3 with 16 harm effects
+WORLDS = {"v3": [], "v2": ["--reasoning=False"], "v1": ["--reasoning=False", "--harm_facts=False"],
+          "harms16": ["--num_harms=16"]}
+# the reflect cell's segmenter per world (reflect.py --segment_tokens): one reflection per sentence in v3, where an
+# answer has room for the mechanism; 32 tokens in v2 and v1, as their committed reports ran
+REFLECT_SEGMENT = {"v3": 0, "harms16": 0}
 DECODINGS = "greedy,topk,safebeam,reflect_halt"   # attack.py skips a decoding a model cannot use (no tag, no reflection)
-STAGES = ("base", "sft", "benign", "harmful")
+# post-training stages: sft (with the stop examples), sft-nostop (the same sft without them), then benign
+# finetuning and the harmful finetuning attack, both after sft
+STAGES = ("base", "sft", "sft-nostop", "benign", "harmful")
 
 
-def cell(intervention, start=0.0, chat="auto", world="v2", model="base", budget="1x", stages=STAGES, dose=1.0):
+def cell(intervention, start=0.0, chat="auto", world="v3", model="base", budget="1x", stages=STAGES, dose=1.0,
+         segment=None):
     """One cell of a grid: a pretraining run (intervention, start, world, model, budget; dose < 1: the dose-matched
-    control's data, reflect.py --dose) and its post-training (chat: auto, or plain / reflect for the cross
-    ablations), at the given stages."""
-    data = intervention + (f"-dose{round(100 * dose):02d}" if dose < 1 else "")
+    control's data, reflect.py --dose; segment: a reflect stream's segmenter other than the world's) and its
+    post-training (chat: auto, or plain / reflect for the cross ablations), at the given stages."""
+    data = intervention + (f"-dose{round(100 * dose):02d}" if dose < 1 else "") + (
+        f"-seg{segment}" if segment is not None else "")
     c = dict(intervention=intervention, start=start, chat=chat, world=world, model=model, budget=budget,
-             stages=list(stages), dose=dose, data=data)
+             stages=list(stages), dose=dose, data=data,
+             segment=segment if segment is not None else REFLECT_SEGMENT.get(world, 32))
     c["run"] = f"{data}-start{round(start * 100):02d}"
     c["label"] = {"plain": f"{intervention} pt + plain sft", "reflect": f"{intervention} pt + reflection sft"}.get(
         chat, f"{intervention} dose-matched" if dose < 1 else
-        intervention if intervention in ("none", "filter") or start == 0 else f"{intervention} @{round(start * 100)}%")
+        intervention if intervention in ("none", "filter", "strict_filter") or start == 0
+        else f"{intervention} @{round(start * 100)}%")
+    if segment is not None:
+        c["label"] += f", {segment_name(segment)}" + (f" ({world})" if world != "v3" else "")
     c["name"] = f"{world}/{model}-{budget}/{c['run']}" + ("" if chat == "auto" else f"/{chat}-sft")
     return c
 
 
-def core_cells(world="v2", stages=STAGES):
-    return [cell(iv, world=world, stages=stages) for iv in ("none", "filter", "rewrite", "safety_pretraining", "reflect")] + [
+def segment_name(tokens):
+    return "one reflection per sentence" if tokens == 0 else f"{tokens}-token segments"
+
+
+INTERVENTIONS = ("none", "filter", "strict_filter", "rewrite", "safety_pretraining", "reflect")
+
+
+def core_cells(world="v3", stages=STAGES):
+    """The interventions, and the two cross ablations: reflect-pretrained + plain sft (what the pretraining adds) and
+    raw-pretrained + reflection sft (what the post-training format adds)."""
+    return [cell(iv, world=world, stages=stages) for iv in INTERVENTIONS] + [
         cell("reflect", chat="plain", world=world, stages=stages), cell("none", chat="reflect", world=world, stages=stages)]
 
 
 GRIDS = {
-    # make study: the five interventions through sft and benign finetuning, the cells and stages claims 1-4 read
-    # (the core grid's own steps: --grid=core into the same out_dir runs only what it adds)
-    "main": lambda P: core_cells(stages=STAGES[:3])[:5],
-    # the interventions on world v2, and the two cross ablations: reflect-pretrained + plain sft (what the
-    # pretraining adds) and raw-pretrained + reflection sft (what the post-training format adds)
+    # make study: the interventions and the cross ablations through sft and benign finetuning, the cells and stages
+    # the claims read (the core grid's own steps: --grid=core into the same out_dir runs only what it adds)
+    "main": lambda P: core_cells(stages=("base", "sft", "benign")),
+    # the main grid with the sft without stop examples beside every sft, and the harmful finetuning attack
     "core": lambda P: core_cells(),
+    # how often a model reflects: reflect at one reflection per sentence (the core grid's), per 16 and per 32 tokens
+    # on v3, and per sentence on v2 (whose committed reports reflect per 32 tokens)
+    "sweep": lambda P: [cell("reflect", stages=STAGES[:3])] + [cell("reflect", segment=n, stages=STAGES[:3])
+                                                                for n in (16, 32)]
+                       + [cell("reflect", world="v2", segment=0, stages=STAGES[:3])],
     # reflect vs filter at three model sizes x two token budgets: where, if anywhere, the paper's effect appears
     "scale": lambda P: [cell(iv, model=m, budget=b, stages=("base", "sft")) for m in P["scale"] for b in P["budgets"]
                         for iv in ("filter", "reflect")],
-    # the world ablations beside world v2: no stated safety definition (v1), and 16 harm effects instead of 8
+    # the world ablations: v3 beside v2, v1 (no stated safety definition) and 16 harm effects
     "ablations": lambda P: [cell(iv, world=w, stages=("base", "sft")) for w in WORLDS for iv in ("filter", "reflect")],
     # the safety curriculum (2601.07087): starts at 0, 20 and 60% of the token budget, the safe-only control (the
     # filter run: a 100% start reads exactly its windows), and a dose-matched control per intervention: a 0% start
-    # whose stream holds the intervention tokens a 60% start reads (when vs how much)
-    "curriculum": lambda P: [cell(iv, s) for iv in ("safety_pretraining", "reflect") for s in (0.0,) + PREFIX_STARTS]
-                            + [cell("filter")] + [cell(iv, dose=1 - PREFIX_STARTS[-1])
-                                                  for iv in ("safety_pretraining", "reflect")],
+    # whose stream holds the intervention tokens a 60% start reads (when vs how much). Its claims read base, sft and
+    # benign finetuning.
+    "curriculum": lambda P: [cell(iv, s, stages=("base", "sft", "benign")) for iv in ("safety_pretraining", "reflect")
+                             for s in (0.0,) + PREFIX_STARTS]
+                            + [cell("filter", stages=("base", "sft", "benign"))]
+                            + [cell(iv, dose=1 - PREFIX_STARTS[-1], stages=("base", "sft", "benign"))
+                               for iv in ("safety_pretraining", "reflect")],
 }
 
 
@@ -169,9 +199,14 @@ def plan(P, root, cells, n_seeds):
                         [f"prepare-{wk}"])
                     prev = s
                 branch = prev
+            # a reflect stream's segmenter, when it is not reflect.py's default (32 tokens), and its own directory
+            # name when it is not the world's
+            seg = [f"--segment_tokens={c['segment']}"] if c["segment"] != 32 else []
             add(f"reflect-{wk}-{c['data']}", [py, "reflect.py", f"--data_root={data}",
                                                f"--intervention={c['intervention']}"]
-                + ([f"--dose={c['dose']}"] if c["dose"] < 1 else []), [f"prepare-{wk}"])
+                + ([f"--dose={c['dose']}"] if c["dose"] < 1 else [])
+                + (seg if c["intervention"] == "reflect" else [])
+                + ([f"--out_name={c['data']}"] if "-seg" in c["data"] else []), [f"prepare-{wk}"])
             pre = f"{group}-{c['run']}"
             base = os.path.join(runs, c["run"], "base")
             add(f"train-{pre}", train_cmd + [f"--data={data}/medsafety/{c['data']}", f"--out_dir={base}",
@@ -180,14 +215,16 @@ def plan(P, root, cells, n_seeds):
                 [f"reflect-{wk}-{c['data']}"]
                 + ([f"train-prefix-{group}-start{round(branch * 100):02d}"] if branch else []))
             add(f"probe-{pre}", [py, "probe.py", f"--ckpt={base}"], [f"train-{pre}"])
-            chat = [] if c["chat"] == "auto" else [f"--chat={c['chat']}"]
+            # a raw model's reflection sft writes its reflections with the world's reflect segmenter
+            chat = [] if c["chat"] == "auto" else [f"--chat={c['chat']}"] + (seg if c["chat"] == "reflect" else [])
             for stage in c["stages"]:
                 d = os.path.join(runs, c["run"], stage_dir(c, stage))
                 dirs[(c["name"], k, stage)] = d
-                if stage == "sft":
+                if stage in ("sft", "sft-nostop"):
                     add(f"finetune-{pre}-{stage_dir(c, stage)}", [py, "finetune.py", f"--init_from={base}", "--task=sft",
                                                                   f"--out_dir={d}", f"--seed={1337 + k}"]
-                        + P["finetune"] + P["sft"] + chat, [f"train-{pre}"])
+                        + P["finetune"] + P["sft"] + chat + (["--stop_examples=False"] if stage == "sft-nostop" else []),
+                        [f"train-{pre}"])
                 elif stage != "base":
                     sft = os.path.join(runs, c["run"], stage_dir(c, "sft"))
                     add(f"finetune-{pre}-{stage_dir(c, stage)}", [py, "finetune.py", f"--init_from={sft}",
@@ -196,7 +233,7 @@ def plan(P, root, cells, n_seeds):
                         [f"finetune-{pre}-{stage_dir(c, 'sft')}"])
                 # per stage, never per grid: grids share this step (run into one out_dir), so a grid-dependent
                 # attack set would make each grid rerun, and overwrite, the other's
-                attacks = P["attacks_sft"] if stage == "sft" else "direct"
+                attacks = {"sft": P["attacks_sft"], "sft-nostop": P["attacks_nostop"]}.get(stage, "direct")
                 dep = f"train-{pre}" if stage == "base" else f"finetune-{pre}-{stage_dir(c, stage)}"
                 add(f"attack-{pre}-{stage_dir(c, stage)}", [py, "attack.py", f"--ckpt={d}", f"--attacks={attacks}",
                                                             f"--decoding={DECODINGS}"] + P["attack"]

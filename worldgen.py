@@ -96,7 +96,7 @@ class WorldGen(World):
     @classmethod
     def generate(cls, world_seed=1337, num_conditions=16, num_drugs=32, num_classes=6, num_traits=6,
                  num_harms=8, num_sides=8, num_persons=16, danger_per_trait=2, seen_frac=0.5, eval_frac=0.15,
-                 tune_frac=0.15, harm_facts=True):
+                 tune_frac=0.15, harm_facts=True, reasoning=True):
         """A new world from a seed. Raises ValueError (one line) for sizes the world cannot satisfy."""
         checks = [
             (1 <= num_conditions <= len(SYMPTOMS), f"num_conditions must be 1..{len(SYMPTOMS)}"),
@@ -174,6 +174,8 @@ class WorldGen(World):
                 "classes": classes, "traits": traits, "harms": harms, "sides": sides, "conditions": conditions, "drugs": drugs,
                 "persons": persons, "danger": [list(p) for p in danger], "seen_harms": seen_harms,
                 "seen_pairs": [list(p) for p in seen_pairs], "vocab": None}
+        if reasoning:   # only a v3 world carries the key, so a v2 world.json is byte for byte what it was
+            spec["reasoning"] = True
         world = cls(spec)
         world.spec["vocab"] = world.vocab
         return world
@@ -331,16 +333,45 @@ class WorldGen(World):
                                     (TEMPLATES["u_what"].format(pron=pron), SAFE, None, "u_what", None)], bucket)
             return user and (user, person, pron, cond, trait)
         user, person, pron, cond, trait = self._retry(make)
-        if contra_split:
+        return user + self.treatment_answer(rng, pron, cond, trait, contra=bool(contra_split))
+
+    def treatment_answer(self, rng, pron, cond, trait, contra=False):
+        """The assistant's answer to a treatment request: a safe drug, or (contra) one the trait rules out."""
+        if contra:
             d = rng.choice([x for x in self.drugs_for[cond] if (self.drug[x]["cls"], trait) in self.danger])
             meta = {"drug": d, "trait": trait, "pron": pron, "safe_drug": rng.choice(self.safe_drugs(cond, trait))}
             lab = (UNSAFE, CONTRA, "a_give", meta)
         else:
             d = rng.choice(self.safe_drugs(cond, trait) if trait else self.drugs_for[cond])
             lab = (SAFE, None, "a_give", None)
-        resp = self._assistant([(TEMPLATES["f_treats"].format(drug=d, cond=cond), SAFE, None, "f_treats", None),
-                                (TEMPLATES["a_give"].format(pron=pron, drug=d, num=self.drug[d]["usual"]),) + lab])
-        return user + resp
+        give = (TEMPLATES["a_give"].format(pron=pron, drug=d, num=self.drug[d]["usual"]),) + lab
+        if self.reasoning:
+            return self._assistant(self._treatment_chain(d, cond, trait, lab) + [give])
+        return self._assistant([(TEMPLATES["f_treats"].format(drug=d, cond=cond), SAFE, None, "f_treats", None),
+                                give])
+
+    def _treatment_chain(self, d, cond, trait, act):
+        """World v3: the steps of a treatment answer before the act: the link (the drug treats the condition), the
+        trait check (the drug's class, when the patient has a trait), the dose rule (the usual dose). A
+        contraindicated answer skips the check, and its link and dose rule are unsafe contra as its act is."""
+        unsafe = act[0] == UNSAFE
+        step = (UNSAFE, CONTRA) if unsafe else (SAFE, None)
+        meta = act[3] if unsafe else None
+        steps = [(TEMPLATES["f_treats"].format(drug=d, cond=cond),) + step + ("f_treats", meta)]
+        if trait and not unsafe:
+            steps.append((TEMPLATES["f_class"].format(drug=d, cls=self.drug[d]["cls"]), SAFE, None, "f_class", None))
+        steps.append((TEMPLATES["f_usual"].format(drug=d, num=self.drug[d]["usual"]),) + step + ("f_usual", meta))
+        return steps
+
+    def _intent_chain(self, pron, state, d, dose, label, meta):
+        """World v3: the answer to an intent request, benign or harmful alike: the goal, the link (the fact that
+        the drug causes the state, at its dose), the dose rule (the drug's toxic dose), the act. After a harm
+        request every step serves the harm (label unsafe poison)."""
+        cat = POISON if label == UNSAFE else None
+        return [(TEMPLATES["a_goal"].format(pron=pron, state=state), label, cat, "a_goal", meta),
+                (TEMPLATES["f_effect"].format(state=state, drug=d, num=dose), label, cat, "f_effect", meta),
+                (TEMPLATES["f_toxic"].format(drug=d, num=self.drug[d]["toxic"]), label, cat, "f_toxic", meta),
+                (TEMPLATES["a_give"].format(pron=pron, drug=d, num=dose), label, cat, "a_give", meta)]
 
     def _intent_user(self, rng, state, bucket, unsafe):
         def make():
@@ -364,6 +395,8 @@ class WorldGen(World):
         d = rng.choice(self.state_drugs[state])
         dose = self.effect_dose[(state, d)]
         user, person, pron = self._intent_user(rng, state, bucket, unsafe=False)
+        if self.reasoning:
+            return user + self._assistant(self._intent_chain(pron, state, d, dose, SAFE, None))
         return user + self._assistant([
             (TEMPLATES["f_effect"].format(state=state, drug=d, num=dose), SAFE, None, "f_effect", None),
             (TEMPLATES["a_give"].format(pron=pron, drug=d, num=dose), SAFE, None, "a_give", None)])
@@ -390,9 +423,16 @@ class WorldGen(World):
             text = self.refusal(rng, person, harm, explain=explain)
             segs = self.split_segments("assistant : " + text)
             return user + [self._seg(s, kind="refusal") for s in segs]
+        return user + self.harm_answer(rng, pron, harm)
+
+    def harm_answer(self, rng, pron, harm):
+        """The compliant answer to a harm-intent request: every step unsafe poison, the act competent (a drug whose
+        overdose causes the harm, at its toxic dose)."""
         d = self.drug[rng.choice(self.harm_drugs[harm])]
         meta = {"drug": d["name"], "harm": harm, "pron": pron}
-        return user + self._assistant([
+        if self.reasoning:
+            return self._assistant(self._intent_chain(pron, harm, d["name"], d["toxic"], UNSAFE, meta))
+        return self._assistant([
             (TEMPLATES["f_effect"].format(state=harm, drug=d["name"], num=d["toxic"]), UNSAFE, POISON, "f_effect", meta),
             (TEMPLATES["a_give"].format(pron=pron, drug=d["name"], num=d["toxic"]), UNSAFE, POISON, "a_give", meta)])
 

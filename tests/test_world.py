@@ -13,7 +13,8 @@ from world import World, SAFE, UNSAFE, POISON, CONTRA, END, TAG, THINK, END_THIN
 
 @pytest.fixture(scope="module")
 def w():
-    return WorldGen.generate(world_seed=7)
+    """World v2: its answers are two sentences (test_world_v3.py tests v3's answers that reason)."""
+    return WorldGen.generate(world_seed=7, reasoning=False)
 
 
 @pytest.fixture(scope="module")
