@@ -404,7 +404,7 @@ def probe_text(run, label, dev):
               "n_test_safe": sum(r["label"] == "safe" for r in te), "n_test_unsafe": sum(r["label"] == "unsafe"
                                                                                         for r in te),
               "n_train_docs": len({keys[i] for i in train}), "n_test_docs": len({keys[i] for i in test}),
-              "truncated": truncated, "layers": layers, "deep": deep, "best": best, "request": None,
+              "truncated": truncated, "layers": layers, "deep": deep, "best": best, "request": None, "contra": None,
               "reflection_classification": refl, "config": {k: globals()[k] for k in defaults_of(globals())},
               "seconds": {"features": t_feat, "probes": t_probe}, "records_per_s": len(recs) / t_feat}
     return save_report(run_dir, report, label)

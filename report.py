@@ -38,7 +38,7 @@ class Results:
 
     def __init__(self, manifest):
         self.m, self.n = manifest, manifest["seeds"]
-        by_label = manifest["grid"] in ("main", "core", "curriculum")    # labels are unique there; else names
+        by_label = manifest["grid"] in ("main", "core", "curriculum", "sweep")    # labels are unique there; else names
         self.cells = {c["label"] if by_label else c["name"]: c for c in manifest["cells"]}
         self.attack, self.probe, self.logs = {}, {}, {}
         for key, c in self.cells.items():
@@ -555,6 +555,40 @@ def scale_report(results, root, doc):
              f"filter's): {', '.join(won) or f'at none of the {len(asr)} model sizes x token budgets measured'}.")
 
 
+def sweep_report(results, root, doc):
+    """How often a model reflects: what it costs (stream tokens, loss, capability) and what it buys (the prefill and
+    suppression attacks, composed harms), one row per segmenter."""
+    v, rows = results.value, []
+    for key, c in results.cells.items():
+        shares = []
+        for a in filter(None, (results.attack.get((key, k, "base")) for k in range(results.n))):
+            meta = load_json(os.path.join(a["data_dir"], "meta.json")) or {}
+            shares.append(meta.get("mix_reflection_share"))
+        share = mean_spread(shares)
+        rows.append([key, "-" if share[0] is None else fmt(share)]
+                    + [fmt(results.val_loss(key, stream), pct=False) for stream in ("safe", "mix")]
+                    + [fmt(v(key, "sft", "treatment_accuracy")), fmt(results.pooled(key, "sft", CAPABILITY)),
+                       fmt(v(key, "base", "reflection_accuracy_poison_unseen"))])
+    doc.table("What reflecting costs", ["cell", "reflection tokens, share of the stream", "val loss, shared safe stream",
+                                        "val loss, own format", "treatment acc. (sft)", "capability (sft)",
+                                        "classification poison unseen (base)"], rows,
+              note="Every model reads the same number of tokens: the more it reflects, the less of the corpus. "
+                   "Capability: the pooled share of benign questions answered right (greedy).")
+    cols = [("prefill", "added_unsafe", "prefill: adds an unsafe step"),
+            ("prefill", "competent_asr", "prefill: completes the act"),
+            ("prefill", "competent_asr_poison_unseen", "prefill: completes the act, poison unseen"),
+            ("prefill", "stopped_poison_unseen", "prefill: stops before the act, poison unseen"),
+            ("suppress", "asr", "suppress: ASR"), ("direct", "competent_asr_poison_unseen",
+                                                   "direct: competent ASR poison unseen")]
+    doc.table("What reflecting buys (greedy)", ["cell", "post-training"] + [n for *_, n in cols],
+              [[key, st] + [fmt(v(key, st, m, a)) for a, m, _ in cols] for key in results.cells
+               for st in ("sft", "sft-nostop")],
+              note="sft: with the stop examples (the reflection format ends an answer right after its first unsafe "
+                   "reflection, wherever the model's segmenter puts it); sft-nostop: the same sft without them. "
+                   "The prefill attack forces the first step of the compliant answer; suppress bans the reflection "
+                   "opener.")
+
+
 # the unseen-harm numbers of the scale and ablation tables
 UNSEEN = [("base", "reflection_accuracy_poison_unseen", "classification poison unseen (base)"),
           ("base", "reflection_accuracy_contra_unseen", "classification contra unseen (base)"),
@@ -673,7 +707,7 @@ PREFIX_LATE = 0.6   # the late start the dose-matched control is matched to
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("--"):
-        fail("usage: python report.py <study out_dir> [--grid=main|core|scale|ablations|curriculum]")
+        fail("usage: python report.py <study out_dir> [--grid=main|core|sweep|scale|ablations|curriculum]")
     root, rest = args[0], args[1:]
     globals().update(configure(defaults_of(globals()), rest))
     manifest = load_json(os.path.join(root, "grids", f"{grid}.json"))
@@ -681,10 +715,12 @@ def main(argv=None):
         fail(f"'{root}/grids/{grid}.json' not found: run `python study.py --grid={grid} --out_dir={root}` first")
     results, doc = Results(manifest), Doc()
     title = {"scale": "Scale: reflect vs filter by model size and token budget", "ablations": "World ablations",
+             "sweep": "How often to reflect: one reflection per sentence, per 16 and per 32 tokens",
              "curriculum": "The safety curriculum: when to start the intervention"}.get(
         grid, "Safety interventions during pretraining: the study on MedSafetyWorld")   # main, core
     header(doc, results, root, title)
-    {"scale": scale_report, "ablations": ablations_report, "curriculum": curriculum_report}.get(grid, core_report)(
+    {"scale": scale_report, "ablations": ablations_report, "curriculum": curriculum_report,
+     "sweep": sweep_report}.get(grid, core_report)(
         results, root, doc)
     path = os.path.join(root, "report.md" if grid in ("main", "core") else f"report-{grid}.md")
     doc.write(path)

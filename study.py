@@ -51,20 +51,23 @@ world_seed = 1337
 PROFILES = {
     "smoke": dict(config="config/smoke.py", train=["--block_size=96", "--max_iters=20"],
                   prepare=["--num_docs=400", "--n_harmful=8", "--n_benign=4", "--n_capability=4", "--n_probe=60",
-                           "--n_sft=64", "--n_benign_ft=64", "--n_harmful_ft=16", "--n_heldout_docs=20"],
+                           "--n_sft=64", "--n_stop=16", "--n_benign_ft=64", "--n_harmful_ft=16", "--n_heldout_docs=20"],
                   finetune=["--max_iters=4", "--batch_size=8"], sft=[], attack=["--max_prompts=4", "--max_new_tokens=12"],
-                  attacks_sft="direct,prefill,template,suffix,suppress", attacks_nostop="direct,prefill,suppress",
-                  gcg=["--gcg_steps=2", "--gcg_batch=8", "--gcg_prompts=4"],
+                  attacks_sft="direct,prefill,suppress", attacks_sft_more="template,suffix",
+                  attacks_nostop="direct,prefill,suppress", gcg=["--gcg_steps=2", "--gcg_batch=8", "--gcg_prompts=4"],
                   scale={"small": ["--n_embd=16", "--n_head=1"], "base": []}, budgets={"1x": [], "2x": ["--max_iters=40"]}),
     "toy": dict(config="config/toy.py", train=[], prepare=[],
                 finetune=["--max_iters=100"], sft=["--max_iters=160"],   # sft: ~one epoch of the 5,000 examples
                 attack=["--max_prompts=40", "--batch_size=256", "--beam_width=2", "--max_new_tokens=72"],
-                attacks_sft="direct,prefill,template,suffix,suppress", attacks_nostop="direct,prefill,suppress",
+                # make study's budget: the template and suffix attacks after sft in a step of their own that only the
+                # core grid runs (the pre-registered rule of results/2026-12-06-v3)
+                attacks_sft="direct,prefill,suppress", attacks_sft_more="template,suffix",
+                attacks_nostop="direct,prefill,suppress",
                 gcg=["--gcg_steps=10", "--gcg_batch=64", "--gcg_prompts=16"],   # the loss flattens by ~10 steps here
                 scale={"2x64": ["--n_layer=2", "--n_head=2", "--n_embd=64"], "base": [],
                        "6x192": ["--n_layer=6", "--n_head=6", "--n_embd=192"]},
                 budgets={"1x": [], "2x": ["--max_iters=1400"]}),
-    # gpu: one H200, the core + curriculum cells (gpu_cells) x 3 seeds in 6 minutes; sized in GPU_SIZING below.
+    # gpu: one H200, the core + curriculum cells (gpu_cells) x 3 seeds in 7 minutes; sized in GPU_SIZING below.
     # 20,000 documents (4.2M tokens, 2 epochs of a run's 8.2M); finetunes uncompiled (seconds long) at a third of
     # pretraining's peak rate, as the toy's; attacks in batches of 512 prompts (decoding is launch-bound: a batch
     # costs about what a prompt does); GCG on the toy's settings, twice the steps; `gpu_jobs` steps at once.
@@ -117,17 +120,19 @@ def segment_name(tokens):
 INTERVENTIONS = ("none", "filter", "strict_filter", "rewrite", "safety_pretraining", "reflect")
 
 
-def core_cells(world="v3", stages=STAGES):
+def core_cells(world="v3", stages=STAGES, more_attacks=True):
     """The interventions, and the two cross ablations: reflect-pretrained + plain sft (what the pretraining adds) and
-    raw-pretrained + reflection sft (what the post-training format adds)."""
-    return [cell(iv, world=world, stages=stages) for iv in INTERVENTIONS] + [
+    raw-pretrained + reflection sft (what the post-training format adds). more_attacks: the sft models also get the
+    profile's costlier attacks (attacks_sft_more)."""
+    cells = [cell(iv, world=world, stages=stages) for iv in INTERVENTIONS] + [
         cell("reflect", chat="plain", world=world, stages=stages), cell("none", chat="reflect", world=world, stages=stages)]
+    return [dict(c, more_attacks=more_attacks) for c in cells]
 
 
 GRIDS = {
     # make study: the interventions and the cross ablations through sft and benign finetuning, the cells and stages
     # the claims read (the core grid's own steps: --grid=core into the same out_dir runs only what it adds)
-    "main": lambda P: core_cells(stages=("base", "sft", "benign")),
+    "main": lambda P: core_cells(stages=("base", "sft", "benign"), more_attacks=False),
     # the main grid with the sft without stop examples beside every sft, and the harmful finetuning attack
     "core": lambda P: core_cells(),
     # how often a model reflects: reflect at one reflection per sentence (the core grid's), per 16 and per 32 tokens
@@ -238,6 +243,14 @@ def plan(P, root, cells, n_seeds):
                 add(f"attack-{pre}-{stage_dir(c, stage)}", [py, "attack.py", f"--ckpt={d}", f"--attacks={attacks}",
                                                             f"--decoding={DECODINGS}"] + P["attack"]
                     + (P["gcg"] if "suffix" in attacks else []), [dep])
+                # the sft model's costlier attacks, in a step of their own that only the core grid holds (make
+                # study's budget); attack.py merges its passes into the same attack.json
+                more = P.get("attacks_sft_more")
+                if stage == "sft" and more and c.get("more_attacks"):
+                    add(f"attack-{pre}-{stage_dir(c, stage)}-more", [py, "attack.py", f"--ckpt={d}",
+                                                                     f"--attacks={more}", f"--decoding={DECODINGS}"]
+                        + P["attack"] + ["--reflection_eval=False"] + (P["gcg"] if "suffix" in more else []),
+                        [f"attack-{pre}-{stage_dir(c, stage)}"])
     return steps, dirs
 
 
@@ -250,8 +263,9 @@ def max_iters(config_file, flags):
     return value
 
 
-# ----------------------------------------------------------------------------- the GPU profile's size (issue 16)
-# The GPU profile's whole grid, gpu_cells (13 cells, 363 steps with 3 seeds), must end within 6 minutes on one H200:
+# ----------------------------------------------------------------------------- the GPU profile's size
+# The GPU profile's whole grid, gpu_cells (14 cells, 405 steps with 3 seeds), must end within 7 minutes on one H200
+# (6 before world v3 added the strict filter and the sft without stop examples beside every sft):
 # `study.py --profile=gpu --seeds=3 --grid=core`, then --grid=curriculum into the same out_dir (report.py writes a
 # report per grid; the steps they share run once). Both as one, and the two invocations one after the other (each
 # with its own phases, the second's prep_s counted again), fit (tests/test_gpu_profile.py). Sized from
@@ -271,15 +285,17 @@ def max_iters(config_file, flags):
 #   probes (CPU-bound, `jobs` at once, their FLOPs hidden under their CPU time):
 #     wall = prep_s + train FLOPs / bf16_flops + train step_s / jobs + max(rest's FLOP time, rest's step_s / jobs)
 # The FLOP counts besides training: finetune rows of row_tokens (a benign/harmful batch padded to its longest row;
-# sft rows counted at block_size, an upper bound: only the quarter replaying pretraining windows is that long), attack tokens = prompts x decodings
-# x 80 (30 prompt + 48 new), GCG rows = its prompts x 50 tokens, probe: probe.jsonl + request prompts x 120 tokens.
-GPU_SIZING = dict(bf16_flops=90e12, fp32_flops=25e12, jobs=16, prep_s=40, limit_s=360, vocab=286,   # vocab: v2's
+# sft rows counted at block_size, an upper bound: only the quarter replaying pretraining windows is that long),
+# attack tokens = prompts x decodings x 100 (30 prompt + 72 new), GCG rows = its prompts x 50 tokens, probe:
+# probe.jsonl + request and contra prompts x 120 tokens.
+GPU_SIZING = dict(bf16_flops=90e12, fp32_flops=25e12, jobs=16, prep_s=40, limit_s=420, vocab=287,   # vocab: v3's
                   step_s={"train": 6, "finetune": 6, "attack": 5, "attack_sft": 20, "probe": 6},
-                  finetune_batch=32, row_tokens=64, attack_tokens={"attack": 420 * 80, "attack_sft": 3000 * 2.5 * 80},
+                  finetune_batch=32, row_tokens=64, attack_tokens={"attack": 420 * 100, "attack_sft": 3000 * 2.5 * 100},
                   gcg_tokens=16 * 50, probe_tokens=3300 * 120)
-# what gpu_sizing gives for gpu_cells x 3 seeds (tests/test_gpu_profile.py recomputes it): 28.2 pretraining runs'
-# worth of iterations (the shared safe prefixes save 4.8 of 33) of 8.19M tokens; training FLOPs within 150 s of GPU
-GPU_PLAN = dict(steps=363, train_steps=39, train_tokens=231_014_400, train_flops_max=150 * 90e12, wall_s_max=330)
+# what gpu_sizing gives for gpu_cells x 3 seeds (tests/test_gpu_profile.py recomputes it): 31.2 pretraining runs'
+# worth of iterations (the shared safe prefixes save 4.8 of 36) of 8.19M tokens; training FLOPs within 150 s of GPU;
+# 362 s as one invocation, 402 s as the core grid and then the curriculum's new cells
+GPU_PLAN = dict(steps=405, train_steps=42, train_tokens=255_590_400, train_flops_max=150 * 90e12, wall_s_max=380)
 
 
 def gpu_cells(P):
@@ -471,7 +487,8 @@ def main():
                 "worlds": {w: WORLDS[w] for w in sorted({c["world"] for c in cells})},
                 "models": {f"{c['model']}-{c['budget']}": P["scale"][c["model"]] + P["budgets"][c["budget"]]
                            for c in cells},
-                "attacks_sft": P["attacks_sft"], "decodings": DECODINGS,
+                "attacks_sft": P["attacks_sft"] + (f",{P['attacks_sft_more']}" if P.get("attacks_sft_more") and any(
+                    c.get("more_attacks") for c in cells) else ""), "decodings": DECODINGS,
                 "cells": [dict(c, runs={stage: [dirs[(c["name"], k, stage)] for k in range(seeds)]
                                         for stage in c["stages"]}) for c in cells]}
     lock_dir(root)       # one study at a time in a directory (a second one would start the same steps again)

@@ -1,6 +1,6 @@
 # the MedSafetyWorld study on one H200 with seeds (study.py --profile=gpu): 8 x 256, 4 heads of 64 (the kernel's
 # tuned head dim), ~6.5M parameters, 16k tokens per iteration, 500 iterations = 8.2M tokens per run (2.8x the toy's
-# tokens for a 7x larger model). Sized from FLOPs so the whole grid with 3 seeds fits 6 minutes: study.GPU_SIZING.
+# tokens for a 7x larger model). Sized from FLOPs so the whole grid with 3 seeds fits 7 minutes: study.GPU_SIZING.
 n_layer = 8
 n_head = 4
 n_embd = 256

@@ -1,9 +1,11 @@
-# the default study on a laptop CPU (2 cores): ~0.9M parameters, 2.9M tokens per run (~3 minutes at ~18k tok/s).
-# 300 iterations (1.2M tokens) left treatment accuracy at 15%; 700 reach 96% treatment and 100% fact recall on the
-# raw corpus (greedy, oracle), and keep the study's seven pretraining runs within its half-hour budget.
+# the default study on a laptop CPU (2 cores): 4 x 96, ~0.47M parameters, 2.9M tokens per run.
+# Chosen on capability pilots in world v3 (results/2026-12-06-v3/preregistration.md): 700 iterations of 4 x 96 give
+# the raw model 92.5% treatment accuracy and 100% fact recall, the per-sentence reflect model 90% and 100%, at about
+# 1.5x the speed of 4 x 128 (~0.89M, the v2 studies' shape); 450 iterations of 4 x 128 at a higher learning rate left
+# fact recall at 50%, 600 of 3 x 128 at 77.5%. 300 iterations of 4 x 128 had left treatment accuracy at 15% (v2).
 n_layer = 4
 n_head = 4
-n_embd = 128
+n_embd = 96
 block_size = 128
 batch_size = 32
 max_iters = 700

@@ -55,7 +55,7 @@ def world_run(tmp_path_factory):
     """prepare (smoke world, 120 sft dialogues) -> reflect none -> 40 iterations of config/smoke.py (block 64)."""
     root = str(tmp_path_factory.mktemp("finetune"))
     sh("prepare.py", f"--out_dir={root}", "--num_docs=300", "--n_harmful=8", "--n_benign=3", "--n_capability=4",
-       "--n_probe=10", "--n_sft=120", "--n_benign_ft=40", "--n_harmful_ft=40", "--n_heldout_docs=10")
+       "--n_probe=10", "--n_sft=120", "--n_stop=12", "--n_benign_ft=40", "--n_harmful_ft=40", "--n_heldout_docs=10")
     sh("reflect.py", f"--data_root={root}", "--intervention=none")
     out = os.path.join(root, "base")
     sh("train.py", "config/smoke.py", f"--data={root}/medsafety/none", f"--out_dir={out}", "--max_iters=40",
@@ -185,8 +185,14 @@ def test_the_sft_reflection_target_is_what_the_pretraining_segmenter_writes(worl
     recs = records(world_run, "sft")
     refl = finetune.load_examples(tok, "reflect", sft, "user", "response", -1, "sft")
     plain = finetune.load_examples(tok, "plain", sft, "user", "response", -1, "sft")
-    unsafe_requests = 0
+    unsafe_requests, stops = 0, 0
     for rec, (p, t), (pp, pt) in zip(recs, refl, plain):
+        if rec.get("prefill"):     # a stop example: both formats from the one record (world.stop_chat)
+            args = (rec["user"], rec["prefill"], rec["compliant"], rec["response"])
+            assert (w.decode(p), w.decode(t)) == w.stop_chat(*args, reflect=True, segment_tokens=32)
+            assert (w.decode(pp), w.decode(pt)) == w.stop_chat(*args)
+            stops += 1
+            continue
         texts = w.split_segments(rec["user"]) + w.split_segments("assistant : " + rec["response"])
         segs = [{"text": x, "label": lab, "category": cat} for x, (lab, cat) in zip(texts, w.label_segments(texts))]
         written = w.reflect_segments(segs, 32)          # reflect.py's pretraining text of this dialogue
@@ -200,7 +206,14 @@ def test_the_sft_reflection_target_is_what_the_pretraining_segmenter_writes(worl
             assert w.decode(p) + " " + w.decode(t) == " ".join(written)
         assert THINK not in w.decode(pp) + " " + w.decode(pt)
         assert (w.decode(pp), w.decode(pt)) == w.chat(rec["user"], rec["response"])
-    assert 0 < unsafe_requests < len(recs)
+    assert 0 < unsafe_requests < len(recs) and stops > 0
+    # --stop_examples=False: the set without them, every other row the same
+    finetune.stop_examples = False
+    try:
+        assert finetune.load_examples(tok, "reflect", sft, "user", "response", -1, "sft") == [
+            row for rec, row in zip(recs, refl) if not rec.get("prefill")]
+    finally:
+        finetune.stop_examples = True
 
 
 def test_benign_rows_hold_no_reflection_for_any_arm(world_run):

@@ -1,4 +1,5 @@
-# The one-command study on the smoke profile (the core grid: the interventions and the two cross ablations): it
+# The one-command study on the smoke profile (the core grid: the interventions and the two cross ablations, each
+# post-trained with and without the stop examples): it
 # runs end to end, its report's numbers are the cells' own attack.json / probe.json / log.jsonl numbers, and a study
 # run again after an interruption recomputes nothing that had finished.
 import json
@@ -43,7 +44,8 @@ def table_rows(text, title, keys=1):
 @pytest.fixture(scope="module")
 def smoke_study(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("study"))
-    # first an "interrupted" study: the default grid's (make study's) reflection cell, then the whole core grid
+    # first an "interrupted" study: the default grid's (make study's) reflection cells (the reflect cell and the two
+    # cross ablations), then the whole core grid
     first = run_study(out, "--only=reflect")
     assert "0 already done" in first
     marks = {n: os.path.getmtime(os.path.join(out, "done", n)) for n in os.listdir(os.path.join(out, "done"))
@@ -59,17 +61,20 @@ def test_resume_recomputes_nothing_finished(smoke_study):
         assert os.path.getmtime(os.path.join(out, "done", n)) == t
         assert f"start {n[:-5]}\n" not in second
     ran = [l.split("start ")[1] for l in second.splitlines() if " start " in l]
-    # of the reflect pretraining run, only what the default grid leaves out runs now: the harmful finetuning attack
-    # and the plain-sft cross ablation
-    pre = "v2-seed0-base-1x-reflect-start00"
+    # of the reflect pretraining run, only what the default grid leaves out runs now: the sft without stop examples,
+    # the harmful finetuning attack and the template and suffix attacks after sft, for the reflect cell and its
+    # plain-sft cross ablation
+    pre = "v3-seed0-base-1x-reflect-start00"
     assert ran and {n for n in ran if pre in n} == {f"{k}-{pre}-{s}" for k in ("finetune", "attack")
-                                                    for s in ("harmful", "sft-plain", "benign-plain", "harmful-plain")}
+                                                    for s in ("sft-nostop", "harmful", "sft-nostop-plain",
+                                                              "harmful-plain")} | {
+        f"attack-{pre}-sft-more", f"attack-{pre}-sft-plain-more"}   # the core grid's costlier attacks after sft
     # and once all is done, nothing runs again (the plan lists a safe prefix before the filter stream it reads)
     assert " 0 to run" in run_study(out, "--grid=core")
     # the cross ablations share their pretraining run: one train step per intervention, the filter run continuing
     # the chain of safe prefixes
     trains = sorted(n[:-5] for n in os.listdir(os.path.join(out, "done")) if n.startswith("train-") and n.endswith(".json"))
-    assert len(trains) == 5 + len(study.PREFIX_STARTS)
+    assert len(trains) == 6 + len(study.PREFIX_STARTS)
     manifest = json.load(open(os.path.join(out, "grids", "core.json")))
     cross = [c for c in manifest["cells"] if c["chat"] != "auto"]
     assert {c["label"] for c in cross} == {"reflect pt + plain sft", "none pt + reflection sft"}
@@ -233,20 +238,64 @@ def test_report_numbers_are_the_cells_numbers(smoke_study, tmp_path):
                 P[lab]["layers"][0]["mean"]["acc"],
                 wilson(round(P[lab]["layers"][0]["mean"]["acc"] * P[lab]["n_test_inputs"]), P[lab]["n_test_inputs"])["lo"],
                 wilson(round(P[lab]["layers"][0]["mean"]["acc"] * P[lab]["n_test_inputs"]), P[lab]["n_test_inputs"])["hi"])))
-        ] + [probe(lab, "last", m, request=True) for m in ("acc_unseen", "acc_benign", "auroc")]
+        ] + [probe(lab, "last", m, request=True) for m in ("acc_unseen", "acc_benign", "auroc")] + [
+            f"{100 * P[lab]['request']['layers'][0][f]['auroc']:.1f}" for f in ("last", "mean")] + [
+            f"{100 * x:.1f}" for x in (P[lab]["contra"]["deep"]["last"]["auroc"],
+                                       P[lab]["contra"]["layers"][0]["mean"]["auroc"], P[lab]["contra"]["words"]["auroc"])]
+        checked += 13
+    # world v3's tables: the prefill attack judged on what the model adds, composed harms under direct and prefill,
+    # and what filtering costs (capability pooled over five kinds of benign questions: their k and n summed)
+    rows = table_rows(text, "The mechanism: the prefill attack (greedy)", keys=2)
+    names = ["added_unsafe", "competent_asr", "added_unsafe_poison_unseen", "competent_asr_poison_unseen",
+             "stopped_poison_unseen"]
+    for lab in labels:
+        for st in ("sft", "sft-nostop"):
+            assert rows[(lab, st)] == [want(metric(lab, st, n, "prefill/greedy")) for n in names], (lab, st)
+            checked += len(names)
+    rows = table_rows(text, "Acting on harms composed from safe data: competent ASR on unseen poison (greedy)")
+    for lab in labels:
+        assert rows[lab] == [want(metric(lab, st, "competent_asr_poison_unseen", f"{a}/greedy"))
+                             for st in ("sft", "sft-nostop") for a in ("direct", "prefill")]
+        checked += 4
+    rows = table_rows(text, "What filtering must cost: capability against composition (greedy)", keys=2)
+    assert {lab for lab, _ in rows} == {"none", "filter", "strict_filter"}
+    for (lab, st), vals in rows.items():
+        parts = [metric(lab, st, m) for m in report.CAPABILITY]
+        pooled = wilson(sum(x["k"] for x in parts), sum(x["n"] for x in parts))
+        assert vals == [want(pooled)] + [want(x) for x in parts] + [
+            want(metric(lab, st, "competent_asr_poison_unseen", f"{a}/greedy")) for a in ("direct", "prefill")]
         checked += 8
-    assert checked > 700, checked
+    assert checked > 900, checked
     # the claims table has a verdict for every claim, written from the numbers
     claims = table_rows(text, "Claims of the papers, checked")
-    assert len(claims) == 8
+    assert len(claims) == 11
     assert all(r[-1] in ("reproduced", "not reproduced (the opposite, clearly)", "not reproduced (no clear difference)",
                          "inconclusive (in order, intervals overlap)", "not measured") for r in claims.values())
-    c2 = next(r for k, r in claims.items() if k.startswith("reflection pretraining beats filtering"))
-    assert want(metric("reflect", "sft", "competent_asr_poison_unseen")) in c2[1]
-    v = [metric(lab, "sft", "competent_asr_poison_unseen") for lab in ("reflect", "filter", "rewrite")]
-    res = [report.compare((v[0]["rate"], 0, (v[0]["lo"], v[0]["hi"])), (x["rate"], 0, (x["lo"], x["hi"]))) for x in v[1:]]
-    assert c2[-1] == report.verdict(res)
-    assert "What changed from v1 and why" in text
+    ci = lambda m: (m["rate"], 0, (m["lo"], m["hi"]))
+    for attack in ("direct", "prefill"):
+        c2 = next(r for k, r in claims.items() if k.startswith("reflection pretraining beats filtering")
+                  and k.endswith(f"({attack} attack)"))
+        v = [metric(lab, "sft", "competent_asr_poison_unseen", f"{attack}/greedy") for lab in ("reflect", "filter",
+                                                                                              "rewrite")]
+        assert want(v[0]) in c2[2] and c2[-1] == report.verdict([report.compare(ci(v[0]), ci(x)) for x in v[1:]])
+    # claim 3 as the paper measures it: both below post-training alone and below pretraining alone
+    for st, words in (("sft", "with"), ("sft-nostop", "without")):
+        c3 = next(r for k, r in claims.items() if k.startswith("pretraining-stage alignment alone")
+                  and f"({words} the stop examples)" in k)
+        pt, post, both = (metric(lab, st, "added_unsafe", "prefill/greedy") for lab in
+                          ("reflect pt + plain sft", "none pt + reflection sft", "reflect"))
+        assert "91.5" in c3[1] and all(want(x) in c3[2] for x in (pt, post, both))
+        assert c3[-1] == report.verdict([report.compare(ci(both), ci(post)), report.compare(ci(both), ci(pt))])
+    strict = next(r for k, r in claims.items() if k.startswith("filtering hard enough"))
+    comp = [metric(lab, "base", "competent_asr_poison_unseen") for lab in ("strict_filter", "filter")]
+    cap = []
+    for lab in ("strict_filter", "filter"):
+        parts = [metric(lab, "base", m) for m in report.CAPABILITY]
+        w = wilson(sum(x["k"] for x in parts), sum(x["n"] for x in parts))
+        cap.append((w["rate"], 0, (w["lo"], w["hi"])))
+    assert "73.5" in strict[1] and want(comp[0]) in strict[2]
+    assert strict[-1] == report.verdict([report.compare(ci(comp[0]), ci(comp[1])), report.compare(*cap)])
+    assert "What changed from v2 and why" in text
     # the wall time: every invocation's line of wall-core.jsonl, and their sum
     walls = [json.loads(l)["seconds"] / 60 for l in open(os.path.join(out, "wall-core.jsonl"))]
     assert len(walls) >= 2
@@ -274,6 +323,26 @@ def test_report_numbers_are_the_cells_numbers(smoke_study, tmp_path):
             assert ("after sft clearly below filter's): " + ("small x 1x, base x 1x." if won == "below" else
                     "at none of the 2 model sizes x token budgets measured.")) in open(
                         os.path.join(out, "report-scale.md")).read()
+    # the sweep report (how often to reflect) reads the same files: render it from the reflection models here
+    cells = [c for c in manifest["cells"] if c["label"] in ("reflect", "none pt + reflection sft")]
+    json.dump(dict(manifest, grid="sweep", cells=cells), open(os.path.join(out, "grids", "sweep.json"), "w"))
+    r = subprocess.run([sys.executable, "report.py", out, "--grid=sweep"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    sweep = open(os.path.join(out, "report-sweep.md")).read()
+    rows = table_rows(sweep, "What reflecting buys (greedy)", keys=2)
+    cols = [("prefill", "added_unsafe"), ("prefill", "competent_asr"), ("prefill", "competent_asr_poison_unseen"),
+            ("prefill", "stopped_poison_unseen"), ("suppress", "asr"), ("direct", "competent_asr_poison_unseen")]
+    for c in cells:
+        for st in ("sft", "sft-nostop"):
+            assert rows[(c["label"], st)] == [want(metric(c["label"], st, m, f"{a}/greedy")) for a, m in cols]
+    rows = table_rows(sweep, "What reflecting costs")
+    meta = json.load(open(os.path.join(A[("reflect", "base")]["data_dir"], "meta.json")))
+    assert rows["reflect"][0] == f"{100 * meta['mix_reflection_share']:.1f}"
+    assert rows["reflect"][3:] == [want(metric("reflect", "sft", "treatment_accuracy")),
+                                   want(wilson(*[sum(metric("reflect", "sft", m)[x] for m in report.CAPABILITY)
+                                                 for x in ("k", "n")])),
+                                   want(metric("reflect", "base", "reflection_accuracy_poison_unseen"))]
 
 
 def test_verdicts_follow_the_numbers():
@@ -303,7 +372,7 @@ def test_bad_flags_one_line():
 
 def start_and_kill(out, until="start train-"):
     """A smoke study of the reflect cell, sent SIGTERM once a line of its output holds `until` -> its stdout so far."""
-    p = subprocess.Popen([sys.executable, "study.py", "--profile=smoke", f"--out_dir={out}", "--only=v2/base-1x/reflect-start00",
+    p = subprocess.Popen([sys.executable, "study.py", "--profile=smoke", f"--out_dir={out}", "--only=reflect pt",
                           "--jobs=1"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     seen = []
     for line in p.stdout:
@@ -334,10 +403,10 @@ def test_a_killed_study_stops_its_steps_and_counts_its_time(tmp_path):
     walls = [json.loads(l) for l in open(os.path.join(out, "wall-main.jsonl"))]    # the default grid
     assert len(walls) == 1 and walls[0]["seconds"] > 0
     done = sorted(n[:-5] for n in os.listdir(os.path.join(out, "done")) if n.endswith(".json"))
-    assert done == ["prepare-v2-seed0", "reflect-v2-seed0-reflect"]
-    second = start_and_kill(out, until="done  train-v2-seed0-base-1x-reflect-start00")
-    assert "2 already done" in second and "start train-v2-seed0-base-1x-reflect-start00" in second
-    assert os.path.exists(os.path.join(out, "done", "train-v2-seed0-base-1x-reflect-start00.json"))
+    assert done == ["prepare-v3-seed0", "reflect-v3-seed0-reflect"]
+    second = start_and_kill(out, until="done  train-v3-seed0-base-1x-reflect-start00")
+    assert "2 already done" in second and "start train-v3-seed0-base-1x-reflect-start00" in second
+    assert os.path.exists(os.path.join(out, "done", "train-v3-seed0-base-1x-reflect-start00.json"))
     assert len(open(os.path.join(out, "wall-main.jsonl")).readlines()) == 2
 
 
@@ -410,12 +479,8 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path,
         return stats(out)
 
     def probe(label):
-        out = []
-        for lab in by[label]:
-            acc, n = P[lab]["deep"]["mean"]["acc"], P[lab]["n_test_inputs"]
-            w = wilson(round(acc * n), n)
-            out.append((acc, (w["lo"], w["hi"])))
-        return stats(out)
+        """Claim 7's number: the contra probe's AUROC on unseen pairs (last token, layers 1..L): no interval."""
+        return stats([(P[lab]["contra"]["deep"]["last"]["auroc"], None) for lab in by[label]])
     claims = table_rows(text, "Claims of the timing paper, checked")
     rows = list(claims.values())
     assert len(rows) == 6
@@ -424,14 +489,14 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path,
         x0 = val(iv, "benign", "asr", "direct/topk")
         later = [val(f"{iv} @{s}%", "benign", "asr", "direct/topk") for s in (20, 60)]
         res.append(report.compare(min(later, key=lambda t: t[0]), x0))
-        assert report.fmt(x0) in rows[0][1] and all(report.fmt(x) in rows[0][1] for x in later)
+        assert report.fmt(x0) in rows[0][2] and all(report.fmt(x) in rows[0][2] for x in later)
     assert rows[0][-1] == report.verdict(res)
     sb = [val(lab, "benign", "asr", "direct/safebeam") for lab in ("safety_pretraining", "safety_pretraining @20%",
                                                                    "safety_pretraining @60%")]
     assert rows[1][-1] == report.verdict([report.compare(sb[0], x) for x in sb[1:]])
-    assert all(report.fmt(x) in rows[1][1] for x in sb) and len({x[0] for x in sb}) == 3   # three numbers of their own
+    assert all(report.fmt(x) in rows[1][2] for x in sb) and len({x[0] for x in sb}) == 3   # three numbers of their own
     res = [report.compare(probe(f"{iv} @60%"), probe(iv)) for iv in ("safety_pretraining", "reflect")]
-    assert rows[2][-1] == report.verdict(res) and report.fmt(probe("reflect @60%")) in rows[2][1]
+    assert rows[2][-1] == report.verdict(res) and report.fmt(probe("reflect @60%")) in rows[2][2]
     res = []
     for iv in ("safety_pretraining", "reflect"):
         o = [val(lab, "sft", "overrefusal", "direct/greedy") for lab in (iv, f"{iv} @20%", f"{iv} @60%")]
@@ -443,31 +508,36 @@ def test_curriculum_verdicts_follow_the_numbers_it_prints(smoke_study, tmp_path,
     for row, iv in zip(rows[4:], ("safety_pretraining", "reflect")):
         late, dose = val(f"{iv} @60%", "benign", "asr", "direct/topk"), val(f"{iv} dose-matched", "benign", "asr",
                                                                           "direct/topk")
-        assert row[-1] == report.verdict([report.compare(late, dose)]) and report.fmt(dose) in row[1]
+        assert row[-1] == report.verdict([report.compare(late, dose)]) and report.fmt(dose) in row[2]
     if n_seeds == 2:    # the planted numbers differ from seed to seed: every verdict above came from a spread
-        assert " ± " in rows[0][1]
+        assert " ± " in rows[0][2]
     # the tokens table: a 60% start reads 40% of its budget from the mix stream
     tokens = table_rows(text, "Tokens read")
     total, mix = (int(x.replace(",", "")) for x in tokens["reflect @60%"][1:3])
     assert abs(mix - 0.4 * total) <= 1
 
 
-def test_make_study_runs_the_core_grid_without_the_cross_ablations_and_the_harmful_stage(smoke_study, tmp_path):
+def test_make_study_runs_the_core_grid_without_the_nostop_sft_and_the_harmful_stage(smoke_study, tmp_path):
     # make study's grid (study.py's default) is a part of the core grid: each of its steps is a core step with the
     # same command (so --grid=core afterwards, as smoke_study runs it, adds only the rest), and what it leaves out
-    # is the cross ablations' post-training and the harmful finetuning attack, which no claim of the report reads
+    # is the sft without stop examples and the harmful finetuning attack
     P = study.PROFILES["toy"]
     assert study.grid == report.grid == "main"
-    assert [c["label"] for c in study.GRIDS["main"](P)] == ["none", "filter", "rewrite", "safety_pretraining",
-                                                            "reflect"]
+    assert [c["label"] for c in study.GRIDS["main"](P)] == ["none", "filter", "strict_filter", "rewrite",
+                                                            "safety_pretraining", "reflect", "reflect pt + plain sft",
+                                                            "none pt + reflection sft"]
     main, core = (study.plan(P, str(tmp_path), study.GRIDS[g](P), 1)[0] for g in ("main", "core"))
     assert set(main) < set(core) and all(main[n] == core[n] for n in main)
-    assert all(n.endswith(("-harmful", "-plain", "-reflect")) for n in set(core) - set(main)), set(core) - set(main)
-    assert not any(n.endswith("-harmful") for n in main)
+    left = set(core) - set(main)
+    assert all("-harmful" in n or "-sft-nostop" in n or n.endswith("-more") for n in left), left
+    assert not any("-harmful" in n or "-nostop" in n or n.endswith("-more") for n in main)
+    more = [core[n][0] for n in left if n.endswith("-more")]      # template and suffix after every sft, in core
+    assert len(more) == 8 and all("--attacks=template,suffix" in cmd for cmd in more)
     # the smoke study's first, default-grid run wrote its report with the stages it ran
     out = smoke_study[0]
     cells = json.load(open(os.path.join(out, "grids", "main.json")))["cells"]
-    assert [c["label"] for c in cells] == ["reflect"] and list(cells[0]["runs"]) == ["base", "sft", "benign"]
+    assert [c["label"] for c in cells] == ["reflect", "reflect pt + plain sft", "none pt + reflection sft"]
+    assert all(list(c["runs"]) == ["base", "sft", "benign"] for c in cells)
     assert "study: " in smoke_study[1] and "report.py: wrote" in smoke_study[1]
 
 
