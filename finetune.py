@@ -34,8 +34,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import realreflect
-from common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info,
-                    read_jsonl, rng_state, save_checkpoint, set_rng_state, setup_device, writable_dir)
+from common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info, on_stop,
+                    read_jsonl, refuse_to_replace_run, rerun_command, rng_state, run_stage, save_checkpoint,
+                    set_rng_state, setup_device, writable_dir)
 from configurator import configure, defaults_of
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,6 +290,8 @@ def main():
     torch.manual_seed(seed + rank)
     if master:
         writable_dir(run_dir)   # before any work: a read-only or mistaken out_dir stops here
+    if not resume:
+        refuse_to_replace_run(run_dir)
 
     # the source (or the finetune to resume), its tokenizer, and the chat format
     run = load_run(source, world, tokenizer, device_t, frozen=False)
@@ -301,7 +304,7 @@ def main():
         tok = {"enc": run.enc, "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32),
                "reflection_format": realreflect.reflection_format(ck["meta"])}
     if resume:
-        if "finetune" not in ck:
+        if not {"finetune", "optimizer", "config", "iter_num", "tokens_seen", "data_slots", "rng"} <= set(ck):
             fail(f"'{out_ckpt}' is not a finetune.py checkpoint; finetune it with --init_from={run_dir}")
         for k in RESUME_KEYS:
             if ck["config"].get(k) != config[k]:
@@ -424,6 +427,9 @@ def main():
                 f.write(json.dumps(rec) + "\n")
 
     last_good = (out_ckpt, iter_num) if resume else None     # the checkpoint a failure keeps
+    resume_cmd = rerun_command(init_from="resume", out_dir=run_dir)
+    on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{resume_cmd}`" if resume else
+            "no checkpoint of this finetune was written yet; rerun the same command to start it again")
 
     def stop(why):
         fail(f"{why}; stopped without saving: " + (f"the last good checkpoint, '{last_good[0]}' at iter {last_good[1]}, "
@@ -455,6 +461,7 @@ def main():
                     "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
                     "data_dir": data_dir, "pretrain_config": pretrain_config, "finetune": dict(record)})
                 last_good = (out_ckpt, iter_num)
+            on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{resume_cmd}`")
         if at_end:
             break
 
@@ -521,4 +528,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)
