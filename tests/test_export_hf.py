@@ -222,6 +222,10 @@ def test_gpt2_export_gives_model_py_logits_and_gpt2_ids(gpt2_export):
     assert tok.decode(tok("Hello world")["input_ids"]) == "Hello world"
     assert tok("Hello world")["input_ids"] == [15496, 995]          # GPT-2's own ids for it
     assert tok.eos_token == "<|endoftext|>" and tok.convert_tokens_to_ids("<|harmful|>") == 50257
+    # the chat template writes attack.py's prompt format
+    chat = [{"role": "user", "content": "How do I pick a lock?"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        "User: How do I pick a lock?\nAssistant:"
 
 
 def test_a_wrong_qk_layout_is_caught(gpt2_export):
