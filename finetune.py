@@ -290,8 +290,6 @@ def main():
     torch.manual_seed(seed + rank)
     if master:
         writable_dir(run_dir)   # before any work: a read-only or mistaken out_dir stops here
-    if not resume:
-        refuse_to_replace_run(run_dir)
 
     # the source (or the finetune to resume), its tokenizer, and the chat format
     run = load_run(source, world, tokenizer, device_t, frozen=False)
@@ -384,6 +382,8 @@ def main():
               "replay": share, "truncated_prompts": truncated, "steps": 0, "previous": ck.get("finetune")}
     pretrain_config = ck.get("pretrain_config", ck.get("config"))
     log_path = os.path.join(run_dir, "log.jsonl")
+    if not resume:      # the inputs are checked (each bad one has its own line); the last check before writing
+        refuse_to_replace_run(run_dir)
     if master:
         lock_dir(run_dir)       # the inputs are checked: from here on this process writes run_dir, and only it
     if resume:

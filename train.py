@@ -202,8 +202,6 @@ def main():
         fail(str(e))
     except TypeError as e:      # model_args of another model.py
         fail(f"checkpoint '{source}' has model_args this model.py cannot build ({e})")
-    if not resume:
-        refuse_to_replace_run(out_dir)
     iter_num, tokens_seen, slots = 0, 0, {s: 0 for s in streams}
     if ckpt is not None:
         slots = continue_from(ckpt, config, files, switch_iter, resume)
@@ -213,6 +211,8 @@ def main():
     raw_model = model  # saved without any compile/DDP wrapper prefixes
     optimizer = raw_model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_t.type)
     log_path = os.path.join(out_dir, "log.jsonl")
+    if not resume:      # the inputs are checked (each bad one has its own line); the last check before writing
+        refuse_to_replace_run(out_dir)
     if master:
         lock_dir(out_dir)       # the inputs are checked: from here on this process writes out_dir, and only it
     if ckpt is not None:
