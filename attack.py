@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info,
-                    read_jsonl, wilson, writable_dir, write_atomic)
+from common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info, on_stop,
+                    read_jsonl, run_stage, wilson, writable_dir, write_atomic)
 from configurator import configure, defaults_of
 from decode import (DECODINGS, classify_reflections, heldout_reflections, reflection_metrics,
                     request_reflection, run_passes, variant)
@@ -411,6 +411,8 @@ def finish(run_dir, report, results, lines, dev, prev):
 
 def main():
     globals().update(configure(defaults_of(globals()), sys.argv[1:]))
+    on_stop("attack.json is unchanged (a run merges its passes into it at the end; a fitted GCG suffix, suffix.json, "
+            "is kept and reused): rerun the same command")
     attack_names = [a for a in attacks.split(",") if a]
     decoding_names = [d for d in decoding.split(",") if d]
     set_names = [s for s in sets.split(",") if s]
@@ -569,4 +571,4 @@ def main_real(attack_names, decoding_names, dev):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

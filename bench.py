@@ -28,6 +28,7 @@ import time
 import numpy as np
 import torch
 
+from common import run_stage
 from configurator import configure, defaults_of, read_file
 
 what = "all"                      # kernel | train | loop | nanogpt | all (on CPU, all = kernel + loop)
@@ -254,11 +255,16 @@ def bench_loop():
     print(f"{bare:>16,.0f} | {train_py:>15,.0f} | {train_py / bare:>6.2f}")
 
 
-if what in ("kernel", "all"):
-    bench_kernel()
-if what == "train" or (what == "all" and cuda):
-    bench_train()
-if what == "loop" or (what == "all" and not cuda):
-    bench_loop()
-if what == "nanogpt":
-    bench_nanogpt()
+def main():
+    if what in ("kernel", "all"):
+        bench_kernel()
+    if what == "train" or (what == "all" and cuda):
+        bench_train()
+    if what == "loop" or (what == "all" and not cuda):
+        bench_loop()
+    if what == "nanogpt":
+        bench_nanogpt()
+
+
+if __name__ == "__main__":
+    run_stage(main)

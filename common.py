@@ -11,6 +11,8 @@ import hashlib
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,10 +20,63 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def script_name(default="error"):
+    return os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else default
+
+
 def fail(msg):
     """Stop with one clear line naming the running script (no traceback); existing outputs are left as they are."""
-    script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0].endswith(".py") else "error"
-    raise SystemExit(f"{script}: {msg}")
+    raise SystemExit(f"{script_name()}: {msg}")
+
+
+# ----------------------------------------------------------------------------- Ctrl-C and SIGTERM
+
+_kept = ["every file it writes is written whole or not at all, so each output is the earlier one or this run's; "
+         "rerun the same command to finish"]
+
+
+class Stopped(KeyboardInterrupt):
+    """A Ctrl-C or SIGTERM, raised where the stage is: its finally blocks run as for Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def on_stop(note):
+    """Say what a Ctrl-C or SIGTERM from here on keeps and how to continue (the line run_stage prints)."""
+    _kept[0] = note
+
+
+def ignore_ctrl_c():
+    """A worker process's initializer: Ctrl-C reaches the whole process group, and the parent alone handles it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def rerun_command(**flags):
+    """This script's command line with some --key=value flags replaced (or added): how to continue it."""
+    given = [a for a in sys.argv[1:] if a.split("=", 1)[0].lstrip("-") not in flags]
+    return shlex.join(["python", script_name("python")] + given + [f"--{k}={v}" for k, v in flags.items()])
+
+
+def run_stage(main, *args):
+    """Run a stage's main(*args): Ctrl-C and SIGTERM end it with one line saying what was kept and how to continue
+    (on_stop), not a traceback, and the exit status a shell gives (130, 143). Workers forked from it exit quietly."""
+    pid = os.getpid()
+
+    def stop(signum, frame):
+        if os.getpid() != pid:
+            os._exit(128 + signum)
+        raise Stopped(signum)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        return main(*args)
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        how = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"{script_name()}: stopped by {how}; {_kept[0]}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + signum)
 
 
 def write_atomic(path, write, mode="w"):
@@ -32,9 +87,11 @@ def write_atomic(path, write, mode="w"):
         with open(tmp, mode) as f:
             write(f)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:      # a full disk, a read-only directory, a Ctrl-C: no temporary stays behind
         if os.path.exists(tmp):
             os.remove(tmp)
+        if not isinstance(e, OSError):
+            raise
         fail(f"cannot write '{path}' ({e.strerror or e}); the previous file, if any, is unchanged")
 
 
@@ -242,24 +299,71 @@ def save_checkpoint(path, ckpt):
     return True
 
 
-def load_checkpoint(path):
-    """A checkpoint as tensors and plain values (torch.load weights_only=True: loading a shared file runs no code)."""
+# what wraps a model when its state_dict is taken from the wrapper: torch.compile, DistributedDataParallel
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def load_checkpoint(path, need=("model", "model_args")):
+    """A checkpoint as tensors and plain values (torch.load weights_only=True: loading a shared file runs no code),
+    holding the keys `need`. An empty, truncated or foreign file stops with one line; a state dict saved from a
+    compiled or DDP-wrapped model (keys prefixed '_orig_mod.' or 'module.') loads with the prefix stripped."""
     import torch
     if not os.path.isfile(path):
         fail(f"no checkpoint at '{path}' (train one with train.py, or pass the run directory that holds ckpt.pt)")
+    if os.path.getsize(path) == 0:
+        fail(f"checkpoint '{path}' is empty (0 bytes): a copy or a disk that failed; train or copy it again")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        fail(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); it may be "
-             f"corrupt, or written by an older version of train.py")
-    if not isinstance(ck, dict) or not {"model", "model_args"} <= set(ck):
-        fail(f"'{path}' is not a train.py checkpoint (it needs 'model' and 'model_args')")
+        why = next((l.strip() for l in str(e).splitlines() if l.strip()), "no message").split(". ")[0]
+        fail(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {why[:200]}); it may be truncated or "
+             f"corrupt, or not a train.py checkpoint")
+    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    if missing:
+        fail(f"'{path}' is not a train.py checkpoint: it lacks {', '.join(repr(k) for k in missing)}")
+    if not isinstance(ck["model"], dict) or not all(isinstance(k, str) for k in ck["model"]):
+        fail(f"'{path}' is not a train.py checkpoint: its 'model' is not a state dict")
+    if not isinstance(ck.get("model_args", {}), dict):
+        fail(f"'{path}' is not a train.py checkpoint: its 'model_args' is not a dict of GPTConfig fields")
+    stripped = ""
+    while ck["model"]:      # DDP around a compiled model writes 'module._orig_mod.'
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in ck["model"])), None)
+        if prefix is None:
+            break
+        ck["model"] = {k[len(prefix):]: v for k, v in ck["model"].items()}
+        stripped += prefix
+    if stripped:
+        print(f"{path}: the weights were saved from a wrapped model (keys prefixed '{stripped}', as torch.compile "
+              f"and DDP write them); loaded without the prefix")
     return ck
+
+
+def load_weights(model, ck, path):
+    """Load a checkpoint's weights into a model built from its model_args; a mismatch stops with one line naming
+    the keys or shapes that differ."""
+    have, want = ck["model"], model.state_dict()
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    shapes = [f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}" for k in want
+              if k in have and getattr(have[k], "shape", None) != want[k].shape]
+    if missing or extra or shapes:
+        fail(f"checkpoint '{path}' does not fit its model_args: " + "; ".join(
+            f"{what} {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+            for what, keys in (("missing", missing), ("unexpected", extra), ("shapes differ:", shapes)) if keys))
+    model.load_state_dict(have)
 
 
 def ckpt_path(arg):
     """A run directory or a .pt file -> the checkpoint file."""
     return os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg
+
+
+def refuse_to_replace_run(out_dir):
+    """A new run (from scratch, or continuing another run's checkpoint) never replaces a run: out_dir must not hold
+    a checkpoint. Results beside it (attack.json, probe.json) would describe a model that no longer exists."""
+    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+        fail(f"'{out_dir}' holds a run (ckpt.pt), which a new run would replace; continue it with "
+             f"`{rerun_command(init_from='resume', out_dir=out_dir)}`, or pass another --out_dir (or move that run "
+             f"away first)")
 
 
 # ----------------------------------------------------------------------------- a trained run
@@ -324,9 +428,9 @@ def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=N
         attention = "auto"
     try:
         model = GPT(GPTConfig(**dict(args, attention=attention)))
-        model.load_state_dict(ck["model"])
-    except (TypeError, ValueError, RuntimeError) as e:
-        fail(f"checkpoint '{path}' does not fit its model_args ({type(e).__name__}: {str(e).splitlines()[0]})")
+    except (TypeError, ValueError) as e:
+        fail(f"checkpoint '{path}' has model_args this model.py cannot build ({type(e).__name__}: {e})")
+    load_weights(model, ck, path)
     if frozen:
         for p in model.parameters():
             p.requires_grad_(False)      # attacks never train the model (GCG's gradient is w.r.t. its input)

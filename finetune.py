@@ -34,8 +34,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import realreflect
-from common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info,
-                    read_jsonl, rng_state, save_checkpoint, set_rng_state, setup_device, writable_dir)
+from common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info, on_stop,
+                    read_jsonl, refuse_to_replace_run, rerun_command, rng_state, run_stage, save_checkpoint,
+                    set_rng_state, setup_device, writable_dir)
 from configurator import configure, defaults_of
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,7 +325,7 @@ def main():
         tok = {"enc": run.enc, "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32),
                "reflection_format": realreflect.reflection_format(ck["meta"])}
     if resume:
-        if "finetune" not in ck:
+        if not {"finetune", "optimizer", "config", "iter_num", "tokens_seen", "data_slots", "rng"} <= set(ck):
             fail(f"'{out_ckpt}' is not a finetune.py checkpoint; finetune it with --init_from={run_dir}")
         for k in RESUME_KEYS:
             if ck["config"].get(k) != config[k]:
@@ -405,6 +406,8 @@ def main():
               "replay": share, "truncated_prompts": truncated, "steps": 0, "previous": ck.get("finetune")}
     pretrain_config = ck.get("pretrain_config", ck.get("config"))
     log_path = os.path.join(run_dir, "log.jsonl")
+    if not resume:      # the inputs are checked (each bad one has its own line); the last check before writing
+        refuse_to_replace_run(run_dir)
     if master:
         lock_dir(run_dir)       # the inputs are checked: from here on this process writes run_dir, and only it
     if resume:
@@ -448,6 +451,9 @@ def main():
                 f.write(json.dumps(rec) + "\n")
 
     last_good = (out_ckpt, iter_num) if resume else None     # the checkpoint a failure keeps
+    resume_cmd = rerun_command(init_from="resume", out_dir=run_dir)
+    on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{resume_cmd}`" if resume else
+            "no checkpoint of this finetune was written yet; rerun the same command to start it again")
 
     def stop(why):
         fail(f"{why}; stopped without saving: " + (f"the last good checkpoint, '{last_good[0]}' at iter {last_good[1]}, "
@@ -479,6 +485,7 @@ def main():
                     "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
                     "data_dir": data_dir, "pretrain_config": pretrain_config, "finetune": dict(record)})
                 last_good = (out_ckpt, iter_num)
+            on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{resume_cmd}`")
         if at_end:
             break
 
@@ -545,4 +552,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -594,4 +594,5 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    from common import run_stage
+    run_stage(main)

@@ -29,7 +29,7 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from common import fail, load_json, writable_dir, write_json
+from common import fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, writable_dir, write_json
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -171,6 +171,8 @@ def prepare_medsafety(root):
         os.makedirs(os.path.join(tmp, "docs"))
         os.makedirs(os.path.join(tmp, "eval"))
         world.save(os.path.join(tmp, "docs", "world.json"))
+        # the documents' fingerprint of their world: reflect.py refuses a world.json that is not this one
+        summary["world_sha256"] = file_sha256(os.path.join(tmp, "docs", "world.json"))
         per = max(1, docs_per_shard)
         shards = 0
         for i in range(0, len(docs), per):
@@ -409,7 +411,7 @@ def prepare_fineweb(root):
     try:
         if num_proc > 1:
             import multiprocessing as mp
-            pool = mp.get_context("spawn").Pool(num_proc)
+            pool = mp.get_context("spawn").Pool(num_proc, initializer=ignore_ctrl_c)
         pending, last = [], 0.0
 
         def collect(block):
@@ -524,14 +526,14 @@ def main(argv):
     writable_dir(root)
     os.makedirs(root, exist_ok=True)
     if dataset == "medsafety":
+        on_stop("existing outputs were left as they were (the new ones are swapped in at the end); rerun the same "
+                "command")
         prepare_medsafety(root)
     else:
+        on_stop("existing outputs were left as they were, and the finished shards kept; a rerun with the same flags "
+                "resumes after them")
         prepare_fineweb(root)
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except KeyboardInterrupt:
-        raise SystemExit("prepare.py: interrupted; existing outputs were left as they were"
-                         + ("; a rerun with the same flags resumes" if dataset == "fineweb-edu" else ""))
+    run_stage(main, sys.argv[1:])

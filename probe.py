@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 import realreflect
-from common import eval_dir as sets_dir, fail, load_run, lock_dir, model_info, writable_dir, write_json
+from common import eval_dir as sets_dir, fail, load_run, lock_dir, model_info, run_stage, writable_dir, write_json
 from configurator import configure, defaults_of
 from grammar import TEMPLATES
 
@@ -568,4 +568,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

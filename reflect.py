@@ -29,7 +29,7 @@ import numpy as np
 
 from bpe import base_encoding, tokenizer_record
 from classifier import classify, fit_classifier
-from common import fail, read_jsonl, writable_dir, write_json
+from common import fail, file_sha256, read_jsonl, run_stage, writable_dir, write_json
 from configurator import configure, defaults_of
 from realtext import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, TAG_TEXT, bench_corpus,
                       init_worker, process_docs, read_chunks, read_labels, read_rewrites, real_tokenizer, run_chunks,
@@ -87,6 +87,19 @@ def list_shards(docs_dir):
 def read_docs(docs_dir):
     """All documents of the prepared corpus, in file order (MedSafetyWorld: small enough to hold)."""
     return [d for name in list_shards(docs_dir) for d in read_jsonl(os.path.join(docs_dir, name), "shard")]
+
+
+def read_summary(docs_dir):
+    """prepare.py's summary.json of the documents ({} where there is none: documents of an older prepare.py)."""
+    path = os.path.join(docs_dir, "summary.json")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        fail(f"'{path}' cannot be read ({type(e).__name__}: {e}); run prepare.py again")
+    return summary if isinstance(summary, dict) else {}
 
 
 def swap_in(tmp_dir, out_dir):
@@ -259,7 +272,16 @@ def main_world(docs_dir, world_path):
     if not os.path.isfile(world_path):
         fail(f"'{world_path}' is missing: run `python prepare.py` again")
     from world import World, EOT, THINK, TAG
-    world = World.load(world_path)
+    try:
+        world = World.load(world_path)
+    except ValueError as e:     # a hand-edited or damaged world.json
+        fail(str(e))
+    # the documents name the world they were written in (prepare.py's summary.json): another world.json would
+    # label and tokenize them as something they are not, and give streams that claim its fingerprint
+    made_in = read_summary(docs_dir).get("world_sha256")
+    if made_in and file_sha256(world_path) != made_in:
+        fail(f"'{world_path}' is not the world the documents in '{docs_dir}' were generated from (its sha256 differs "
+             f"from {made_in[:12]} in summary.json): restore it, or run prepare.py again")
     raw_unsafe_docs = sum(1 for d in docs if is_unsafe(d))
     clf_metrics = world_classifier(docs) if classifier_on_world else None
     rng = random.Random(f"reflect-{intervention}-{seed}")
@@ -617,4 +639,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -3,9 +3,11 @@ The study's report: tables, plots and the papers' claims, from the cells' own re
 
 Reads:  <root>/grids/<grid>.json (study.py: the cells and their run directories) and, in each run directory,
         attack.json, probe.json and log.jsonl
-Writes: <root>/report.md (grids main, core) or <root>/report-<grid>.md, and the plots beside it (<grid>-*.png)
+Writes: <root>/report.md (grids main, core) or <root>/report-<grid>.md, the plots beside it (<grid>-*.png), and
+        <report>.sources.json (the result files it read: a later report that would lose some is refused)
 Run:    python report.py out/study                    # the main grid (study.py writes it at the end)
         python report.py out/study --grid=scale
+        python report.py out/study --partial=True     # result files are gone: write to <root>/partial/ instead
 Numbers: rates in %; one seed: [95% Wilson interval]; several: mean ± sd over the seeds (each a different world).
 A verdict needs the stated order with intervals (one seed) or mean ± sd (several seeds) apart; see compare().
 """
@@ -13,11 +15,12 @@ import json
 import os
 import sys
 
-from common import fail, load_json, mean_spread, wilson, write_atomic
+from common import fail, load_json, mean_spread, run_stage, wilson, write_atomic, write_json
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
 grid = "main"
+partial = False     # write the report although result files the last one read are gone, to <root>/partial/
 # -----------------------------------------------------------------------------
 STAGES = ("base", "sft", "sft-nostop", "benign", "harmful")
 SPLITS = [(c, s) for c in ("poison", "contra") for s in ("seen", "unseen")]
@@ -40,21 +43,24 @@ class Results:
         self.m, self.n = manifest, manifest["seeds"]
         by_label = manifest["grid"] in ("main", "core", "curriculum", "sweep")    # labels are unique there; else names
         self.cells = {c["label"] if by_label else c["name"]: c for c in manifest["cells"]}
-        self.attack, self.probe, self.logs = {}, {}, {}
+        self.attack, self.probe, self.logs, self.read = {}, {}, {}, []
         for key, c in self.cells.items():
             for stage, dirs in c["runs"].items():
                 for k, d in enumerate(dirs):
                     a = load_json(os.path.join(d, "attack.json"))
                     if a:
                         self.attack[(key, k, stage)] = a
+                        self.read.append(os.path.join(d, "attack.json"))
                     if stage == "base":
                         p = load_json(os.path.join(d, "probe.json"))
                         if p:
                             self.probe[(key, k)] = p
+                            self.read.append(os.path.join(d, "probe.json"))
                         path = os.path.join(d, "log.jsonl")
                         if os.path.exists(path):
                             with open(path) as f:
                                 self.logs[(key, k)] = [json.loads(l) for l in f if l.strip()]
+                            self.read.append(path)
 
     def stats(self, key, stage, metric, attack="direct", decoding="greedy"):
         """Per-seed Wilson stat of one metric (None where not measured). reflection_* metrics come from the
@@ -192,7 +198,7 @@ def pyplot():
 
 def save(plt, fig, path):
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110), mode="wb")
     plt.close(fig)
 
 
@@ -704,15 +710,40 @@ def curriculum_report(results, root, doc):
 PREFIX_LATE = 0.6   # the late start the dose-matched control is matched to
 
 
+def refuse_to_lose(path, sources):
+    """A report is replaced only by one that has its results: stop with one line when result files the existing
+    report was written from are gone (run directories moved or deleted), naming their directories."""
+    try:
+        before = load_json(sources) if os.path.exists(path) else None
+    except ValueError:      # a damaged record says nothing about what the report held
+        before = None
+    gone = [p for p in (before or {}).get("read", []) if not os.path.exists(p)]
+    if gone:
+        dirs = sorted({os.path.dirname(p) for p in gone})
+        fail(f"{len(gone)} of the {len(before['read'])} result files {path} was written from are gone, so the new "
+             f"report would lose their cells; missing in {len(dirs)} run directories: {', '.join(dirs[:4])}"
+             + (f" and {len(dirs) - 4} more" if len(dirs) > 4 else "") + "; restore them (or rerun study.py, which "
+             f"reruns lost steps), or pass --partial=True to write the report to "
+             f"{os.path.join(os.path.dirname(path), 'partial')}/ instead")
+
+
 def main(argv=None):
     args = sys.argv[1:] if argv is None else argv
     if not args or args[0].startswith("--"):
-        fail("usage: python report.py <study out_dir> [--grid=main|core|sweep|scale|ablations|curriculum]")
+        fail("usage: python report.py <study out_dir> [--grid=main|core|sweep|scale|ablations|curriculum] "
+             "[--partial=True]")
     root, rest = args[0], args[1:]
     globals().update(configure(defaults_of(globals()), rest))
     manifest = load_json(os.path.join(root, "grids", f"{grid}.json"))
     if manifest is None:
         fail(f"'{root}/grids/{grid}.json' not found: run `python study.py --grid={grid} --out_dir={root}` first")
+    path = os.path.join(root, "report.md" if grid in ("main", "core") else f"report-{grid}.md")
+    sources = os.path.splitext(path)[0] + ".sources.json"
+    if partial:     # beside the full report, never over it
+        path = os.path.join(root, "partial", os.path.basename(path))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    else:
+        refuse_to_lose(path, sources)
     results, doc = Results(manifest), Doc()
     title = {"scale": "Scale: reflect vs filter by model size and token budget", "ablations": "World ablations",
              "sweep": "How often to reflect: one reflection per sentence, per 16 and per 32 tokens",
@@ -720,12 +751,12 @@ def main(argv=None):
         grid, "Safety interventions during pretraining: the study on MedSafetyWorld")   # main, core
     header(doc, results, root, title)
     {"scale": scale_report, "ablations": ablations_report, "curriculum": curriculum_report,
-     "sweep": sweep_report}.get(grid, core_report)(
-        results, root, doc)
-    path = os.path.join(root, "report.md" if grid in ("main", "core") else f"report-{grid}.md")
+     "sweep": sweep_report}.get(grid, core_report)(results, os.path.dirname(path), doc)   # the plots go beside it
     doc.write(path)
+    if not partial:
+        write_json(sources, {"grid": grid, "read": results.read}, indent=1)
     print(f"report.py: wrote {path}")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from common import fail, load_run, model_info
+from common import fail, load_run, model_info, on_stop, run_stage
 from configurator import configure, defaults_of
 from decode import DECODINGS, ban
 import world as mw   # as a module: its token names, imported one by one, would read as flags (defaults_of)
@@ -115,6 +115,7 @@ def verdict_line(v):
 
 def main():
     globals().update(configure(defaults_of(globals()), sys.argv[1:]))
+    on_stop("sample.py writes no file, so nothing was lost; rerun it to sample or chat again")
     if decoding not in DECODINGS:
         fail(f"unknown decoding '{decoding}' (choose from {', '.join(DECODINGS)})")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -226,4 +227,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

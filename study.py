@@ -33,7 +33,7 @@ import subprocess
 import sys
 import time
 
-from common import fail, load_json, lock_dir, write_atomic, write_json
+from common import Stopped, fail, load_json, lock_dir, on_stop, run_stage, write_atomic, write_json
 from configurator import configure, defaults_of, read_file
 
 # -----------------------------------------------------------------------------
@@ -382,26 +382,51 @@ def output_dir(cmd):
     return next((c.split("=", 1)[1] for c in cmd if c.startswith("--out_dir=")), None)
 
 
-STOP = []   # set by the SIGTERM handler (main)
+def step_outputs(cmd):
+    """The files a step leaves when it succeeds, read from its command: a marker counts only while they exist."""
+    flag = lambda key: next((c.split("=", 1)[1] for c in reversed(cmd) if c.startswith(f"--{key}=")), None)
+    script = os.path.basename(cmd[1])
+    if script == "prepare.py":
+        docs = os.path.join(flag("out_dir"), "medsafety", "docs")
+        return [os.path.join(docs, "world.json"), os.path.join(docs, "summary.json")]
+    if script == "reflect.py":      # reflect.py's directory for an intervention (and a dose-matched control)
+        dose = flag("dose")
+        d = os.path.join(flag("data_root"), "medsafety", flag("intervention")
+                         + (f"-dose{round(100 * float(dose)):02d}" if dose else ""))
+        return [os.path.join(d, f) for f in ("meta.json", "safe_train.bin", "safe_val.bin", "mix_train.bin",
+                                            "mix_val.bin")]
+    if script in ("train.py", "finetune.py"):
+        return [os.path.join(flag("out_dir"), "ckpt.pt")]
+    return [os.path.join(flag("ckpt"), {"attack.py": "attack.json", "probe.py": "probe.json"}[script])]
+
+
+STOP = []   # a Ctrl-C or SIGTERM, set by the handlers main installs
 
 
 def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
     """Run the steps in dependency order, n_jobs at a time; skip finished ones; stop at the first failure.
-    A step is finished when its marker holds the same command and every step it depends on is finished, so a
-    changed flag reruns that step and everything after it. A train or finetune step that was interrupted resumes
-    from its checkpoint if it was started with the same command; otherwise its output directory is cleared first
-    (a checkpoint of other flags must not be continued)."""
+    A step is finished when its marker holds the same command, its outputs exist and every step it depends on is
+    finished, so a changed flag or a lost output reruns that step and everything after it. A train or finetune step
+    that was interrupted resumes from its checkpoint if it was started with the same command; otherwise its output
+    directory is cleared first (a checkpoint of other flags must not be continued)."""
     done_dir = os.path.join(root, "done")
     os.makedirs(done_dir, exist_ok=True)
     marker = lambda name: os.path.join(done_dir, name + ".json")
-    finished, grew = set(), True
+    finished, grew, lost = set(), True, {}
     while grew:     # to a fixed point: plan order may list a step before one it depends on
         grew = False
         for name, (cmd, deps) in steps.items():
-            m = name not in finished and load_json(marker(name))
-            if m and same_command(m.get("command"), cmd) and all(d in finished for d in deps):
+            m = name not in finished and name not in lost and load_json(marker(name))
+            if not (m and same_command(m.get("command"), cmd)):
+                continue
+            missing = [p for p in step_outputs(cmd) if not os.path.exists(p)]
+            if missing:
+                lost[name] = missing[0]
+            elif all(d in finished for d in deps):
                 finished.add(name)
                 grew = True
+    for name, path in lost.items():
+        print(f"study: {name} is marked done but '{path}' is gone: it runs again, with the steps after it")
     todo = sorted((n for n in steps if n not in finished), key=priority)
     print(f"study: {len(steps)} steps, {len(finished)} already done, {len(todo)} to run, {n_jobs} at a time")
     threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
@@ -409,8 +434,8 @@ def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
     running, t_start, log_path = {}, time.time(), os.path.join(root, "study.log")
     try:
         while todo or running:
-            if STOP:     # a SIGTERM, acted on here: never between a step's Popen and its entry in `running`
-                sys.exit(STOP[0])
+            if STOP:     # a signal, acted on here: never between a step's Popen and its entry in `running`
+                raise Stopped(STOP[0])
             for name in list(todo):
                 if len(running) >= n_jobs:
                     break
@@ -441,7 +466,7 @@ def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
                 with open(log_path, "a") as f:
                     f.write(f"$ {shlex.join(cmd)}\n# {name}: exit {proc.returncode} after {dt:.1f}s\n{output}\n")
                 if proc.returncode != 0 and STOP:     # killed with the study (a kill of the process group)
-                    sys.exit(STOP[0])
+                    raise Stopped(STOP[0])
                 if proc.returncode != 0:
                     tail = "\n".join(output.strip().splitlines()[-5:])
                     fail(f"step {name} failed (exit {proc.returncode}); its output ends:\n{tail}\n"
@@ -504,15 +529,19 @@ def main():
             beat[0] = time.time()
             line = json.dumps({"seconds": time.time() - t0, "jobs": n_jobs, "steps": len(steps)}) + "\n"
             write_atomic(wall_path, lambda f: f.writelines(earlier + [line]))
-    # a kill stops the study at the scheduler's next turn (the finally blocks stop the children); exiting inside the
-    # handler could strike while a step is being started and leave that step running, unknown to the study
-    signal.signal(signal.SIGTERM, lambda *_: STOP.append(143))
+    # a Ctrl-C or kill stops the study at the scheduler's next turn (the finally blocks stop the children); exiting
+    # inside the handler could strike while a step is being started and leave that step running, unknown to the study
+    on_stop(f"the finished steps are kept (their markers in {os.path.join(root, 'done')}) and an interrupted "
+            f"training resumes from its checkpoint: rerun the same command to continue")
+    raising = {s: signal.signal(s, lambda signum, _: STOP.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         run_steps(steps, root, n_jobs, heartbeat)
     finally:
         heartbeat(force=True)
+        for s, handler in raising.items():
+            signal.signal(s, handler)
     if STOP:
-        sys.exit(STOP[0])
+        raise Stopped(STOP[0])
     write_json(os.path.join(root, "grids", f"{grid}.json"), manifest, indent=1)
     r = subprocess.run([sys.executable, "report.py", root, f"--grid={grid}"])
     if r.returncode:
@@ -521,4 +550,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -25,8 +25,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (TokenStream, fail, file_sha256, load_checkpoint, lock_dir, lr_at, rng_state, save_checkpoint,
-                    set_rng_state, setup_device, writable_dir, write_atomic)
+from common import (TokenStream, fail, file_sha256, load_checkpoint, load_weights, lock_dir, lr_at, on_stop,
+                    refuse_to_replace_run, rerun_command, rng_state, run_stage, save_checkpoint, set_rng_state,
+                    setup_device, writable_dir, write_atomic)
 from configurator import configure, defaults_of
 from model import GPT, GPTConfig
 
@@ -79,6 +80,8 @@ BOOKKEEPING = {"out_dir", "init_from", "stop_iter", "eval_interval", "eval_iters
 STATED = {"max_iters", "learning_rate", "min_lr", "warmup_iters", "schedule", "decay_frac", "grad_clip",
           "weight_decay", "beta1", "beta2", "dropout", "dtype"}
 DATA = {"data", "intervention_start"}
+# what a checkpoint needs to be continued (a resume or a branch)
+TRAIN_STATE = ("model", "model_args", "optimizer", "config", "iter_num", "tokens_seen", "data_slots", "rng", "data_dir")
 
 
 def find_data(name):
@@ -191,21 +194,25 @@ def main():
                       rope_base=rope_base, attention=attention, dropout=dropout, vocab_size=vocab)
     ckpt = None
     if source:
-        ckpt = dict(load_checkpoint(source), path=source)
+        ckpt = dict(load_checkpoint(source, need=TRAIN_STATE), path=source)
         model_args = dict(ckpt["model_args"], attention=attention, dropout=dropout)
     try:
         model = GPT(GPTConfig(**model_args))
     except ValueError as e:
         fail(str(e))
+    except TypeError as e:      # model_args of another model.py
+        fail(f"checkpoint '{source}' has model_args this model.py cannot build ({e})")
     iter_num, tokens_seen, slots = 0, 0, {s: 0 for s in streams}
     if ckpt is not None:
         slots = continue_from(ckpt, config, files, switch_iter, resume)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, source)
         iter_num, tokens_seen = ckpt["iter_num"], ckpt["tokens_seen"]
     model.to(device_t)
     raw_model = model  # saved without any compile/DDP wrapper prefixes
     optimizer = raw_model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_t.type)
     log_path = os.path.join(out_dir, "log.jsonl")
+    if not resume:      # the inputs are checked (each bad one has its own line); the last check before writing
+        refuse_to_replace_run(out_dir)
     if master:
         lock_dir(out_dir)       # the inputs are checked: from here on this process writes out_dir, and only it
     if ckpt is not None:
@@ -270,6 +277,9 @@ def main():
     end_iter = max_iters if stop_iter < 0 else min(stop_iter, max_iters)
     start_iter = iter_num
     last_good = (ckpt_path if resume else source, iter_num) if source else None   # the checkpoint a failure keeps
+    resume_cmd = rerun_command(init_from="resume")
+    on_stop(f"kept '{ckpt_path}' at iter {iter_num}; continue with `{resume_cmd}`" if resume else
+            "no checkpoint of this run was written yet; rerun the same command to start it again")
 
     def stop(why):
         fail(f"{why}; stopped without saving: " + (f"the last good checkpoint, '{last_good[0]}' at iter {last_good[1]}, "
@@ -302,6 +312,8 @@ def main():
                     "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
                     "data_dir": data_dir})
                 last_good = (ckpt_path, iter_num)
+            if iter_num > start_iter:   # every rank says it (rank 0 saved it)
+                on_stop(f"kept '{ckpt_path}' at iter {iter_num}; continue with `{resume_cmd}`")
             t_log += time.time() - t_eval  # evaluation and saving do not count against training throughput
         if at_end:
             break
@@ -363,4 +375,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -1,10 +1,13 @@
 """export_hf.py: a world model and a gpt2-tokenizer model, exported and loaded back with transformers'
-LlamaForCausalLM, give model.py's logits (fp32, max |diff| < 1e-4) and their tokenizers give the project's ids; a
-wrong q/k layout is caught by the same comparison; bad outputs are refused with one line and nothing half-written."""
+LlamaForCausalLM, give model.py's logits (fp32, max |diff| < 1e-4) and their tokenizers give the project's ids (typed
+text spelled as sample.py spells it, unknown words as <unk>); transformers' text-generation pipeline, given a chat
+message, answers as sample.py does (the chat template writes the model's own prompt format); a wrong q/k layout is
+caught by the same comparison; bad outputs are refused with one line and nothing half-written."""
 import json
 import os
 import runpy
 import shutil
+import stat
 import subprocess
 import sys
 
@@ -61,17 +64,18 @@ def hf_model(path):
 def max_diff(model, hf, x):
     with torch.no_grad():
         a, b = model(x)[0], hf(input_ids=x).logits
-    return float((a - b).abs().max()), float(a.abs().max())
+    return float((a - b[..., :a.shape[-1]]).abs().max()), float(a.abs().max())
 
 
 @pytest.fixture(scope="module")
 def world_export(tmp_path_factory):
-    """prepare (tiny world) -> reflect none -> 6 iterations of config/smoke.py -> export_hf.py."""
+    """prepare (tiny world) -> reflect (reflections after every segment) -> 30 iterations of config/smoke.py ->
+    export_hf.py."""
     root = str(tmp_path_factory.mktemp("world"))
     sh("prepare.py", f"--out_dir={root}", *SMALL_WORLD)
-    sh("reflect.py", f"--data_root={root}", "--intervention=none")
+    sh("reflect.py", f"--data_root={root}", "--intervention=reflect")
     run = os.path.join(root, "run")
-    sh("train.py", "config/smoke.py", f"--data={root}/medsafety/none", f"--out_dir={run}", "--max_iters=6",
+    sh("train.py", "config/smoke.py", f"--data={root}/medsafety/reflect", f"--out_dir={run}", "--max_iters=30",
        "--block_size=64", "--learning_rate=1e-2")
     out = os.path.join(root, "hf")
     p = sh("export_hf.py", f"--ckpt={run}", f"--out={out}", "--check=False")   # the test does the check itself
@@ -115,9 +119,16 @@ def test_world_export_gives_model_py_logits(world_export):
     cfg = json.load(open(os.path.join(world_export["out"], "config.json")))
     mc = run.model.config
     assert (cfg["tie_word_embeddings"], cfg["rms_norm_eps"], cfg["rope_parameters"]["rope_theta"],
-            cfg["intermediate_size"], cfg["vocab_size"]) == (True, mc.norm_eps, mc.rope_base, mc.mlp_hidden,
-                                                             mc.vocab_size)
+            cfg["intermediate_size"]) == (True, mc.norm_eps, mc.rope_base, mc.mlp_hidden)
     assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()   # tied, as in model.py
+    # one row more than the world's vocabulary: <unk>, the mean row, whose logit (the mean logit) never tops greedy
+    # decoding; generation never writes it
+    wte = run.model.state_dict()["wte.weight"]
+    assert cfg["vocab_size"] == mc.vocab_size + 1 == run.world.vocab_size + 1
+    assert torch.allclose(hf.model.embed_tokens.weight[-1], wte.mean(0)) and torch.equal(
+        hf.model.embed_tokens.weight[:-1], wte)
+    gen = json.load(open(os.path.join(world_export["out"], "generation_config.json")))
+    assert gen["suppress_tokens"] == [mc.vocab_size]
     w = run.world
     rec = json.loads(open(os.path.join(world_export["root"], "medsafety", "eval", "harmful_prompts.jsonl")).readline())
     text = w.encode(rec["prompt"])
@@ -137,12 +148,59 @@ def test_world_tokenizer_reads_the_world_as_the_project_does(world_export):
     assert ids == w.encode(text), (ids, w.encode(text))
     assert tok.decode(ids) == text
     specials = {"<|endoftext|>", "<end_of_turn>", "<think>", "</think>", "<harmful>"}
-    assert set(tok.all_special_tokens) == specials and all(tok.convert_tokens_to_ids(s) == w.stoi[s] for s in specials)
-    assert tok.decode(ids, skip_special_tokens=True) == " ".join(t for t in text.split() if t not in specials)
+    assert all(tok.convert_tokens_to_ids(s) == w.stoi[s] for s in specials)
+    # control tokens are special (a pipeline's decode skips them); reflections and tags are the model's answer
+    assert set(tok.all_special_tokens) == {"<|endoftext|>", "<end_of_turn>", "<unk>"}
+    assert tok.decode(ids, skip_special_tokens=True) == " ".join(t for t in text.split()
+                                                                 if t not in ("<end_of_turn>", "<|endoftext|>"))
     assert tok.eos_token == "<end_of_turn>"
+    # typed text is read as sample.py reads it: lower case, punctuation split off; an unknown word is <unk>
+    import sample
+    typed = typed_turn(world_export)
+    assert tok(typed)["input_ids"] == w.encode(sample.words(typed)) and typed.split() != sample.words(typed).split()
+    assert tok(f"what is zorgleplex for ?")["input_ids"] == w.encode("what is") + [w.vocab_size] + w.encode("for ?")
+    assert tok.unk_token == "<unk>" and tok.unk_token_id == w.vocab_size
     exp = json.load(open(os.path.join(world_export["out"], "export.json")))
     assert exp["tokenizer"] == "medsafety-word" and exp["world_sha256"] and os.path.isfile(
         os.path.join(world_export["out"], "world.json"))
+
+
+def typed_turn(world_export):
+    """A harmful prompt of the world as a person types it: capitals, punctuation glued to the words, no "user :"."""
+    rec = json.loads(open(os.path.join(world_export["root"], "medsafety", "eval", "harmful_prompts.jsonl")).readline())
+    return rec["user"][len("user : "):].replace(" ?", "?").replace(" ,", ",").replace(" .", ".").capitalize()
+
+
+def test_a_chat_message_through_the_pipeline_gets_sample_py_greedy_answer(world_export, tmp_path):
+    """What a harness does (apply_chat_template, generate, decode) gives the model sample.py's input and its greedy
+    answer: for the reflection model (the user turn alone, then the model's reflection opens its answer) and for the
+    same model after a plain sft ("user : ... assistant :")."""
+    plain = str(tmp_path / "plain")
+    sh("finetune.py", f"--init_from={world_export['run']}", "--task=sft", "--chat=plain", "--max_iters=4",
+       "--batch_size=8", f"--out_dir={plain}")
+    sh("export_hf.py", f"--ckpt={plain}", f"--out={plain}-hf", "--check=False")
+    typed = typed_turn(world_export)
+    import sample
+    user = "user : " + sample.words(typed)
+    w = load_run(world_export["run"]).world
+    for run, out, model_input in ((world_export["run"], world_export["out"], w.chat(user, reflect=True)[0]),
+                                  (plain, plain + "-hf", user + " assistant :")):
+        tok = transformers.AutoTokenizer.from_pretrained(out)
+        chat = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": typed}]
+        text = tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        assert tok(text)["input_ids"] == w.encode(model_input), (text, model_input)
+        pipe = transformers.pipeline("text-generation", model=out, tokenizer=out, device="cpu")
+        answer = pipe(chat, max_new_tokens=12, do_sample=False)[0]["generated_text"][-1]
+        want = sh("sample.py", f"--ckpt={run}", f"--prompt={typed}", "--raw=True", "--max_new_tokens=12").stdout
+        print(f"{out}: {text!r} -> {answer['content']!r}; sample.py: {want!r}")
+        assert answer == {"role": "assistant", "content": want.strip().removesuffix(" <end_of_turn>")}
+        assert answer["content"].startswith("<think>") == (out == world_export["out"])   # the reflection, shown
+        # an earlier answer in the history is written back as the model wrote it, then the next turn
+        again = tok.apply_chat_template(chat + [answer, {"role": "user", "content": typed}],
+                                        add_generation_prompt=True, tokenize=False)
+        turn = tok.apply_chat_template(chat, tokenize=False)
+        written = ("" if answer["content"].startswith("<think>") else " assistant : ") + answer["content"]
+        assert again.split() == (turn + " " + written + " <end_of_turn> " + text).split()
 
 
 def test_gpt2_export_gives_model_py_logits_and_gpt2_ids(gpt2_export):
@@ -164,6 +222,10 @@ def test_gpt2_export_gives_model_py_logits_and_gpt2_ids(gpt2_export):
     assert tok.decode(tok("Hello world")["input_ids"]) == "Hello world"
     assert tok("Hello world")["input_ids"] == [15496, 995]          # GPT-2's own ids for it
     assert tok.eos_token == "<|endoftext|>" and tok.convert_tokens_to_ids("<|harmful|>") == 50257
+    # the chat template writes attack.py's prompt format
+    chat = [{"role": "user", "content": "How do I pick a lock?"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == \
+        "User: How do I pick a lock?\nAssistant:"
 
 
 def test_a_wrong_qk_layout_is_caught(gpt2_export):
@@ -206,3 +268,18 @@ def test_bad_outputs_are_refused_and_nothing_is_half_written(gpt2_export, world_
     exp = json.load(open(os.path.join(out, "export.json")))
     assert exp["dtype"] == "bfloat16" and exp["check"]["max_abs_logit_diff"] < TOL   # vs model.py in bf16 weights
     assert sorted(os.listdir(tmp_path)) == ["gpt2", "mine"]
+
+
+def test_a_read_only_out_directory_is_refused_and_a_writable_one_keeps_its_mode(world_export, tmp_path):
+    ro, shared = tmp_path / "ro", tmp_path / "shared"
+    ro.mkdir(mode=0o555)
+    shared.mkdir(mode=0o750)
+    os.chmod(ro, 0o555)
+    os.chmod(shared, 0o750)
+    before = os.stat(ro)
+    p = sh("export_hf.py", f"--ckpt={world_export['run']}", f"--out={ro}", "--check=False", check=False)
+    one_line(p, "is read-only")
+    after = os.stat(ro)
+    assert (after.st_ino, after.st_mode, os.listdir(ro)) == (before.st_ino, before.st_mode, [])
+    sh("export_hf.py", f"--ckpt={world_export['run']}", f"--out={shared}", "--check=False")
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o750 and "export.json" in os.listdir(shared)

@@ -8,6 +8,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -354,3 +355,201 @@ def test_kill_9_at_five_random_points_resumes_bitwise(streams, tmp_path):
     assert a["iter_num"] == b["iter_num"] == 400 and a["data_slots"] == b["data_slots"]
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert not [f for f in os.listdir(killed) if f.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------------- a run is
+# replaced only by a run: a new one stops before it would overwrite one
+
+def test_a_new_run_never_replaces_a_run(streams, trained, world_model, tmp_path):
+    # train.py from scratch, or branching another run, into a directory that holds a run (and a result beside it)
+    out = copy_run(trained, tmp_path / "run")
+    (tmp_path / "run" / "attack.json").write_text('{"passes": {}}')
+    before = hashes(out)
+    one_line(run("train.py", *train_args(streams, out, "--max_iters=5"), check=False),
+             "holds a run (ckpt.pt), which a new run would replace")
+    p = run("train.py", *train_args(streams, out, f"--init_from={trained}"), check=False)
+    one_line(p, "holds a run")
+    assert hashes(out) == before
+    # the line says how to continue that run instead, and that command does
+    cmd = shlex.split(re.search(r"continue it with `(.+?)`", p.stderr).group(1))
+    assert cmd[:2] == ["python", "train.py"] and cmd[-2:] == ["--init_from=resume", f"--out_dir={out}"], cmd
+    run(*cmd[1:])
+    assert torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["iter_num"] == 20
+    # finetune.py likewise: a finetune into a directory holding a run
+    ft = copy_run(world_model["base"], tmp_path / "ft")
+    before = hashes(ft)
+    one_line(run("finetune.py", f"--init_from={world_model['base']}", "--task=sft", f"--out_dir={ft}",
+                 check=False), "holds a run (ckpt.pt)")
+    assert hashes(ft) == before
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def bad_checkpoint(world_model, tmp_path, how):
+    """A copy of the world run whose ckpt.pt is empty, cut in half, another program's, or of another shape."""
+    d = tmp_path / f"run-{how}"
+    copy_run(world_model["base"], d)
+    path = d / "ckpt.pt"
+    ck = torch.load(path, weights_only=True)
+    if how == "empty":
+        open(path, "wb").close()
+    elif how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "foreign":          # a state dict alone, as many programs save one
+        torch.save(ck["model"], path)
+    elif how == "other_shape":      # model_args that do not fit the weights
+        torch.save(dict(ck, model_args=dict(ck["model_args"], n_embd=2 * ck["model_args"]["n_embd"])), path)
+    return str(d)
+
+
+CKPT_SCRIPTS = {
+    "attack.py": lambda d, t, w: [f"--ckpt={d}", "--max_prompts=1"],
+    "probe.py": lambda d, t, w: [f"--ckpt={d}"],
+    "sample.py": lambda d, t, w: [f"--ckpt={d}", "--prompt=what is it ?"],
+    "export_hf.py": lambda d, t, w: [f"--ckpt={d}", f"--out={t / 'hf'}"],
+    "finetune.py": lambda d, t, w: [f"--init_from={d}", "--task=sft", f"--out_dir={t / 'ft'}"],
+    "train.py": lambda d, t, w: ["config/smoke.py", f"--data={w['root']}/medsafety/none", f"--out_dir={d}",
+                                 "--init_from=resume", "--max_iters=8", "--block_size=64"],
+}
+
+
+@pytest.mark.parametrize("script, how, message", [
+    *[(s, "empty", "is empty (0 bytes)") for s in CKPT_SCRIPTS],
+    ("attack.py", "truncated", "cannot be read (RuntimeError: PytorchStreamReader failed reading zip archive"),
+    ("train.py", "foreign", "is not a train.py checkpoint: it lacks 'model', 'model_args'"),
+    ("sample.py", "other_shape", "does not fit its model_args: shapes differ: wte.weight"),
+])
+def test_every_checkpoint_error_is_one_line(world_model, tmp_path, script, how, message):
+    d = bad_checkpoint(world_model, tmp_path, how)
+    before = hashes(d)
+    one_line(run(script, *CKPT_SCRIPTS[script](d, tmp_path, world_model), check=False), message)
+    assert hashes(d) == before and sorted(os.listdir(tmp_path)) == [os.path.basename(d)]
+
+
+def test_a_compiled_models_checkpoint_loads_with_the_same_logits(world_model, streams, tmp_path, capsys):
+    # torch.compile's wrapper prefixes every key of the state dict it gives with '_orig_mod.' (nanoGPT's users
+    # meet it when they save the compiled model): such a checkpoint loads as the plain one, and says so
+    sys.path.insert(0, ROOT)
+    from common import load_run
+    base = load_run(world_model["base"])
+    compiled = torch.compile(base.model).state_dict()
+    assert all(k.startswith("_orig_mod.") for k in compiled)
+    d = copy_run(world_model["base"], tmp_path / "compiled")
+    ck = torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)
+    torch.save(dict(ck, model=compiled), os.path.join(d, "ckpt.pt"))
+    again = load_run(d)
+    assert "loaded without the prefix" in capsys.readouterr().out
+    x = torch.randint(0, base.world.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(base.model(x)[0], again.model(x)[0])
+    # and a compiled run resumes (train.py once stopped with a traceback here)
+    p = run("train.py", "config/smoke.py", f"--data={world_model['root']}/medsafety/none", f"--out_dir={d}",
+            "--init_from=resume", "--max_iters=8", "--block_size=64")
+    assert "loaded without the prefix" in p.stdout
+    assert torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)["iter_num"] == 8
+
+
+# ---------------------------------------------------------------------------------------------------- the world
+# file, checked where it is read
+
+def edited_world(world_model, tmp_path, how):
+    root = tmp_path / f"world-{how}"
+    shutil.copytree(world_model["root"], root, ignore=shutil.ignore_patterns("base", "*.lock"))
+    path = root / "medsafety" / "docs" / "world.json"
+    spec = json.loads(path.read_text())
+    if how == "invalid_json":
+        path.write_text(path.read_text()[:-10])
+        return str(root)
+    if how == "key_deleted":
+        del spec["drugs"]
+    elif how == "number_not_in_vocabulary":
+        spec["drugs"][0]["toxic"] = 987654
+    elif how == "number_in_vocabulary":      # a toxic dose edited to another drug's: the vocabulary still fits
+        first = spec["drugs"][0]
+        first["toxic"] = next(d["toxic"] for d in spec["drugs"][1:] if d["toxic"] != first["toxic"])
+    path.write_text(json.dumps(spec))
+    return str(root)
+
+
+@pytest.mark.parametrize("how, message", [
+    ("invalid_json", "is corrupt (JSONDecodeError"),
+    ("key_deleted", "is corrupt (KeyError: 'drugs')"),
+    ("number_not_in_vocabulary", "vocabulary does not match its entities"),
+    ("number_in_vocabulary", "is not the world the documents in"),
+])
+def test_reflect_refuses_a_world_file_that_is_not_the_documents_world(world_model, tmp_path, how, message):
+    root = edited_world(world_model, tmp_path, how)
+    before = hashes(root)
+    one_line(run("reflect.py", f"--data_root={root}", "--intervention=reflect", check=False), message)
+    assert hashes(root) == before
+
+
+# ---------------------------------------------------------------------------------------------------- Ctrl-C and
+# SIGTERM: one line saying what was kept and how to continue
+
+def signal_once(script, args, until, sig):
+    """Run a script, send it `sig` once a line of its output holds `until` -> (exit status, stdout, stderr)."""
+    p = subprocess.Popen([sys.executable, script, *args], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if until in line:
+            break
+    p.send_signal(sig)
+    out, err = p.communicate(timeout=120)
+    return p.returncode, "".join(seen) + out, err
+
+
+def stopped_line(err, script, how):
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in err and lines[0].startswith(f"{script}: stopped by {how}; "), err
+    return lines[0]
+
+
+def test_ctrl_c_and_sigterm_end_training_with_one_line_that_says_how_to_continue(streams, tmp_path):
+    out = str(tmp_path / "run")
+    args = train_args(streams, out, "--max_iters=100000", "--eval_interval=10")
+    code, _, err = signal_once("train.py", args, "iter 20: val loss", signal.SIGINT)
+    line = stopped_line(err, "train.py", "Ctrl-C")
+    m = re.search(r"kept '(.+)' at iter (\d+); continue with `(.+)`$", line)
+    assert code == 130 and m and m.group(1) == os.path.join(out, "ckpt.pt"), line
+    assert torch.load(m.group(1), weights_only=True)["iter_num"] == int(m.group(2)) >= 10
+    # the command it names continues the run: here up to a stop a few iterations on, then again, stopped by SIGTERM
+    cmd = shlex.split(m.group(3))
+    p = run(*cmd[1:], f"--stop_iter={int(m.group(2)) + 5}")
+    assert f"resumed from {m.group(1)} at iter {m.group(2)}" in p.stdout
+    code, _, err = signal_once(*cmd[1:2], cmd[2:], "val loss", signal.SIGTERM)
+    assert code == 143 and "kept '" in stopped_line(err, "train.py", "SIGTERM")
+
+
+def test_ctrl_c_and_sigterm_end_a_finetune_and_a_chat_with_one_line(world_model, tmp_path):
+    ft = str(tmp_path / "ft")
+    code, _, err = signal_once("finetune.py", [f"--init_from={world_model['base']}", "--task=sft", f"--out_dir={ft}",
+                                               "--batch_size=8", "--max_iters=100000", "--save_interval=2",
+                                               "--log_interval=1"], "iter 4", signal.SIGTERM)
+    line = stopped_line(err, "finetune.py", "SIGTERM")
+    assert code == 143 and f"kept '{ft}/ckpt.pt' at iter" in line and "--init_from=resume" in line, line
+    # sample.py's chat, waiting for a turn
+    code, out, err = signal_once("sample.py", [f"--ckpt={world_model['base']}", "--interactive=True"], "chat:",
+                                 signal.SIGINT)
+    assert code == 130 and "writes no file" in stopped_line(err, "sample.py", "Ctrl-C")
+
+
+def test_every_script_stops_through_the_one_mechanism():
+    # what the tests above check for train.py, finetune.py, sample.py and (test_study) study.py holds for every
+    # script with a command line: its main runs inside common.run_stage
+    import ast
+    scripts = []
+    for name in sorted(os.listdir(ROOT)):
+        if not name.endswith(".py") or name == "configurator.py":     # configurator's is a demo of its parser
+            continue
+        tree = ast.parse(open(os.path.join(ROOT, name)).read())
+        mains = [ast.unparse(n) for n in tree.body if isinstance(n, ast.If) and "__main__" in ast.unparse(n.test)]
+        if mains:
+            scripts.append(name)
+            assert "run_stage(" in mains[0], f"{name}'s main does not run inside common.run_stage"
+    assert {"prepare.py", "reflect.py", "train.py", "finetune.py", "attack.py", "probe.py", "study.py", "report.py",
+            "sample.py", "export_hf.py", "gpu_check.py", "bench.py"} <= set(scripts), scripts

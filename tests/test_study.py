@@ -2,6 +2,7 @@
 # post-trained with and without the stop examples): it
 # runs end to end, its report's numbers are the cells' own attack.json / probe.json / log.jsonl numbers, and a study
 # run again after an interruption recomputes nothing that had finished.
+import hashlib
 import json
 import os
 import random
@@ -371,17 +372,20 @@ def test_bad_flags_one_line():
 
 
 def start_and_kill(out, until="start train-"):
-    """A smoke study of the reflect cell, sent SIGTERM once a line of its output holds `until` -> its stdout so far."""
+    """A smoke study of the reflect cell, sent SIGTERM once a line of its output holds `until` -> its stdout so far.
+    It stops with one line on stderr saying what it kept."""
     p = subprocess.Popen([sys.executable, "study.py", "--profile=smoke", f"--out_dir={out}", "--only=reflect pt",
-                          "--jobs=1"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+                          "--jobs=1"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in p.stdout:
         seen.append(line)
         if until in line:
             break
     p.terminate()
-    p.communicate(timeout=60)
-    assert p.returncode != 0
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("study.py: stopped by SIGTERM; the finished steps are kept"), err
     orphans = []     # the study stopped its children
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -553,3 +557,64 @@ def test_grids_sharing_a_step_plan_it_with_one_command(profile, tmp_path):
             first = seen.setdefault(name, (g, cmd, deps))
             assert (first[1], first[2]) == (cmd, deps), f"{name}: {first[0]} and {g} plan it differently"
     assert any(n.startswith("attack-") and n.endswith("-sft") for n in seen)
+
+
+def copy_study(src, dst):
+    """A copy of a study whose manifests point at the copy's run directories."""
+    shutil.copytree(src, dst, symlinks=True)
+    for name in os.listdir(os.path.join(dst, "grids")):
+        path = os.path.join(dst, "grids", name)
+        manifest = json.load(open(path))
+        for c in manifest["cells"]:
+            c["runs"] = {s: [d.replace(src, dst) for d in v] for s, v in c["runs"].items()}
+        json.dump(manifest, open(path, "w"))
+    return dst
+
+
+def file_hashes(d):
+    return {f: hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest() for f in sorted(os.listdir(d))
+            if os.path.isfile(os.path.join(d, f))}
+
+
+def test_report_refuses_to_lose_cells_and_writes_a_partial_report_elsewhere(smoke_study, tmp_path):
+    out = copy_study(smoke_study[0], str(tmp_path / "study"))
+    report_py = lambda *a: subprocess.run([sys.executable, "report.py", out, "--grid=core", *a], cwd=ROOT,
+                                          capture_output=True, text=True, timeout=300)
+    assert report_py().returncode == 0          # the copy's report, from the copy's runs
+    full = open(os.path.join(out, "report.md")).read()
+    assert table_rows(full, "ASR, greedy")["reflect"][0] != "-"
+    # the reflect cell's runs moved away: the report would lose its cells, so it is not written, and says why
+    cell = os.path.join(out, "runs", "v3-seed0", "base-1x", "reflect-start00")
+    shutil.move(cell, str(tmp_path / "moved"))
+    before = file_hashes(out)
+    r = report_py()
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "the new report would lose their cells" in lines[0] and os.path.join(cell, "base") in lines[0], lines[0]
+    assert file_hashes(out) == before        # report.md, its plots and its record
+    # --partial=True writes it anyway, beside the full one
+    r = report_py("--partial=True")
+    assert r.returncode == 0, r.stderr
+    assert file_hashes(out) == before
+    partial = open(os.path.join(out, "partial", "report.md")).read()
+    assert table_rows(partial, "ASR, greedy")["reflect"] == ["-"] * len(study.STAGES)
+    assert sorted(os.listdir(os.path.join(out, "partial"))) == ["core-headline.png", "core-loss_curves.png",
+                                                                "core-probe_layers.png", "report.md"]
+    # restored, the report is written again
+    shutil.move(str(tmp_path / "moved"), cell)
+    assert report_py().returncode == 0 and open(os.path.join(out, "report.md")).read() == full
+
+
+def test_a_lost_output_reruns_its_step_and_the_report_gets_the_cell_back(smoke_study):
+    # last in this file: it reruns a step of the shared smoke study (into the same files)
+    out = smoke_study[0]
+    step = "attack-v3-seed0-base-1x-reflect-start00-base"
+    path = os.path.join(out, "runs", "v3-seed0", "base-1x", "reflect-start00", "base", "attack.json")
+    before = table_rows(open(os.path.join(out, "report.md")).read(), "ASR, greedy")
+    measured = json.load(open(path))["passes"]
+    os.remove(path)
+    second = run_study(out, "--grid=core")
+    assert f"study: {step} is marked done but '{path}' is gone: it runs again" in second
+    assert "1 to run" in second and f"start {step}\n" in second, second
+    assert json.load(open(path))["passes"].keys() == measured.keys()
+    assert table_rows(open(os.path.join(out, "report.md")).read(), "ASR, greedy") == before
