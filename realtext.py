@@ -182,6 +182,13 @@ def classify_sentences(docs, spans, flat, starts, ends, sentence_ends):
                 spans[j].append((chars(x), chars(y), cat, 0))
 
 
+def span_bytes(text, spans):
+    """[(start byte, end byte, category)] of a document's character spans."""
+    if text.isascii():
+        return [(s, e, cat) for s, e, cat, _ in spans]
+    return [(len(text[:s].encode()), len(text[:e].encode()), cat) for s, e, cat, _ in spans]
+
+
 def label_segments(docs, spans, flat, starts, ends, seg_ends, seg_doc):
     """Category of each segment (None: safe): a segment overlapping an unsafe span takes the first one's category."""
     seg_starts = np.concatenate([[0], seg_ends[:-1]])
@@ -193,9 +200,7 @@ def label_segments(docs, spans, flat, starts, ends, seg_ends, seg_doc):
         off = byte_offsets(flat, a, ends[j])
         lo = off[seg_starts[first[j]:last[j]] - a].tolist()
         hi = off[seg_ends[first[j]:last[j]] - a].tolist()
-        ascii_ = text.isascii()
-        for s, e, cat, _ in spans[j]:  # char offsets -> byte offsets, then every overlapping segment
-            sb, eb = (s, e) if ascii_ else (len(text[:s].encode()), len(text[:e].encode()))
+        for sb, eb, cat in span_bytes(text, spans[j]):  # every segment overlapping the span
             for i in range(np.searchsorted(hi, sb, side="right"), len(hi)):
                 if lo[i] >= eb:
                     break
@@ -226,14 +231,18 @@ def rewritten(doc_id, text, spans, st):
     return "".join(out)
 
 
-def tag_positions(rng, flat, seg_range, seg_starts, seg_ends, cats):
-    """Positions (in flat) of the tags of a document's unsafe segments: after each token but the last, with
-    probability tag_rate, so a tag always has unsafe text on both sides (but never inside a UTF-8 character)."""
+def tag_positions(rng, flat, a, b, text, spans):
+    """Positions (in flat) of the tags of one document (its tokens flat[a:b], its unsafe character spans): before a
+    token that overlaps an unsafe span whose previous token overlaps it too, with probability tag_rate. So a tag
+    always has labelled unsafe text on both sides, never a safe token of the same segment (Safety Pretraining tags
+    only harmful text), and never sits inside a UTF-8 character."""
+    off = byte_offsets(flat, a, b)
     pos = []
-    for i in seg_range:
-        if cats[i] is not None:
-            a, b = int(seg_starts[i]), int(seg_ends[i])
-            pos.append(a + 1 + np.flatnonzero(rng.random(b - a - 1) < WORKER["tag_rate"]))
+    for sb, eb, _ in span_bytes(text, spans):
+        lo = int(np.searchsorted(off[1:], sb, side="right"))   # the first token that ends after the span's start
+        hi = int(np.searchsorted(off[:-1], eb, side="left"))   # past the last token that starts before its end
+        if hi - lo > 1:
+            pos.append(a + lo + 1 + np.flatnonzero(rng.random(hi - lo - 1) < WORKER["tag_rate"]))
     pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
     return pos[~WORKER["tables"]["mid_char"][flat[pos]]]
 
@@ -312,8 +321,8 @@ def process_docs(docs):
         st["reflections"] = len(seg_ends)
         st["reflection_tokens"] = int(np.array([len(s) for s in seqs])[code].sum())
     elif iv == "tag":
-        pos = [tag_positions(doc_rng(docs[j][0]), flat, range(seg_first[j], seg_first[j + 1]), seg_starts, seg_ends,
-                             cats) for j in np.flatnonzero(unsafe)]
+        pos = [tag_positions(doc_rng(docs[j][0]), flat, starts[j], ends[j], docs[j][1], spans[j])
+               for j in np.flatnonzero(unsafe)]
         pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
         st["tags"] = len(pos)
         mix = np.insert(flat, np.concatenate([pos, ends]), np.concatenate([np.full(len(pos), WORKER["tag"]),
@@ -329,7 +338,7 @@ def process_docs(docs):
                 if iv == "rewrite" or rng.random() < 0.5:
                     pieces.append(np.array(enc.encode_ordinary(rewritten(doc_id, text, spans[j], st)), np.int64))
                 else:
-                    pos = tag_positions(rng, flat, range(seg_first[j], seg_first[j + 1]), seg_starts, seg_ends, cats)
+                    pos = tag_positions(rng, flat, a, b, text, spans[j])
                     st["tags"] += len(pos)
                     pieces.append(np.insert(flat[a:b], pos - a, WORKER["tag"]))
             if len(pieces[-1]):
