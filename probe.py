@@ -350,7 +350,7 @@ def probe_text(run, label, dev):
     if not dpath or not (lpath or train_classifier):
         fail(f"checkpoint '{run.path}' is a real-text model whose pretraining corpus or labels are not here; pass "
              f"--docs=<held-out documents> and --span_labels=<their spans> (or --train_classifier=<labelled texts>)")
-    spans, clf = realreflect.label_source(lpath, train_classifier, (ck["meta"].get("config") or {}).get("seed", 0),
+    spans, clf = realreflect.label_source(lpath, train_classifier, ck["meta"].get("config") or {},
                                           "probe.py on a real-text model")
     texts = realreflect.read_docs(dpath, docs_split)
     done = realreflect.segmented(enc, texts, spans, clf, info["segment_tokens"], lpath)

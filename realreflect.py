@@ -24,22 +24,23 @@ import torch
 import torch.nn.functional as F
 
 import realtext
-from classifier import fit_classifier
+from classifier import MIN_F1, fit_classifier
 from common import fail, read_jsonl, wilson
 from decode import padded_logits
 from realtext import (EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, classify_sentences, label_segments, read_labels,
                       segment, token_tables)
 
 
-def label_source(labels, train_classifier, seed, what):
-    """(unsafe spans {text id: [(start, end, category, line)]}, classifier or None) from exactly one source."""
+def label_source(labels, train_classifier, cfg, what):
+    """(unsafe spans {text id: [(start, end, category, line)]}, classifier or None) from exactly one source; cfg:
+    the pretraining's reflect.py flags (meta.json's config), whose seed and F1 floor the classifier keeps."""
     if bool(labels) == bool(train_classifier):
         fail(f"{what} needs segment labels, as reflect.py does: pass --labels=<spans.jsonl> (from any guard model) or "
              f"--train_classifier=<labelled.jsonl> (the built-in classifier), one of the two")
     if labels:
         return read_labels(labels), None
     rows = read_jsonl(train_classifier, "labelled texts file", ("text", "label"))
-    clf, _ = fit_classifier(rows, train_classifier, seed)    # reflect.py's defaults: the same seed, the same classifier
+    clf, _ = fit_classifier(rows, train_classifier, cfg.get("seed", 0), min_f1=cfg.get("classifier_min_f1", MIN_F1))
     return {}, clf
 
 

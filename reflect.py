@@ -28,7 +28,7 @@ from collections import deque
 import numpy as np
 
 from bpe import base_encoding, tokenizer_record
-from classifier import classify, fit_classifier
+from classifier import MIN_F1, classify, fit_classifier
 from common import fail, read_jsonl, writable_dir, write_json
 from configurator import configure, defaults_of
 from realtext import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, TAG_TEXT, bench_corpus,
@@ -59,6 +59,7 @@ chunk_chars = 1048576      # shard text per worker task; at most 2 tasks per wor
 classifier_buckets = 262144  # hashed n-gram features (2^18)
 classifier_epochs = 20
 classifier_holdout = 0.2   # share of the labelled texts held out to measure precision/recall/F1
+classifier_min_f1 = MIN_F1  # real text: a classifier below this held-out F1 is refused (nothing is written)
 classifier_on_world = False  # MedSafetyWorld: train it on the oracle's labels and label with it instead
 # benchmark
 benchmark = False          # print the throughput of the reflect intervention against tiktoken alone, and stop
@@ -347,7 +348,7 @@ def main_real(docs_dir):
     if train_classifier:
         clf, clf_metrics = fit_classifier(read_jsonl(train_classifier, "labelled texts file", ("text", "label")),
                                           train_classifier, seed, classifier_holdout, classifier_buckets,
-                                          classifier_epochs)
+                                          classifier_epochs, classifier_min_f1)
     # rewrites and refusals only where the intervention uses them
     rw = read_rewrites(rewrites) if intervention in ("rewrite", "safety_pretraining") else {}
     dialogues = (read_jsonl(refusals, "refusals file", ("prompt", "response"))
@@ -451,7 +452,7 @@ def main_real(docs_dir):
         "labels": os.path.abspath(labels) if labels else ("none" if unlabelled else "classifier"),
         "classifier": clf_metrics,
         "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed,
-                   "tokenizer": tok["spec"], "tokenizer_files": tok["files"], "rewrites": rewrites,
+                   "classifier_min_f1": classifier_min_f1, "tokenizer": tok["spec"], "tokenizer_files": tok["files"], "rewrites": rewrites,
                    "refusals": refusals},
     }
     if unlabelled:  # nothing was labelled: the unsafe shares are unknown, not zero
@@ -578,6 +579,8 @@ def main(argv=None):
         fail(f"chunk_chars must be at least 1 and num_proc at least 0 (0: one per core)")
     if not 0.0 <= classifier_holdout < 1.0:
         fail(f"classifier_holdout must lie in [0, 1), not {classifier_holdout}")
+    if not 0.0 <= classifier_min_f1 <= 1.0:
+        fail(f"classifier_min_f1 must lie in [0, 1], not {classifier_min_f1}")
     docs_dir = os.path.join(data_root, dataset, "docs")
     world_path = os.path.join(docs_dir, "world.json")
     list_shards(docs_dir)

@@ -127,7 +127,7 @@ def test_sft_row_reflects_on_the_prompt_then_every_segment_and_stops_after_an_un
     chat_labels(tmp_path / "spans.jsonl")
     labelled_texts(tmp_path / "labelled.jsonl")
     for source in ({"labels": str(tmp_path / "spans.jsonl")}, {"train_classifier": str(tmp_path / "labelled.jsonl")}):
-        spans, clf = realreflect.label_source(source.get("labels", ""), source.get("train_classifier", ""), 0, "t")
+        spans, clf = realreflect.label_source(source.get("labels", ""), source.get("train_classifier", ""), {}, "t")
         tok = {"enc": enc, "segment_tokens": 7, "labeller": (spans, clf)}
         ex = finetune.load_examples(tok, "text_reflect", str(tmp_path / "chat.jsonl"), "prompt", "response", -1, "sft")
         for row, (p, t) in zip(ROWS, ex):

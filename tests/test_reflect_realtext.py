@@ -485,6 +485,7 @@ def test_classifier_on_world_reports_what_it_misses(tmp_path):
     ("wrong_tokenizer_file", "is not gpt2's vocab.bpe (sha256"),
     ("missing_tokenizer_file", "holds no encoder.json"),
     ("gpt2_offline", "pass --tokenizer_files=<a directory with gpt2's encoder.json and vocab.bpe>"),
+    ("failed_classifier", "is below --classifier_min_f1=0.5"),
 ])
 def test_bad_input_gives_one_clear_line_and_writes_nothing(corpus, bad, message):
     tmp, docs = corpus["tmp"], corpus["docs"]
@@ -512,6 +513,11 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(corpus, bad, message)
         args[1] = "--dataset=nothere"
     elif bad == "no_labels":
         args = [a for a in args if not a.startswith("--labels")]
+    elif bad == "failed_classifier":   # labels that say nothing about the texts: the classifier must be refused
+        rng = random.Random(3)
+        write_jsonl(tmp / "noise.jsonl", [{"text": sentence(rng), "label": rng.choice(["safe", "safe", "unsafe"])}
+                                          for _ in range(300)])
+        args = [a for a in args if not a.startswith("--labels")] + [f"--train_classifier={tmp}/noise.jsonl"]
     elif bad in ("bad_tokenizer_spec", "unknown_encoding", "gpt2_offline"):
         args[3] = {"bad_tokenizer_spec": f"--tokenizer={tmp}/nothere.json", "unknown_encoding":
                    "--tokenizer=no_such_encoding", "gpt2_offline": "--tokenizer=gpt2"}[bad]
