@@ -30,8 +30,8 @@ from configurator import configure, defaults_of
 from decode import (DECODINGS, classify_reflections, heldout_reflections, reflection_metrics,
                     request_reflection, run_passes, variant)
 from gcg import get_real_suffix, get_suffix, model_fingerprint
-from realattack import (REAL_PREFILL, REFUSAL_STRINGS, RealText, real_inputs, real_metrics,  # noqa: F401
-                        real_records, refusal_string)
+from realattack import (REAL_PREFILL, REFUSAL_STRINGS, RealText, evaluated, real_inputs,  # noqa: F401
+                        real_metrics, real_records, refusal_string)
 from world import END, EOT, THINK
 
 # -----------------------------------------------------------------------------
@@ -312,6 +312,12 @@ def runnable(info, attack_names, decoding_names):
 
 # ----------------------------------------------------------------------------- results: merged, never lost
 
+def pass_key(x):
+    """The key of a pass (or of one of its generation rows) in attack.json: <attack>/<decoding>, and on real text
+    @<what was evaluated> (the prompt files' names and sha256), so that two benchmarks live side by side."""
+    return f"{x['attack']}/{x['decoding']}" + (f"@{x['eval']}" if x.get("eval") else "")
+
+
 def previous_results(run_dir, fp, ck):
     """The attack.json and generations.jsonl already in run_dir -> (report, rows): this run's passes are merged into
     them (save_results). They must describe this model (model_sha256; a file without one: the same iter_num);
@@ -337,10 +343,9 @@ def previous_results(run_dir, fp, ck):
 
 
 def save_results(run_dir, report, results, lines, prev):
-    """Merge this run's passes into the earlier ones of the same model, by (attack, decoding): a pass run now
-    replaces its earlier result and generation rows, every other earlier pass stays with its rows and the flags it
-    ran with (each pass keeps its own "config"). Skipped lists what no run has measured. Results of nothing are
-    never written."""
+    """Merge this run's passes into the earlier ones of the same model, by pass_key: a pass run now replaces its
+    earlier result and generation rows, every other earlier pass stays with its rows and the flags it ran with (each
+    pass keeps its own "config"). Skipped lists what no run has measured. Results of nothing are never written."""
     if not results:
         fail("no pass ran; nothing to write, the files are left as they are")
     old, old_rows = prev
@@ -356,7 +361,7 @@ def save_results(run_dir, report, results, lines, prev):
         if res["attack"] == "suffix":
             res["suffix"] = report["suffix"]["text"]
     passes = {**old.get("passes", {}), **results}
-    rows = [r for r in old_rows if f"{r['attack']}/{r['decoding']}" not in results] + lines
+    rows = [r for r in old_rows if pass_key(r) not in results] + lines
     report["passes"] = passes
     report["skipped"] = {k: v for k, v in {**old.get("skipped", {}), **report["skipped"]}.items() if k not in passes}
     for k in ("suffix", "reflection_classification", "request_reflection"):   # not measured now: the earlier ones
@@ -375,13 +380,12 @@ def add_direct_baseline(results, lines):
     def unsafe(v):   # the world's oracle; real text: no refusal string (asr_refusal_string)
         return v["kind"] == "unsafe" if "kind" in v else not v["refused"]
 
-    for res in results.values():
-        if res["attack"] != "suffix" or f"direct/{res['decoding']}" not in results:
+    for key, res in results.items():
+        direct_key = key.replace("suffix/", "direct/", 1)
+        if res["attack"] != "suffix" or direct_key not in results:
             continue
-        ids = {r["id"] for r in lines if r["attack"] == "suffix" and r["decoding"] == res["decoding"]
-               and r["set"] == "harmful"}
-        direct = [r for r in lines if r["attack"] == "direct" and r["decoding"] == res["decoding"]
-                  and r["set"] == "harmful" and r["id"] in ids]
+        ids = {r["id"] for r in lines if pass_key(r) == key and r["set"] == "harmful"}
+        direct = [r for r in lines if pass_key(r) == direct_key and r["set"] == "harmful" and r["id"] in ids]
         res["metrics"]["direct_asr_same_prompts"] = wilson(sum(unsafe(r["verdict"]) for r in direct), len(direct))
 
 
@@ -544,6 +548,11 @@ def main_real(attack_names, decoding_names, dev):
     ctx = dict(decode_ctx(dev, real.eot, real.eot, {}), **real.ctx())
     results, skipped, lines = run_passes(model, inputs, (names, decoding_names), ctx, real.judge, real.decode,
                                          lambda a, d: skip_reason(info, a, d), ["harmful", "xstest"], real_metrics)
+    key, files = evaluated(prompts_file, overrefusal_file)       # two benchmarks' passes live side by side
+    results = {f"{k}@{key}": dict(v, eval=key, eval_files=files) for k, v in results.items()}
+    skipped = {f"{k}@{key}": v for k, v in skipped.items()}
+    for r in lines:
+        r["eval"] = key
     report = {"ckpt": path, "iter_num": ck.get("iter_num"), "world": None, "data_dir": ck.get("data_dir"),
               "tokens_seen": ck.get("tokens_seen"), "model_sha256": fp, "config": config, "model": info,
               "passes": results, "skipped": skipped, "suffix": suffix_summary(run_dir, suffix_rec),

@@ -5,6 +5,7 @@ model's tokenizer spells them (RealText), so that every attack and decoding runs
 
 Reads:  the prompt files (csv/json/jsonl/parquet, read with `datasets`). Writes: nothing by itself.
 """
+import hashlib
 import os
 
 from common import fail, wilson
@@ -46,6 +47,18 @@ def read_table(path, what):
     except Exception as e:
         fail(f"{what} '{path}' cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return [dict(r) for r in ds]
+
+
+def evaluated(prompts_file, overrefusal_file):
+    """What a real-text pass evaluated: "<name>:<sha256[:12]>" of each prompt file given, joined by "+" (attack.py
+    keys its passes by it), and {flag: {"path", "sha256"}}."""
+    files = {}
+    for flag, path in (("prompts_file", prompts_file), ("overrefusal_file", overrefusal_file)):
+        if path:
+            with open(path, "rb") as f:
+                files[flag] = {"path": os.path.abspath(path), "sha256": hashlib.sha256(f.read()).hexdigest()}
+    key = "+".join(f"{os.path.basename(f['path'])}:{f['sha256'][:12]}" for f in files.values())
+    return key, files
 
 
 def refusal_string(response):
