@@ -133,7 +133,7 @@ def sft_rows(enc, rows, template, spans, clf, segment_tokens, labels_path="", fm
 
 def read_docs(path, split):
     """[(id, text)] of a jsonl file or a directory of shard_*.jsonl ({"id", "text"}, prepare.py's documents); where
-    a line has a "split", only the documents of `split` (val: held out of pretraining)."""
+    a line has a "split", only the documents of `split` (val: held out of pretraining; None: every split)."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.startswith("shard_")
                        and f.endswith(".jsonl"))
@@ -146,7 +146,7 @@ def read_docs(path, split):
         for r in read_jsonl(f, "documents file", ("id", "text")):
             if not isinstance(r["text"], str):
                 fail(f"documents file '{f}': document '{r['id']}' has no text string")
-            if r.get("split", split) == split:
+            if split is None or r.get("split", split) == split:
                 docs.append((str(r["id"]), r["text"]))
     return docs
 
