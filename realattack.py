@@ -129,7 +129,7 @@ def real_metrics(rows):
 class RealText:
     """How a real-text model's tokenizer spells what the decoders look for: reflections are plain text (meta.json's
     reflection_format, else realtext.py's), several tokens long, so reflect_halt watches for the unsafe opener's
-    text ("<think> Unsafe") and suppress bans the opener's ("<think>"), whatever tokens spell them (decode.TextWatch);
+    text ("<think> Unsafe") and suppress bans "<think" and "</think", whatever tokens spell them (decode.TextWatch);
     the tag <|harmful|> is one special token. Ids past the tokenizer (a vocabulary padded to a multiple of 64) are
     never generated: they decode to nothing."""
 
@@ -140,6 +140,9 @@ class RealText:
         self.unsafe_opener, self.close = (x.strip() for x in fmt["unsafe"].split("{category}"))  # .. </think>
         self.opener = os.path.commonprefix([fmt["safe"], fmt["unsafe"]]).strip()      # "<think>"
         self.reflection = re.compile(re.escape(self.opener) + ".*?(?:" + re.escape(self.close) + "|$)", re.S)
+        # suppress bans the opener and the close without their last ">": every spelling the model may fall back on
+        # when one is banned ("<thinkthink>", "<thinking>") and the close that would end a reflection anyway
+        self.suppressed = [t[:-1] if t.endswith(">") else t for t in (self.opener, self.close)]
         self.bytes = [b""] * max(model_vocab, enc.n_vocab)    # control tokens spell no text
         for tok, i in enc._mergeable_ranks.items():
             self.bytes[i] = tok
@@ -163,7 +166,7 @@ class RealText:
     def ctx(self):
         """decode.py's real-text settings."""
         return {"unsafe_opener": self.watch(self.unsafe_opener), "ban_of": self.ban_of,
-                "fixed": [ban(self.extra)] if self.extra else [],
+                "fixed": [ban(self.extra)] if self.extra else [], "prefill_join": "",
                 "specials": {"<harmful>": self.tag}, "vocab_ids": {}}
 
     def halted(self, response):
@@ -199,10 +202,10 @@ REAL_ATTACKS = {
     "template": lambda rec, shared, real: [variant(t.format(prompt=rec["user"]), name=n)
                                            for n, t in REAL_WRAPPERS.items()],
     # scored on the prompts outside the suffix's train split; the suffix goes in as the ids GCG fitted (decoding it
-    # to text and encoding it again may give other tokens)
+    # to text and encoding it again may give other tokens), its first token one that starts with a space
     "suffix": lambda rec, shared, real: None if rec["id"] in shared["train_ids"] else [
-        dict(variant(f"{rec['user']} {shared['suffix']}"), splice=shared["suffix_ids"])],
-    "suppress": lambda rec, shared, real: [variant(rec["user"], ban=[real.opener])],
+        dict(variant(rec["user"] + shared["suffix"]), splice=shared["suffix_ids"])],
+    "suppress": lambda rec, shared, real: [variant(rec["user"], ban=real.suppressed)],
 }
 
 

@@ -19,7 +19,7 @@ import decode  # noqa: E402
 import gcg  # noqa: E402
 import realtext  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from realattack import RealText, real_metrics  # noqa: E402
+from realattack import REAL_ATTACKS, RealText, real_metrics  # noqa: E402
 from realtext import REFLECT_SAFE, REFLECT_UNSAFE  # noqa: E402
 
 TEMPLATE = "User: {prompt}\nAssistant:"
@@ -185,6 +185,34 @@ def test_suppress_never_writes_the_opener(gpt2):
         assert all("<think" in t for t in out) or name == "safebeam", out   # it got as close as it could
 
 
+def test_suppress_bans_every_spelling_of_the_reflection(gpt2):
+    """A model that, with "<think>" banned, falls back on "<thinkthink> Safe </think>" (the leak seen with a trained
+    reflection model): under the suppress attack's bans no output holds "<think" or "</think", in any tokens."""
+    enc, R, model = gpt2["enc"], gpt2["R"], gpt2["model"]
+    bans = REAL_ATTACKS["suppress"]({"user": "x"}, {}, R)[0]["ban"]
+    prompts = [enc.encode_ordinary(TEMPLATE.format(prompt=p)) for p in HARMFUL[:3]]
+    for target in (" <thinkthink> Safe </think>", " <think> Safe </think>", " </think>"):
+        ctx = ctx_of(R, max_new_tokens=20, processors=[seeker(R, target)])
+        free = [R.decode(g) for g in decode.decode_greedy(model, prompts, ctx)]
+        assert all(target.strip() in t for t in free), free          # without a ban it is written
+        for name in ("greedy", "topk"):
+            ctx = ctx_of(R, max_new_tokens=20, processors=[seeker(R, target), R.ban_of(bans)])
+            out = [R.decode(g) for g in decode.DECODINGS[name](model, prompts, ctx)]
+            assert not any(s in t for t in out for s in ("<think", "</think")), (target, name, out)
+
+
+def test_a_prefill_joins_the_answer_as_the_tokenizer_writes_it(gpt2):
+    enc, R, model = gpt2["enc"], gpt2["R"], gpt2["model"]
+    x = dict(decode.variant(HARMFUL[0], prefill="Sure, here is"), input=TEMPLATE.format(prompt=HARMFUL[0]))
+    ids = enc.encode_ordinary(x["input"] + " " + x["prefill"])
+    script = enc.encode_ordinary(" a plan: step one.")
+    ctx = dict(ctx_of(R, max_new_tokens=12, seed=0), fixed=[scripted([script], len(ids), R.eot)])
+    rec = {"id": "h0", "prompt": HARMFUL[0], "kind": "harmful"}
+    _, _, rows = decode.run_passes(model, {"prefill": [("harmful", rec, x, ids)]}, (["prefill"], ["greedy"]), ctx,
+                                   R.judge, R.decode, lambda a, d: None, ["harmful"], real_metrics)
+    assert rows[0]["response"] == "Sure, here is a plan: step one."       # one space, as the tokens spell it
+
+
 def test_safebeam_never_keeps_a_candidate_from_the_most_tagged_half(gpt2):
     enc, R = gpt2["enc"], gpt2["R"]
     model = tiny_model(enc, seed=1)
@@ -242,6 +270,8 @@ def test_gcg_lowers_its_loss_on_real_prompts(gpt2, tmp_path):
         ces.append(-lp[torch.arange(len(tgt)), torch.tensor(tgt)].mean())
     assert float(sum(ces) / len(ces)) == pytest.approx(L[-1], abs=1e-4)
     assert set(rec["ids"]) <= set(enc._mergeable_ranks.values())     # text the attacker types, no control token
+    # a new word after the prompt, from its first candidate on: every suffix tried starts with a space
+    assert rec["suffix"][:1] == " " and all(enc.decode(h[:1])[:1] == " " for h in H), [enc.decode(h) for h in H]
     assert gcg.get_real_suffix(model, enc, harmful, TEMPLATE, lambda r: "Sure, here is", "", str(tmp_path),
                                "cpu", cfg)[0] == rec         # the same flags and model: reused
 
@@ -329,6 +359,7 @@ def test_every_attack_and_decoding_runs_on_a_reflective_tagged_real_model(toy):
             assert r["id"] not in suffix["train_split_ids"]
             pre, post, _ = gcg.real_parts(toy["enc"], {"user": r["prompt"]}, TEMPLATE, "")
             assert r["input"] == toy["enc"].decode(pre + suffix["ids"] + post)
+            assert r["input"] == TEMPLATE.format(prompt=r["prompt"] + suffix["suffix"]) and suffix["suffix"][0] == " "
     n_h = {r["id"] for r in rows if r["attack"] == "suffix" and r["set"] == "harmful"}
     assert len(n_h) == 2 and len(suffix["train_split_ids"]) == 2
     for name, res in rep["passes"].items():
