@@ -230,7 +230,10 @@ def print_table(results):
     names = list(results)
     if not names:
         return
-    print(f"\n{'metric (% [95% CI])':30s}" + "".join(f"{n:>22s}" for n in names))
+    evaluated = sorted({n.split("@", 1)[1] for n in names if "@" in n})
+    if evaluated:   # real text: the columns show <attack>/<decoding>, the prompt files once
+        print("\nevaluated: " + ", ".join(evaluated))
+    print(f"\n{'metric (% [95% CI])':30s}" + "".join(f"{n.split('@')[0]:>22s}" for n in names))
     for key in TABLE_ROWS:
         if any(key in results[n]["metrics"] for n in names):
             print(f"{key:30s}" + "".join(f"{fmt(results[n]['metrics'].get(key)):>22s}" for n in names))
