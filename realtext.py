@@ -67,11 +67,12 @@ def token_tables(enc):
 
 
 def read_labels(path):
-    """{doc id: [(start, end, category, line)] of its unsafe spans, sorted}; safe spans change nothing."""
+    """{doc id: [(start, end, category, line)] of its unsafe spans, sorted}; safe spans change nothing, nor do spans
+    with label null (label.py: the guard's answer did not parse; counted there)."""
     spans = {}
     for n, r in read_jsonl(path, "labels file", ("id", "start", "end", "label"), numbered=True):
-        if r["label"] not in ("safe", "unsafe"):
-            fail(f"labels file '{path}' line {n}: label must be 'safe' or 'unsafe', not {r['label']!r}")
+        if r["label"] not in ("safe", "unsafe", None):
+            fail(f"labels file '{path}' line {n}: label must be 'safe', 'unsafe' or null, not {r['label']!r}")
         if not (isinstance(r["start"], int) and isinstance(r["end"], int) and 0 <= r["start"] < r["end"]):
             fail(f"labels file '{path}' line {n}: start and end must be integers with 0 <= start < end")
         if r["label"] == "unsafe":
@@ -155,6 +156,32 @@ def segment(flat, doc_ends):
             ends.append(b)
             start = b
     return np.array(ends, dtype=np.int64), bounds
+
+
+def segment_spans(texts):
+    """Each text's segments as character spans [(start, end)], cut by segment() exactly as reflect.py cuts a
+    document (WORKER: enc, tables, segment_tokens; init_worker). label.py labels these spans, so a guard's labels
+    fall on reflect.py's segments one to one. Segments end at token starts that begin a character."""
+    enc = WORKER["enc"]
+    ids = [enc.encode_ordinary(t) for t in texts]
+    keep = [j for j, x in enumerate(ids) if x]
+    out = [[] for _ in texts]
+    if not keep:
+        return out
+    lens = np.array([len(ids[j]) for j in keep], dtype=np.int64)
+    flat = np.fromiter(chain.from_iterable(ids[j] for j in keep), dtype=np.int64, count=int(lens.sum()))
+    ends = np.cumsum(lens)
+    seg_ends, _ = segment(flat, ends)
+    seg_doc = np.searchsorted(ends, seg_ends, side="left")
+    first = np.searchsorted(seg_doc, np.arange(len(keep) + 1), side="left").tolist()
+    for k, j in enumerate(keep):
+        a = int(ends[k] - lens[k])
+        off = byte_offsets(flat, a, ends[k])[np.concatenate([[a], seg_ends[first[k]:first[k + 1]]]) - a]
+        if not texts[j].isascii():   # byte offsets -> character offsets: count the bytes that start a character
+            starts = (np.frombuffer(texts[j].encode(), np.uint8) & 0xC0) != 0x80
+            off = np.concatenate([[0], np.cumsum(starts)])[off]
+        out[j] = list(zip(off[:-1].tolist(), off[1:].tolist()))
+    return out
 
 
 def byte_offsets(flat, a, b):

@@ -29,7 +29,7 @@ import numpy as np
 
 from bpe import base_encoding, tokenizer_record
 from classifier import MIN_F1, classify, fit_classifier
-from common import fail, read_jsonl, writable_dir, write_json
+from common import fail, load_json, read_jsonl, writable_dir, write_json
 from configurator import configure, defaults_of
 from realtext import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, TAG_TEXT, bench_corpus,
                       init_worker, process_docs, read_chunks, read_labels, read_rewrites, real_tokenizer, run_chunks,
@@ -325,6 +325,21 @@ def main_world(docs_dir, world_path):
 # -----------------------------------------------------------------------------
 # Real text
 
+def check_segmenter(labels_path, enc):
+    """Labels from label.py (its label.json beside them) fall on this run's segments only when this run cuts the
+    documents as label.py did: the same tokenizer and segment_tokens. Otherwise stop, before any work."""
+    rec = os.path.join(os.path.dirname(os.path.abspath(labels_path)), "label.json")
+    if not os.path.isfile(rec):
+        return
+    s = (load_json(rec) or {}).get("settings") or {}
+    mine = {"tokenizer_sha256": tokenizer_record(enc, tokenizer, tokenizer_files)["sha256"],
+            "segment_tokens": segment_tokens}
+    if any(s.get(k) != v for k, v in mine.items()):
+        fail(f"'{labels_path}' was labelled on segments of another tokenizer or segment_tokens ({rec}: "
+             f"segment_tokens={s.get('segment_tokens')}); run reflect.py with label.py's --tokenizer, "
+             f"--tokenizer_files and --segment_tokens, or label again")
+
+
 def main_real(docs_dir):
     t0 = time.time()
     shards = list_shards(docs_dir)
@@ -343,6 +358,8 @@ def main_real(docs_dir):
         fail(f"--intervention={intervention} needs --refusals=<file.jsonl>: {{\"prompt\", \"response\"}} per native "
              f"refusal dialogue (see REFUSAL_PROMPT in reflect.py)")
     enc = real_tokenizer(tokenizer, tokenizer_files)
+    if labels:
+        check_segmenter(labels, enc)
     spans = read_labels(labels) if labels else {}
     clf, clf_metrics = None, None
     if train_classifier:
