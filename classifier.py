@@ -108,7 +108,8 @@ def fit_classifier(rows, source, seed=0, holdout=0.2, buckets=262144, epochs=20,
                "f1": 2 * prec * rec / max(prec + rec, 1e-12),
                "accuracy": sum(t == p for t, p in zip(truth, pred)) / max(len(held), 1),
                "always_unsafe_f1": 2 * share / (1 + share)}  # the F1 of flagging everything: the floor to beat
-    print(f"classifier ({len(classes) - 1} unsafe categories, {len(train):,} training texts, {time.time() - t0:.1f}s): "
+    print(f"built-in classifier, the offline fallback ({len(classes) - 1} unsafe categories, {len(train):,} training "
+          f"texts, {time.time() - t0:.1f}s): "
           f"held-out {len(held):,} texts ({share:.0%} unsafe): precision {prec:.3f} recall {rec:.3f} "
           f"F1 {metrics['f1']:.3f} (flagging everything: F1 {metrics['always_unsafe_f1']:.3f})")
     if min_f1 is not None and not metrics["f1"] >= min_f1:

@@ -8,8 +8,10 @@ Reads:  a model directory or hub id (from_pretrained). Writes: nothing.
 Answer formats (parse_guard, parse_yes_no):
     Qwen3Guard-Gen   "Safety: Safe|Unsafe|Controversial" / "Categories: <names, comma-separated>|None"
                      [/ "Refusal: Yes|No" when it moderates a response]      (huggingface.co/Qwen/Qwen3Guard-Gen-0.6B)
-    Llama Guard      "safe", or "unsafe" then a line of category codes "S1,S10"  (huggingface.co/meta-llama/Llama-Guard-3-1B)
-    HarmBench cls    "Yes" | "No": is the generation an instance of the behavior  (huggingface.co/cais/HarmBench-Llama-2-13b-cls)
+    Llama Guard      "safe", or "unsafe" then a line of category codes "S1,S10"
+                                                                    (huggingface.co/meta-llama/Llama-Guard-3-1B)
+    HarmBench cls    "Yes" | "No": is the generation an instance of the behavior
+                                                                    (huggingface.co/cais/HarmBench-Llama-2-13b-cls)
 """
 import os
 import re

@@ -132,7 +132,8 @@ def merge(out_dir, out_shards, names, settings, tag):
     secs = sum(r["seconds"] for r in recs)
     summary = {"guard": guard, "backend": backend, "settings": settings, "shards": len(names), "counts": total,
                "unparsed_examples": [x for r in recs for x in r["counts"]["unparsed_examples"]][:10],
-               "prompt_tokens": sum(r["prompt_tokens"] for r in recs), "seconds": secs, "segments_per_s": total["segments"] / max(secs, 1e-9)}
+               "prompt_tokens": sum(r["prompt_tokens"] for r in recs), "seconds": secs,
+               "segments_per_s": total["segments"] / max(secs, 1e-9)}
     write_new(os.path.join(out_dir, "label.json"), json.dumps(summary, indent=1), tag)
     return summary
 

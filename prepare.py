@@ -417,7 +417,8 @@ def prepare_fineweb(root):
         """Share done: of --num_docs, or of the source's rows where it says how many (the larger of the two), counted
         in written shards (rows read ahead of them are not done)."""
         rows_done = records[-1]["rows"] if records else 0
-        parts = ([sum(r["docs"] for r in records) / limit] if limit > 0 else []) + ([rows_done / total] if total else [])
+        parts = ([sum(r["docs"] for r in records) / limit] if limit > 0 else []) + (
+            [rows_done / total] if total else [])
         return min(1.0, max(parts)) if parts else None
     kept0, start = kept, fraction()   # at this run's start: for its docs/s and the ETA
 

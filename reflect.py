@@ -469,8 +469,8 @@ def main_real(docs_dir):
         "labels": os.path.abspath(labels) if labels else ("none" if unlabelled else "classifier"),
         "classifier": clf_metrics,
         "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed,
-                   "classifier_min_f1": classifier_min_f1, "tokenizer": tok["spec"], "tokenizer_files": tok["files"], "rewrites": rewrites,
-                   "refusals": refusals},
+                   "classifier_min_f1": classifier_min_f1, "tokenizer": tok["spec"], "tokenizer_files": tok["files"],
+                   "rewrites": rewrites, "refusals": refusals},
     }
     if unlabelled:  # nothing was labelled: the unsafe shares are unknown, not zero
         meta["raw_unsafe_doc_share"] = meta["raw_unsafe_char_share"] = None
