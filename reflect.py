@@ -2,7 +2,8 @@
 Apply one safety intervention to a prepared corpus and write the curriculum's two token streams.
 
 Reads:  data/<dataset>/docs/ (prepare.py): MedSafetyWorld documents with exact segment labels and world.json, or
-        real text ({"id", "split", "text"} lines) with --labels (any guard model) or --train_classifier
+        real text ({"id", "split", "text"} lines) with --labels (label.py's guard labels, or any spans file) or
+        --train_classifier (the built-in classifier, an offline fallback)
 Writes: data/<dataset>/<intervention>/{safe,mix}_{train,val}.bin + meta.json (formats: README.md)
         safe: the filtered corpus, read before the curriculum start; mix: the corpus with the intervention;
         real text with --intervention=none and no labels: the raw baseline, one stream {train,val}.bin + meta.json
@@ -49,7 +50,7 @@ seed = 0                   # the interventions' own randomness (tag positions, r
 # real text
 tokenizer = "gpt2"         # a tiktoken encoding name, or a tokenizer spec .json (write_tokenizer)
 tokenizer_files = ""       # gpt2 offline: a directory with its encoder.json and vocab.bpe (checked by sha256)
-labels = ""                # span labels from any guard model (jsonl, see above) ...
+labels = ""                # span labels: label.py's data/<dataset>/labels/spans.jsonl, or any guard model's ...
 train_classifier = ""      # ... or labelled texts (jsonl) to train the built-in classifier, which then labels
 rewrites = ""              # rewrite, safety_pretraining: replacement texts of the unsafe spans (jsonl)
 refusals = ""              # refusal, safety_pretraining: native refusal dialogues (jsonl)
@@ -348,7 +349,7 @@ def main_real(docs_dir):
     # the raw baseline needs no labels; it writes one stream: without labels nothing is known to be safe
     unlabelled = intervention == "none" and not labels and not train_classifier
     if not unlabelled and bool(labels) == bool(train_classifier):
-        fail("real text needs labels: pass --labels=<spans.jsonl> (from any guard model) or "
+        fail("real text needs labels: pass --labels=<spans.jsonl> (label.py, or any guard model) or "
              "--train_classifier=<labelled.jsonl> (the built-in classifier), one of the two "
              "(--intervention=none without either writes the raw baseline)")
     if intervention in ("rewrite", "safety_pretraining") and not rewrites:
