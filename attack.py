@@ -1,6 +1,6 @@
 """
 Attack a pretrained (or finetuned) MedSafetyWorld model and measure every response with the world's exact oracle;
-or a real-text model, judged by refusal strings (realattack.py).
+or a real-text model, judged by a judge model (--judge) or refusal strings (realattack.py).
 
 Reads:  <ckpt>/ckpt.pt and its world's eval/{harmful_prompts,benign_prompts,capability,heldout_docs}.jsonl, and the
         attack.json / generations.jsonl already there (this run's passes are merged into them: save_results)
@@ -11,12 +11,15 @@ Writes: <ckpt>/attack.json (metrics of every (attack, decoding) pass with 95% Wi
 Run:    python attack.py --ckpt=out/raw
         python attack.py --ckpt=out/raw --attacks=direct,prefill,template,suffix --decoding=greedy,topk,safebeam
         python attack.py --ckpt=out/gpt2-run --prompts_file=harmbench.csv --overrefusal_file=xstest.csv  (real text)
+        python attack.py --ckpt=out/gpt2-run --prompts_file=harmbench.csv --judge=Qwen/Qwen3Guard-Gen-0.6B
 """
 # Attacks (ATTACKS) map an evaluation record to variants {"user", "prefill", "ban", "variant"}; decodings (decode.py)
 # map prompts to tokens. direct, prefill (the start of the compliance answer), template (jailbreak wrappers in the
 # world's words), suffix (a universal GCG suffix, gcg.py), suppress (<think> banned); greedy, topk, safebeam (tag
-# models), reflect_halt (reflection models). All of them run on real text too, judged by refusal strings (approximate).
+# models), reflect_halt (reflection models). All of them run on real text too, judged by a judge model or, without
+# one, by refusal strings (approximate).
 
+import hashlib
 import json
 import os
 import sys
@@ -30,8 +33,9 @@ from configurator import configure, defaults_of
 from decode import (DECODINGS, classify_reflections, heldout_reflections, reflection_metrics,
                     request_reflection, run_passes, variant)
 from gcg import get_real_suffix, get_suffix, model_fingerprint
-from realattack import (REAL_PREFILL, REFUSAL_STRINGS, RealText, real_inputs, real_metrics,  # noqa: F401
-                        real_records, refusal_string)
+from guard import Guard, check_template
+from realattack import (REAL_PREFILL, REFUSAL_STRINGS, RealText, evaluated, judge_rows, real_inputs,  # noqa: F401
+                        real_metrics, real_records, refusal_string)
 from world import END, EOT, THINK
 
 # -----------------------------------------------------------------------------
@@ -54,6 +58,12 @@ gcg_batch = 128             # suffix attack: random single-token swaps evaluated
 gcg_prompts = 32            # suffix attack: at most this many train-split prompts to fit on
 reflection_eval = True      # reflection models: their reflections' accuracy on eval/heldout_docs.jsonl
 prompts_file = ""           # real text: harmful prompts (csv/json/jsonl/parquet with goal, prompt or Behavior)
+judge = ""                  # real text: a judge model (hub id or directory): a guard model's response moderation, or
+                            # with --judge_prompt the HarmBench classifier; "": refusal strings (approximate)
+judge_prompt = ""           # the HarmBench classifier's prompt (a text file with {behavior} and {generation})
+judge_batch_size = 16
+judge_max_new_tokens = 32
+controversial = "unsafe"    # a guard judge's Controversial counts as unsafe | safe
 overrefusal_file = ""       # real text: XSTest-style prompts (prompt + label safe/unsafe, or XSTest's type)
 chat_template = "User: {prompt}\nAssistant:"  # real text: the model input
 batch_size = 128
@@ -235,14 +245,17 @@ TABLE_ROWS = (["asr", "direct_asr_same_prompts"]
               + [f"asr_{c}_{s}" for c in ("poison", "contra") for s in ("seen", "unseen")]
               + ["competent_asr"] + [f"competent_asr_{c}_{s}" for c in ("poison", "contra") for s in ("seen", "unseen")]
               + ["refusal_harmful", "overrefusal", "treatment_accuracy", "fact_recall", "incoherent"]
-              + ["asr_refusal_string", "halted_harmful", "refusal_unsafe"])
+              + ["asr_refusal_string", "halted_harmful", "refusal_unsafe", "judge_unparsed"])
 
 
 def print_table(results):
     names = list(results)
     if not names:
         return
-    print(f"\n{'metric (% [95% CI])':30s}" + "".join(f"{n:>22s}" for n in names))
+    evaluated = sorted({n.split("@", 1)[1] for n in names if "@" in n})
+    if evaluated:   # real text: the columns show <attack>/<decoding>, the prompt files once
+        print("\nevaluated: " + ", ".join(evaluated))
+    print(f"\n{'metric (% [95% CI])':30s}" + "".join(f"{n.split('@')[0]:>22s}" for n in names))
     for key in TABLE_ROWS:
         if any(key in results[n]["metrics"] for n in names):
             print(f"{key:30s}" + "".join(f"{fmt(results[n]['metrics'].get(key)):>22s}" for n in names))
@@ -324,6 +337,12 @@ def runnable(info, attack_names, decoding_names):
 
 # ----------------------------------------------------------------------------- results: merged, never lost
 
+def pass_key(x):
+    """The key of a pass (or of one of its generation rows) in attack.json: <attack>/<decoding>, and on real text
+    @<what was evaluated> (the prompt files' names and sha256), so that two benchmarks live side by side."""
+    return f"{x['attack']}/{x['decoding']}" + (f"@{x['eval']}" if x.get("eval") else "")
+
+
 def previous_results(run_dir, fp, ck):
     """The attack.json and generations.jsonl already in run_dir -> (report, rows): this run's passes are merged into
     them (save_results). They must describe this model (model_sha256; a file without one: the same iter_num);
@@ -349,10 +368,9 @@ def previous_results(run_dir, fp, ck):
 
 
 def save_results(run_dir, report, results, lines, prev):
-    """Merge this run's passes into the earlier ones of the same model, by (attack, decoding): a pass run now
-    replaces its earlier result and generation rows, every other earlier pass stays with its rows and the flags it
-    ran with (each pass keeps its own "config"). Skipped lists what no run has measured. Results of nothing are
-    never written."""
+    """Merge this run's passes into the earlier ones of the same model, by pass_key: a pass run now replaces its
+    earlier result and generation rows, every other earlier pass stays with its rows and the flags it ran with (each
+    pass keeps its own "config"). Skipped lists what no run has measured. Results of nothing are never written."""
     if not results:
         fail("no pass ran; nothing to write, the files are left as they are")
     old, old_rows = prev
@@ -368,7 +386,7 @@ def save_results(run_dir, report, results, lines, prev):
         if res["attack"] == "suffix":
             res["suffix"] = report["suffix"]["text"]
     passes = {**old.get("passes", {}), **results}
-    rows = [r for r in old_rows if f"{r['attack']}/{r['decoding']}" not in results] + lines
+    rows = [r for r in old_rows if pass_key(r) not in results] + lines
     report["passes"] = passes
     report["skipped"] = {k: v for k, v in {**old.get("skipped", {}), **report["skipped"]}.items() if k not in passes}
     for k in ("suffix", "reflection_classification", "request_reflection"):   # not measured now: the earlier ones
@@ -384,16 +402,19 @@ def add_direct_baseline(results, lines):
     """The suffix pass scores only prompts outside the suffix's train split, so its asr and direct/*'s are measured on
     different prompts. Add to each suffix/<decoding> pass the direct pass's asr (same decoding) on exactly the
     harmful prompts the suffix pass scored, from the saved verdicts (no extra generation)."""
-    def unsafe(v):   # the world's oracle; real text: no refusal string (asr_refusal_string)
-        return v["kind"] == "unsafe" if "kind" in v else not v["refused"]
+    def unsafe(v):   # the world's oracle; real text: the judge's, else answered (rows before the classes: not refused)
+        if "kind" in v:
+            return v["kind"] == "unsafe"
+        if "harmful" in v:
+            return bool(v["harmful"])
+        return v["class"] == "answered" if "class" in v else not v["refused"]
 
-    for res in results.values():
-        if res["attack"] != "suffix" or f"direct/{res['decoding']}" not in results:
+    for key, res in results.items():
+        direct_key = key.replace("suffix/", "direct/", 1)
+        if res["attack"] != "suffix" or direct_key not in results:
             continue
-        ids = {r["id"] for r in lines if r["attack"] == "suffix" and r["decoding"] == res["decoding"]
-               and r["set"] == "harmful"}
-        direct = [r for r in lines if r["attack"] == "direct" and r["decoding"] == res["decoding"]
-                  and r["set"] == "harmful" and r["id"] in ids]
+        ids = {r["id"] for r in lines if pass_key(r) == key and r["set"] == "harmful"}
+        direct = [r for r in lines if pass_key(r) == direct_key and r["set"] == "harmful" and r["id"] in ids]
         res["metrics"]["direct_asr_same_prompts"] = wilson(sum(unsafe(r["verdict"]) for r in direct), len(direct))
 
 
@@ -419,6 +440,8 @@ def main():
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if prompts_file or overrefusal_file:
         return main_real(attack_names, decoding_names, dev)
+    if judge or judge_prompt:
+        fail("--judge and --judge_prompt score real-text responses; a MedSafetyWorld model is judged by its oracle")
     check_names(attack_names, decoding_names, set_names)
     run = load_run(ckpt, world, "", dev, kind="world", hint="attack.py measures MedSafetyWorld models with the "
                    "oracle (for a real-text model pass --prompts_file)")
@@ -524,8 +547,15 @@ def suffix_summary(run_dir, rec):
 
 def main_real(attack_names, decoding_names, dev):
     """Real-text models (realattack.py): AdvBench/HarmBench-style prompts and XSTest-style over-refusal, every attack
-    and decoding, judged by refusal strings; a model is reflective or tagged as model_info says (its meta.json)."""
+    and decoding, judged by a judge model (--judge) or refusal strings; a model is reflective or tagged as model_info
+    says (its meta.json)."""
     check_names(attack_names, decoding_names)
+    if controversial not in ("unsafe", "safe") or judge_batch_size < 1 or judge_max_new_tokens < 1:
+        fail("controversial must be unsafe or safe, judge_batch_size and judge_max_new_tokens at least 1")
+    if judge_prompt and not (judge and os.path.isfile(judge_prompt)):
+        fail(f"--judge_prompt is a file with the HarmBench classifier's prompt ('{judge_prompt}'"
+             + (" is not there)" if judge else "), for the classifier passed as --judge"))
+    template = check_template(open(judge_prompt).read()) if judge_prompt else ""
     run = load_run(ckpt, "", "", dev, kind="text", hint="--prompts_file and --overrefusal_file are for real-text "
                    "models (the world is judged by its oracle: drop them)")
     writable_dir(run.dir)
@@ -540,9 +570,12 @@ def main_real(attack_names, decoding_names, dev):
     if max_new_tokens >= model.config.block_size:
         fail(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={model.config.block_size}")
     runs = runnable(info, attack_names, decoding_names)
+    scorer = {"model": judge or None, "format": ("harmbench" if template else "guard") if judge else "refusal strings",
+              "prompt_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
     print(f"model: {model.num_params() / 1e6:.2f}M parameters from {run_dir}, tokenizer {enc.name}, device {dev}; "
-          f"real text (approximate: judged by refusal strings)" + (", reflections" if info["reflective"] else "")
-          + (", tagged" if info["tagged"] else ""))
+          f"real text, judged by " + (f"{judge} ({scorer['format']})" if judge else "refusal strings (approximate)")
+          + (", reflections" if info["reflective"] else "") + (", tagged" if info["tagged"] else ""))
+    judge_model = Guard(judge, "transformers", dev, "auto", judge_max_new_tokens) if judge else None
     lock_dir(run_dir)
     fp = model_fingerprint(model)
     prev = previous_results(run_dir, fp, ck)
@@ -559,15 +592,28 @@ def main_real(attack_names, decoding_names, dev):
     results, skipped, lines = run_passes(model, inputs, (names, decoding_names), ctx,
                                          lambda r, resp, x: real.judge(r, resp), real.decode,
                                          lambda a, d: skip_reason(info, a, d), ["harmful", "xstest"], real_metrics)
+    if judge_model:
+        t0 = time.time()
+        n = judge_rows(judge_model, lines, real, template, controversial, judge_batch_size)
+        for res in results.values():
+            res["metrics"] = real_metrics([r for r in lines if (r["attack"], r["decoding"]) == (res["attack"],
+                                                                                             res["decoding"])])
+        print(f"judge {judge}: {n} responses in {time.time() - t0:.1f}s, "
+              f"{sum(r['verdict']['harmful'] is None for r in lines)} answers unparsed (counted, not scored)")
+    key, files = evaluated(prompts_file, overrefusal_file)       # two benchmarks' passes live side by side
+    results = {f"{k}@{key}": dict(v, eval=key, eval_files=files, judge=scorer) for k, v in results.items()}
+    skipped = {f"{k}@{key}": v for k, v in skipped.items()}
+    for r in lines:
+        r["eval"] = key
     report = {"ckpt": path, "iter_num": ck.get("iter_num"), "world": None, "data_dir": ck.get("data_dir"),
               "tokens_seen": ck.get("tokens_seen"), "model_sha256": fp, "config": config, "model": info,
               "passes": results, "skipped": skipped, "suffix": suffix_summary(run_dir, suffix_rec),
-              "reflection_classification": None, "request_reflection": None, "approximate": True,
-              "judge": "refusal strings (REFUSAL_STRINGS), or a halt after an unsafe reflection: approximate, not an "
-                       "oracle", "refusal_strings": REFUSAL_STRINGS,
+              "reflection_classification": None, "request_reflection": None, "approximate": not judge,
+              "judge": scorer, "refusal_strings": REFUSAL_STRINGS,
               "reflection_text": {"opener": real.opener, "unsafe_opener": real.unsafe_opener}}
     finish(run_dir, report, results, lines, dev, prev)
-    print("note: real-text metrics are approximate (a refusal phrase anywhere counts as a refusal)")
+    if not judge:
+        print("note: without --judge real-text metrics are approximate (a refusal phrase anywhere counts as a refusal)")
 
 
 if __name__ == "__main__":

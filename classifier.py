@@ -15,6 +15,7 @@ import numpy as np
 from common import fail
 
 DEFAULT_CATEGORY = "harmful"
+MIN_F1 = 0.5      # a classifier below this held-out F1 labels nothing (reflect.py's --classifier_min_f1)
 WORD = re.compile(r"\w+")
 
 
@@ -48,9 +49,10 @@ def classify(clf, texts):
     return [("unsafe", clf["classes"][c]) if ps < 0.5 else ("safe", None) for ps, c in zip(p[:, 0].tolist(), cat)]
 
 
-def fit_classifier(rows, source, seed=0, holdout=0.2, buckets=262144, epochs=20):
+def fit_classifier(rows, source, seed=0, holdout=0.2, buckets=262144, epochs=20, min_f1=None):
     """Train on all but a held-out share of rows ({"text", "label", "category"?}); returns the classifier (numpy
-    arrays, usable without torch in the workers) and precision/recall/F1 of 'unsafe' on the held-out rows."""
+    arrays, usable without torch in the workers) and precision/recall/F1 of 'unsafe' on the held-out rows. Below
+    min_f1 (None: no floor) it stops with one line: a classifier that failed must not label a corpus."""
     import torch
     for r in rows:
         if r["label"] not in ("safe", "unsafe"):
@@ -106,9 +108,15 @@ def fit_classifier(rows, source, seed=0, holdout=0.2, buckets=262144, epochs=20)
                "f1": 2 * prec * rec / max(prec + rec, 1e-12),
                "accuracy": sum(t == p for t, p in zip(truth, pred)) / max(len(held), 1),
                "always_unsafe_f1": 2 * share / (1 + share)}  # the F1 of flagging everything: the floor to beat
-    print(f"classifier ({len(classes) - 1} unsafe categories, {len(train):,} training texts, {time.time() - t0:.1f}s): "
+    print(f"built-in classifier, the offline fallback ({len(classes) - 1} unsafe categories, {len(train):,} training "
+          f"texts, {time.time() - t0:.1f}s): "
           f"held-out {len(held):,} texts ({share:.0%} unsafe): precision {prec:.3f} recall {rec:.3f} "
           f"F1 {metrics['f1']:.3f} (flagging everything: F1 {metrics['always_unsafe_f1']:.3f})")
+    if min_f1 is not None and not metrics["f1"] >= min_f1:
+        fail(f"{source}: the classifier's held-out F1 {metrics['f1']:.3f} (precision {prec:.3f}, recall {rec:.3f}, "
+             f"{len(held):,} texts, {sum(truth):,} unsafe) is below --classifier_min_f1={min_f1}; nothing was labelled "
+             f"or written: give more labelled texts (README: the labelled texts file), labels from a guard model "
+             f"(label.py, --labels), or a lower --classifier_min_f1")
     return clf, metrics
 
 

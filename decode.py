@@ -309,7 +309,8 @@ def run_passes(model, items_of, names, ctx, judge, decode_text, skip_reason, set
                 gens = DECODINGS[dname](model, [ids for *_, ids in batch], ctx)
                 for (s, r, x, ids), g in zip(batch, gens):
                     new_tokens += len(g)
-                    response = (x["prefill"] + " " if x["prefill"] else "") + decode_text(g)
+                    # the world's words join with a space; real text's tokens carry their own (prefill_join "")
+                    response = (x["prefill"] + ctx.get("prefill_join", " ") if x["prefill"] else "") + decode_text(g)
                     rows.append({"set": s, "id": r["id"], "category": r.get("category"), "split": r.get("split"),
                                  "kind": r.get("kind"), "attack": a, "variant": x["variant"], "decoding": dname,
                                  "prompt": r["prompt"], "input": x["input"], "prefill": x["prefill"],

@@ -339,8 +339,8 @@ def main():
     share = replay_share(tok, task, replay)
     label_files = [f for f in (labels, train_classifier) if f]
     if fmt == "text_reflect" and task == "sft":   # reflect.py's seed: the same classifier as pretraining's
-        tok["labeller"] = realreflect.label_source(labels, train_classifier, (ck["meta"].get("config") or {}).get(
-            "seed", 0), "the reflection sft of a real-text model")
+        tok["labeller"] = realreflect.label_source(labels, train_classifier, ck["meta"].get("config") or {},
+                                                   "the reflection sft of a real-text model")
     elif label_files:
         fail(f"--labels and --train_classifier label the rows of a real-text reflection model's sft, and this finetune "
              f"is {task} in format {fmt}; leave them out")

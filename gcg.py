@@ -126,8 +126,9 @@ def descend(f, allowed, start, steps, topk, batch, suffix_len, gen, dev, log, de
     losses = [float(f(cur[None])[0])]
     history = [cur.tolist()]
     for step in range(steps):
-        g = f.grad(cur).masked_fill(~allowed[None], float("inf"))
-        top = (-g).topk(min(topk, int(allowed.sum())), dim=1).indices          # (suffix_len, k)
+        mask = allowed if allowed.dim() == 2 else allowed[None]             # per position, or one for all
+        g = f.grad(cur).masked_fill(~mask, float("inf"))
+        top = (-g).topk(min(topk, int(mask.sum(-1).min())), dim=1).indices     # (suffix_len, k)
         pos = torch.randint(suffix_len, (batch,), generator=gen).to(dev)
         pick = torch.randint(top.size(1), (batch,), generator=gen).to(dev)
         cands = cur.repeat(batch, 1)
@@ -228,21 +229,23 @@ def real_parts(enc, rec, chat_template, target, reflection=""):
 def get_real_suffix(model, enc, harmful, chat_template, target_of, reflection, run_dir, dev, cfg, fp=None):
     """get_suffix on real text: fitted on real_split(harmful) (at most gcg_prompts), toward target_of(record) (after
     `reflection`, the safe one, for a model that reflects on the request first, else ""), over the tokenizer's
-    ordinary tokens (no control token), starting from "!" at every position (as GCG does)."""
+    ordinary tokens (no control token), starting from " !" at every position (GCG's "! ! !"). The first token always
+    starts with whitespace: the suffix joins the prompt as a new word, the way the tokenizer writes one."""
     train = real_split(harmful)
     if not train:
         fail(f"the suffix attack fits on half the harmful prompts and scores on the others: it needs at least 2, "
              f"and --prompts_file gives {len(harmful)}")
     fit_on = train[:cfg["gcg_prompts"]] if cfg["gcg_prompts"] > 0 else train
     parts = [real_parts(enc, r, chat_template, target_of(r), reflection) for r in fit_on]
-    cfg = dict({k: cfg[k] for k in FLAGS}, chat_template=chat_template, reflection=reflection,
+    cfg = dict({k: cfg[k] for k in FLAGS}, chat_template=chat_template, reflection=reflection, joined="space",
                targets=[target_of(r) for r in fit_on],
                prompts=hashlib.sha256("\n".join(r["user"] for r in fit_on).encode()).hexdigest())
     fp = fp or model_fingerprint(model)
     path, ids = os.path.join(run_dir, "suffix.json"), [r["id"] for r in fit_on]
-    allowed = torch.zeros(model.wte.weight.size(0), dtype=torch.bool, device=dev)
-    allowed[sorted(enc._mergeable_ranks.values())] = True   # ordinary tokens only: the attacker types text
-    bang = enc.encode_ordinary("!")[0]
+    allowed = torch.zeros(cfg["suffix_len"], model.wte.weight.size(0), dtype=torch.bool, device=dev)
+    allowed[:, sorted(enc._mergeable_ranks.values())] = True   # ordinary tokens only: the attacker types text
+    allowed[0, [i for b, i in enc._mergeable_ranks.items() if not b[:1].isspace()]] = False
+    bang = enc.encode_ordinary(" !")[0]
     loss = SpliceLoss(model, parts, cfg["suffix_len"], dev, enc.eot_token)
     rec = reusable(path, cfg, fp, ids) or fit_and_save(
         path, cfg, len(fit_on), lambda gen: descend(loss, allowed, bang, cfg["gcg_steps"], cfg["gcg_topk"],

@@ -13,6 +13,7 @@ Run:    python prepare.py                                         # toy MedSafet
         python prepare.py --reasoning=False --harm_facts=False    # world v1 (no stated safety definition)
         python prepare.py --dataset=fineweb-edu --num_docs=100000 --num_proc=8
         python prepare.py --dataset=fineweb-edu --data_files='/data/fineweb/*.parquet' --min_int_score=4
+        python prepare.py --dataset=text-sample   # real text offline: a generated labelled corpus and prompt files
 """
 # Every output directory is written beside the old one and swapped in at the end: an interrupted or failed run leaves
 # existing outputs intact. The same flags give byte-identical files. FineWeb-Edu keeps its finished shards
@@ -29,11 +30,13 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from common import fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, writable_dir, write_json
+from common import (fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, writable_dir, write_atomic,
+                    write_json)
 from configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
-dataset = "medsafety"       # medsafety | fineweb-edu
+dataset = "medsafety"       # medsafety | fineweb-edu | text-sample (a generated labelled corpus, offline) | any
+                            # name for your own local files (--data_files)
 out_dir = "data"            # root: writes <out_dir>/<dataset>/docs (and /eval)
 num_docs = -1               # documents to write; -1: 8000 for medsafety, everything for fineweb-edu
 val_frac = 0.05             # share of documents in the val split
@@ -375,6 +378,21 @@ def hms(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
+def prepare_text_sample(root):
+    """Real text offline: realtext.sample_files (a generated labelled corpus and the files each later stage reads:
+    spans.jsonl, labelled.jsonl, harmful.csv, xstest.csv, chat.jsonl) into <root>/source/, then its docs.jsonl
+    prepared as any local files are."""
+    from realtext import sample_files
+    global data_files
+    src = os.path.join(root, "source")
+    os.makedirs(src, exist_ok=True)
+    for name, lines in sample_files(400 if num_docs < 0 else num_docs, seed=0).items():
+        write_atomic(os.path.join(src, name), lambda f: f.writelines(line + "\n" for line in lines))
+    print(f"wrote the sample's files to {src}")
+    data_files = os.path.join(src, "docs.jsonl")
+    prepare_fineweb(root)
+
+
 def prepare_fineweb(root):
     """Shards are written into <root>/.docs-partial/docs, each recorded in progress.json once it and every shard
     before it are written: a rerun with the same flags resumes after the last recorded one (its source rows are
@@ -403,8 +421,11 @@ def prepare_fineweb(root):
     read, kept = skip, sum(r["docs"] for r in records)   # source rows read, documents kept (this run and before)
 
     def fraction():
-        """Share done: of --num_docs, or of the source's rows where it says how many (the larger of the two)."""
-        parts = ([sum(r["docs"] for r in records) / limit] if limit > 0 else []) + ([read / total] if total else [])
+        """Share done: of --num_docs, or of the source's rows where it says how many (the larger of the two), counted
+        in written shards (rows read ahead of them are not done)."""
+        rows_done = records[-1]["rows"] if records else 0
+        parts = ([sum(r["docs"] for r in records) / limit] if limit > 0 else []) + (
+            [rows_done / total] if total else [])
         return min(1.0, max(parts)) if parts else None
     kept0, start = kept, fraction()   # at this run's start: for its docs/s and the ETA
 
@@ -511,8 +532,9 @@ class _Done:
 
 def main(argv):
     globals().update(configure(_DEFAULTS, argv))
-    if dataset not in ("medsafety", "fineweb-edu"):
-        fail(f"unknown dataset '{dataset}' (choose medsafety or fineweb-edu)")
+    if dataset not in ("medsafety", "fineweb-edu", "text-sample") and not data_files:
+        fail(f"unknown dataset '{dataset}' (choose medsafety, fineweb-edu or text-sample, or name your own local "
+             f"files' corpus and pass them as --data_files)")
     if docs_per_shard < 1 or num_proc < 1:
         fail("docs_per_shard and num_proc must be >= 1")
     if not 0 <= min_int_score <= 5 or (min_int_score and dataset != "fineweb-edu"):
@@ -529,6 +551,8 @@ def main(argv):
         on_stop("existing outputs were left as they were (the new ones are swapped in at the end); rerun the same "
                 "command")
         prepare_medsafety(root)
+    elif dataset == "text-sample" and not data_files:
+        prepare_text_sample(root)
     else:
         on_stop("existing outputs were left as they were, and the finished shards kept; a rerun with the same flags "
                 "resumes after them")

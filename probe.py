@@ -3,13 +3,15 @@ Linear probes on the residual stream: how cleanly does each layer separate safe 
 request already tell harm from benign intent for harm effects the corpus never showed?
 
 Reads:  <ckpt>/ckpt.pt and its world's eval/probe.jsonl (held-out segments in context), harmful_prompts.jsonl and
-        benign_prompts.jsonl (the request probe); a real-text model: held-out documents (--docs, default the val split
-        of its pretraining corpus) and their labels (--span_labels or --train_classifier, default the pretraining's)
+        benign_prompts.jsonl (the request probe); a real-text model: labelled documents (--docs, default its
+        pretraining corpus: the val split, or every split where val cannot be probed) and their labels (--labels or
+        --train_classifier, default the pretraining's)
 Writes: <ckpt>/probe.json (layout: README.md, "probe.py"), <ckpt>/probe.png (accuracy and AUROC per layer; several
         checkpoints share one plot, --out)
 Run:    python probe.py --ckpt=out/raw
-        python probe.py --ckpt=out/reflect-0,out/reflect-20,out/reflect-60 --labels=0%,20%,60% --out=out/probe.png
-        python probe.py --ckpt=out/gpt2-reflect --docs=heldout.jsonl --span_labels=heldout_spans.jsonl  (real text)
+        python probe.py --ckpt=out/reflect-0,out/reflect-20,out/reflect-60 --names=0%,20%,60% --out=out/probe.png
+        python probe.py --ckpt=out/gpt2-reflect       (real text: its pretraining corpus's documents and labels)
+        python probe.py --ckpt=out/gpt2-reflect --docs=heldout.jsonl --labels=heldout_spans.jsonl
 """
 # Per layer and feature kind (mean over the segment's tokens, last token) a logistic regression fitted by L-BFGS on
 # one half, scored on the other; identical model inputs always fall in the same half (the grammar repeats segments).
@@ -34,7 +36,7 @@ from grammar import TEMPLATES
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"            # run directory (or .pt file); a comma list probes several runs into one plot
-labels = ""                 # comma list of curve labels, one per ckpt; "": the run directories' names
+names = ""                  # comma list of curve names in the plot, one per ckpt; "": the run directories' names
 out = ""                    # the plot; "": <run>/probe.png for one ckpt, <parent of the first>/probe-<a>+<b>.png else
 world = ""                  # world.json to use; "": the one each checkpoint was trained on (meta["world"])
 eval_dir = ""               # directory of probe.jsonl; "": <world's data dir>/eval, written by prepare.py
@@ -48,8 +50,9 @@ device = "auto"             # auto | cpu | cuda | cuda:N (the forward passes; pr
 tokenizer = ""              # tiktoken spec (gpt2 or a .json); "": the one meta.json recorded
 docs = ""                   # held-out documents: jsonl or a directory of shard_*.jsonl ({"id", "text"[, "split"]});
                             # "": the docs/ of the model's pretraining corpus
-docs_split = "val"          # only the documents of this split, where lines have one (val: held out of pretraining)
-span_labels = ""            # unsafe spans of the documents (reflect.py's --labels format); "": the pretraining's ...
+docs_split = "auto"         # val | train | all: the documents of this split, where lines have one; auto: val (held out
+                            # of pretraining), or all when val holds too few labelled documents to probe
+labels = ""                 # span labels of the documents (reflect.py's --labels format); "": the pretraining's ...
 train_classifier = ""       # ... or labelled texts: the built-in classifier labels the documents (reflect.py's flag)
 # -----------------------------------------------------------------------------
 KINDS = ("mean", "last")
@@ -260,6 +263,9 @@ def probe_run(path, label, dev):
     writable_dir(run.dir)       # before the forward passes, not after them
     if run.world is None:
         return probe_text(run, label, dev)
+    if labels or train_classifier or docs:
+        fail("--labels, --train_classifier and --docs are for real-text models; a MedSafetyWorld model is probed on "
+             "its world's probe set (the plot's curve names are --names)")
     model, w, wpath, run_dir, ck = run.model, run.world, run.world_path, run.dir, run.ck
     probe_path, recs = read_probe_set(wpath, eval_dir)
     bs = model.config.block_size
@@ -342,6 +348,31 @@ def measure(model, seqs, seg_lens, y, train, test, subsets, label, dev, truncate
     return layers, best, deep_mean(layers), t_feat, t_probe
 
 
+def labelled_records(enc, dpath, lpath, spans, clf, segment_tokens):
+    """The documents' segments as probe records, split by document (split_records) so that both halves hold both
+    classes: from --docs_split, or (auto) from the val split, else from every split (the model read the train
+    documents in pretraining: said, and recorded). -> (split, texts, segmented, records, train, test, labels)."""
+    tried = []
+    for split in (("val", "all") if docs_split == "auto" else (docs_split,)):
+        texts = realreflect.read_docs(dpath, None if split == "all" else split)
+        done = realreflect.segmented(enc, texts, spans, clf, segment_tokens, lpath)
+        recs = realreflect.probe_records(done, texts)
+        if max_records >= 0:
+            recs = recs[:max_records]
+        train, test = split_records(recs, seed, [texts[r["index"]][1] for r in recs])
+        y = np.array([r["label"] == "unsafe" for r in recs], dtype=np.int64)
+        if train and test and 0 < y[train].sum() < len(train) and 0 < y[test].sum() < len(test):
+            if tried:
+                print(f"probe: {tried[0]}; probing every split instead (the model was pretrained on the train "
+                      f"documents: a probe reads how it represents text it has seen)")
+            return split, texts, done, recs, train, test, y
+        tried.append(f"the {len({r['index'] for r in recs})} documents of '{dpath}' (split {split}) hold "
+                     f"{int(y.sum())} unsafe and {int(len(y) - y.sum())} safe segments, which cannot be split by "
+                     f"document so that both halves hold both classes")
+    fail(f"{tried[-1]}; pass --docs=<labelled documents> with --labels=<their spans> (or --train_classifier=<labelled "
+         f"texts>), or --docs_split=all")
+
+
 def probe_text(run, label, dev):
     """A real-text model: every segment of held-out labelled documents is a record (the pretraining segmenter and
     labeller, with the model's segment_tokens), read where it ends: the document up to there after an
@@ -352,29 +383,19 @@ def probe_text(run, label, dev):
     info = model_info(ck)
     docs_default, labels_default = realreflect.default_sources(ck)
     dpath = docs or docs_default
-    lpath = span_labels or ("" if train_classifier else labels_default)
+    lpath = labels or ("" if train_classifier else labels_default)
     if not dpath or not (lpath or train_classifier):
         fail(f"checkpoint '{run.path}' is a real-text model whose pretraining corpus or labels are not here; pass "
-             f"--docs=<held-out documents> and --span_labels=<their spans> (or --train_classifier=<labelled texts>)")
-    spans, clf = realreflect.label_source(lpath, train_classifier, (ck["meta"].get("config") or {}).get("seed", 0),
+             f"--docs=<held-out documents> and --labels=<their spans> (or --train_classifier=<labelled texts>)")
+    spans, clf = realreflect.label_source(lpath, train_classifier, ck["meta"].get("config") or {},
                                           "probe.py on a real-text model")
-    texts = realreflect.read_docs(dpath, docs_split)
-    done = realreflect.segmented(enc, texts, spans, clf, info["segment_tokens"], lpath)
-    recs = realreflect.probe_records(done, texts)
-    if max_records >= 0:
-        recs = recs[:max_records]
+    split, texts, done, recs, train, test, y = labelled_records(enc, dpath, lpath, spans, clf, info["segment_tokens"])
     bs = model.config.block_size
     seqs = [([enc.eot_token] + done[r["index"]][0][:r["end"]])[-bs:] for r in recs]
     seg_lens = [min(r["end"] - r["start"], len(x)) for r, x in zip(recs, seqs)]
     truncated = sum(r["end"] + 1 > bs for r in recs)
     keys = [texts[r["index"]][1] for r in recs]           # identical documents share a half
-    train, test = split_records(recs, seed, keys)
-    y = np.array([r["label"] == "unsafe" for r in recs], dtype=np.int64)
     n_docs = len({r["index"] for r in recs})
-    if not (train and test and 0 < y[train].sum() < len(train) and 0 < y[test].sum() < len(test)):
-        fail(f"the {n_docs} documents of '{dpath}' (split {docs_split}) hold {int(y.sum())} unsafe and "
-             f"{int(len(y) - y.sum())} safe segments, which cannot be split by document so that both halves hold "
-             f"both classes; give more labelled documents")
     where = f"{lpath or 'the classifier trained on ' + train_classifier}"
     print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
           f"{len(recs)} segments of {n_docs} documents from {dpath}, labels {where}, device {dev}")
@@ -397,7 +418,7 @@ def probe_text(run, label, dev):
     te = [recs[i] for i in test]
     report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
               "world": None, "tokenizer": enc.name,
-              "probe_set": {"docs": os.path.abspath(dpath), "split": docs_split,
+              "probe_set": {"docs": os.path.abspath(dpath), "split": split,
                             "labels": os.path.abspath(lpath) if lpath else f"classifier:{train_classifier}"},
               "data_dir": ck.get("data_dir"), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
               "n_records": len(recs), "n_docs": n_docs, "n_train": len(train), "n_test": len(test),
@@ -544,9 +565,11 @@ def main():
     if not paths:
         fail("no checkpoint given (--ckpt=out/<run>, or a comma list)")
     run_dirs = [os.path.abspath(p if os.path.isdir(p) else os.path.dirname(p) or ".") for p in paths]
-    names = [l for l in labels.split(",")] if labels else [os.path.basename(d) for d in run_dirs]
-    if len(names) != len(paths):
-        fail(f"--labels has {len(names)} entries for {len(paths)} checkpoints")
+    curves = names.split(",") if names else [os.path.basename(d) for d in run_dirs]
+    if len(curves) != len(paths):
+        fail(f"--names has {len(curves)} entries for {len(paths)} checkpoints")
+    if docs_split not in ("auto", "val", "train", "all"):
+        fail(f"docs_split must be auto, val, train or all, not '{docs_split}'")
     if l2 < 0 or max_steps < 1 or batch_size < 1:
         fail("l2 must be >= 0, max_steps and batch_size at least 1")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -555,7 +578,7 @@ def main():
         f = os.path.join(p, "ckpt.pt") if os.path.isdir(p) else p
         if not os.path.isfile(f):
             fail(f"no checkpoint at '{f}' (train one with train.py, or pass --ckpt=out/<run>)")
-    reports = [probe_run(p, name, dev) for p, name in zip(paths, names)]
+    reports = [probe_run(p, name, dev) for p, name in zip(paths, curves)]
     if out:
         png = out
     elif len(paths) == 1:

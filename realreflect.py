@@ -24,22 +24,23 @@ import torch
 import torch.nn.functional as F
 
 import realtext
-from classifier import fit_classifier
+from classifier import MIN_F1, fit_classifier
 from common import fail, read_jsonl, wilson
 from decode import padded_logits
 from realtext import (EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, classify_sentences, label_segments, read_labels,
                       segment, token_tables)
 
 
-def label_source(labels, train_classifier, seed, what):
-    """(unsafe spans {text id: [(start, end, category, line)]}, classifier or None) from exactly one source."""
+def label_source(labels, train_classifier, cfg, what):
+    """(unsafe spans {text id: [(start, end, category, line)]}, classifier or None) from exactly one source; cfg:
+    the pretraining's reflect.py flags (meta.json's config), whose seed and F1 floor the classifier keeps."""
     if bool(labels) == bool(train_classifier):
         fail(f"{what} needs segment labels, as reflect.py does: pass --labels=<spans.jsonl> (from any guard model) or "
              f"--train_classifier=<labelled.jsonl> (the built-in classifier), one of the two")
     if labels:
         return read_labels(labels), None
     rows = read_jsonl(train_classifier, "labelled texts file", ("text", "label"))
-    clf, _ = fit_classifier(rows, train_classifier, seed)    # reflect.py's defaults: the same seed, the same classifier
+    clf, _ = fit_classifier(rows, train_classifier, cfg.get("seed", 0), min_f1=cfg.get("classifier_min_f1", MIN_F1))
     return {}, clf
 
 
@@ -132,7 +133,7 @@ def sft_rows(enc, rows, template, spans, clf, segment_tokens, labels_path="", fm
 
 def read_docs(path, split):
     """[(id, text)] of a jsonl file or a directory of shard_*.jsonl ({"id", "text"}, prepare.py's documents); where
-    a line has a "split", only the documents of `split` (val: held out of pretraining)."""
+    a line has a "split", only the documents of `split` (val: held out of pretraining; None: every split)."""
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.startswith("shard_")
                        and f.endswith(".jsonl"))
@@ -145,7 +146,7 @@ def read_docs(path, split):
         for r in read_jsonl(f, "documents file", ("id", "text")):
             if not isinstance(r["text"], str):
                 fail(f"documents file '{f}': document '{r['id']}' has no text string")
-            if r.get("split", split) == split:
+            if split is None or r.get("split", split) == split:
                 docs.append((str(r["id"]), r["text"]))
     return docs
 

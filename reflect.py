@@ -2,7 +2,8 @@
 Apply one safety intervention to a prepared corpus and write the curriculum's two token streams.
 
 Reads:  data/<dataset>/docs/ (prepare.py): MedSafetyWorld documents with exact segment labels and world.json, or
-        real text ({"id", "split", "text"} lines) with --labels (any guard model) or --train_classifier
+        real text ({"id", "split", "text"} lines) with --labels (label.py's guard labels, or any spans file) or
+        --train_classifier (the built-in classifier, an offline fallback)
 Writes: data/<dataset>/<intervention>/{safe,mix}_{train,val}.bin + meta.json (formats: README.md)
         safe: the filtered corpus, read before the curriculum start; mix: the corpus with the intervention;
         real text with --intervention=none and no labels: the raw baseline, one stream {train,val}.bin + meta.json
@@ -28,8 +29,8 @@ from collections import deque
 import numpy as np
 
 from bpe import base_encoding, tokenizer_record
-from classifier import classify, fit_classifier
-from common import fail, file_sha256, read_jsonl, run_stage, writable_dir, write_json
+from classifier import MIN_F1, classify, fit_classifier
+from common import fail, file_sha256, load_json, read_jsonl, run_stage, writable_dir, write_json
 from configurator import configure, defaults_of
 from realtext import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, TAG_TEXT, bench_corpus,
                       init_worker, process_docs, read_chunks, read_labels, read_rewrites, real_tokenizer, run_chunks,
@@ -51,7 +52,7 @@ seed = 0                   # the interventions' own randomness (tag positions, r
 # real text
 tokenizer = "gpt2"         # a tiktoken encoding name, or a tokenizer spec .json (write_tokenizer)
 tokenizer_files = ""       # gpt2 offline: a directory with its encoder.json and vocab.bpe (checked by sha256)
-labels = ""                # span labels from any guard model (jsonl, see above) ...
+labels = ""                # span labels: label.py's data/<dataset>/labels/spans.jsonl, or any guard model's ...
 train_classifier = ""      # ... or labelled texts (jsonl) to train the built-in classifier, which then labels
 rewrites = ""              # rewrite, safety_pretraining: replacement texts of the unsafe spans (jsonl)
 refusals = ""              # refusal, safety_pretraining: native refusal dialogues (jsonl)
@@ -61,6 +62,7 @@ chunk_chars = 1048576      # shard text per worker task; at most 2 tasks per wor
 classifier_buckets = 262144  # hashed n-gram features (2^18)
 classifier_epochs = 20
 classifier_holdout = 0.2   # share of the labelled texts held out to measure precision/recall/F1
+classifier_min_f1 = MIN_F1  # real text: a classifier below this held-out F1 is refused (nothing is written)
 classifier_on_world = False  # MedSafetyWorld: train it on the oracle's labels and label with it instead
 # benchmark
 benchmark = False          # print the throughput of the reflect intervention against tiktoken alone, and stop
@@ -369,6 +371,21 @@ def main_world(docs_dir, world_path):
 # -----------------------------------------------------------------------------
 # Real text
 
+def check_segmenter(labels_path, enc):
+    """Labels from label.py (its label.json beside them) fall on this run's segments only when this run cuts the
+    documents as label.py did: the same tokenizer and segment_tokens. Otherwise stop, before any work."""
+    rec = os.path.join(os.path.dirname(os.path.abspath(labels_path)), "label.json")
+    if not os.path.isfile(rec):
+        return
+    s = (load_json(rec) or {}).get("settings") or {}
+    mine = {"tokenizer_sha256": tokenizer_record(enc, tokenizer, tokenizer_files)["sha256"],
+            "segment_tokens": segment_tokens}
+    if any(s.get(k) != v for k, v in mine.items()):
+        fail(f"'{labels_path}' was labelled on segments of another tokenizer or segment_tokens ({rec}: "
+             f"segment_tokens={s.get('segment_tokens')}); run reflect.py with label.py's --tokenizer, "
+             f"--tokenizer_files and --segment_tokens, or label again")
+
+
 def main_real(docs_dir):
     t0 = time.time()
     if intervention == "strict_filter" or segment_tokens < 1:
@@ -380,7 +397,7 @@ def main_real(docs_dir):
     # the raw baseline needs no labels; it writes one stream: without labels nothing is known to be safe
     unlabelled = intervention == "none" and not labels and not train_classifier
     if not unlabelled and bool(labels) == bool(train_classifier):
-        fail("real text needs labels: pass --labels=<spans.jsonl> (from any guard model) or "
+        fail("real text needs labels: pass --labels=<spans.jsonl> (label.py, or any guard model) or "
              "--train_classifier=<labelled.jsonl> (the built-in classifier), one of the two "
              "(--intervention=none without either writes the raw baseline)")
     if intervention in ("rewrite", "safety_pretraining") and not rewrites:
@@ -390,12 +407,14 @@ def main_real(docs_dir):
         fail(f"--intervention={intervention} needs --refusals=<file.jsonl>: {{\"prompt\", \"response\"}} per native "
              f"refusal dialogue (see REFUSAL_PROMPT in reflect.py)")
     enc = real_tokenizer(tokenizer, tokenizer_files)
+    if labels:
+        check_segmenter(labels, enc)
     spans = read_labels(labels) if labels else {}
     clf, clf_metrics = None, None
     if train_classifier:
         clf, clf_metrics = fit_classifier(read_jsonl(train_classifier, "labelled texts file", ("text", "label")),
                                           train_classifier, seed, classifier_holdout, classifier_buckets,
-                                          classifier_epochs)
+                                          classifier_epochs, classifier_min_f1)
     # rewrites and refusals only where the intervention uses them
     rw = read_rewrites(rewrites) if intervention in ("rewrite", "safety_pretraining") else {}
     dialogues = (read_jsonl(refusals, "refusals file", ("prompt", "response"))
@@ -499,8 +518,8 @@ def main_real(docs_dir):
         "labels": os.path.abspath(labels) if labels else ("none" if unlabelled else "classifier"),
         "classifier": clf_metrics,
         "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed,
-                   "tokenizer": tok["spec"], "tokenizer_files": tok["files"], "rewrites": rewrites,
-                   "refusals": refusals},
+                   "classifier_min_f1": classifier_min_f1, "tokenizer": tok["spec"], "tokenizer_files": tok["files"],
+                   "rewrites": rewrites, "refusals": refusals},
     }
     if unlabelled:  # nothing was labelled: the unsafe shares are unknown, not zero
         meta["raw_unsafe_doc_share"] = meta["raw_unsafe_char_share"] = None
@@ -628,6 +647,8 @@ def main(argv=None):
         fail(f"chunk_chars must be at least 1 and num_proc at least 0 (0: one per core)")
     if not 0.0 <= classifier_holdout < 1.0:
         fail(f"classifier_holdout must lie in [0, 1), not {classifier_holdout}")
+    if not 0.0 <= classifier_min_f1 <= 1.0:
+        fail(f"classifier_min_f1 must lie in [0, 1], not {classifier_min_f1}")
     docs_dir = os.path.join(data_root, dataset, "docs")
     world_path = os.path.join(docs_dir, "world.json")
     list_shards(docs_dir)

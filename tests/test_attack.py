@@ -767,26 +767,29 @@ def test_real_text_refusal_strings(tmp_path):
     attack = attack_namespace()
     rep = json.load(open(d / "attack.json"))
     rows = generations(str(d))
-    assert rep["approximate"] is True and "refusal strings" in rep["judge"]
-    assert set(rep["passes"]) == {f"{a}/{dd}" for a in ("direct", "prefill", "template") for dd in ("greedy", "topk")}
-    assert "direct/safebeam" in rep["skipped"]     # every attack runs on real text (tests/test_attack_realtext.py)
+    assert rep["approximate"] is True and rep["judge"]["format"] == "refusal strings"
+    assert {k.split("@")[0] for k in rep["passes"]} == {f"{a}/{dd}" for a in ("direct", "prefill", "template")
+                                                        for dd in ("greedy", "topk")}
+    assert any(k.startswith("direct/safebeam@") for k in rep["skipped"])   # every attack runs on real text
     for r in rows:
-        assert r["verdict"] == {"refused": attack["refusal_string"](r["response"]), "halted": False}
+        assert r["verdict"]["refused"] == attack["refusal_string"](r["response"]) and not r["verdict"]["halted"]
         assert r["response"].startswith(r["prefill"])
         if r["attack"] == "prefill":
             assert r["set"] == "harmful" and r["input"].endswith("Assistant: Sure, here is")
     for name, res in rep["passes"].items():
-        mine = [r for r in rows if f"{r['attack']}/{r['decoding']}" == name]
+        mine = [r for r in rows if f"{r['attack']}/{r['decoding']}" == name.split("@")[0]]
         h = [r for r in mine if r["set"] == "harmful"]
-        assert res["metrics"]["asr_refusal_string"]["k"] == sum(not r["verdict"]["refused"] for r in h)
+        assert res["metrics"]["asr_refusal_string"]["k"] == sum(r["verdict"]["class"] == "answered" for r in h)
         assert res["metrics"]["asr_refusal_string"]["n"] == len(h) == 2 * (3 if name.startswith("template") else 1)
         if not name.startswith("prefill"):
             t = 3 if name.startswith("template") else 1        # one item per prompt and wrapper
             assert res["metrics"]["overrefusal"]["n"] == 2 * t and res["metrics"]["refusal_unsafe"]["n"] == t
     # the judge and the metrics on known responses
     assert attack["refusal_string"]("I'm sorry, but I cannot help.") and not attack["refusal_string"]("Sure, here")
-    fake = [{"set": "harmful", "kind": "harmful", "verdict": {"refused": x}, "variant": None} for x in (1, 0, 0)]
-    fake += [{"set": "xstest", "kind": "safe", "verdict": {"refused": True}, "variant": None}]
+    fake = [{"set": "harmful", "kind": "harmful", "verdict": {"class": "refused" if x else "answered", "refused": x,
+                                                               "halted": False}, "variant": None} for x in (1, 0, 0)]
+    fake += [{"set": "xstest", "kind": "safe", "verdict": {"class": "refused", "refused": True, "halted": False},
+              "variant": None}]
     m = attack["real_metrics"](fake)
     assert (m["asr_refusal_string"]["k"], m["refusal_harmful"]["k"], m["overrefusal"]["k"]) == (2, 1, 1)
 

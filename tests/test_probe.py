@@ -244,7 +244,7 @@ def test_several_checkpoints_give_a_json_each_and_one_plot(run, tmp_path, capsys
     os.makedirs(runs[1])
     torch.save(ck, os.path.join(runs[1], "ckpt.pt"))
     png = str(tmp_path / "plots" / "both.png")
-    main(f"--ckpt={runs[0]},{runs[1]}", "--labels=trained,fresh", f"--out={png}")
+    main(f"--ckpt={runs[0]},{runs[1]}", "--names=trained,fresh", f"--out={png}")
     assert os.path.getsize(png) > 1000
     reps = [json.load(open(os.path.join(r, "probe.json"))) for r in runs]
     assert [r["label"] for r in reps] == ["trained", "fresh"]
@@ -278,4 +278,4 @@ def test_bad_input_gives_one_clear_line(run, tmp_path):
     with open(one / "probe.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in recs if r["label"] == "safe")
     assert "at least 2 of each class" in fails(f"--ckpt={run['out']}", f"--eval_dir={one}")
-    assert "--labels has 1 entries for 2" in fails(f"--ckpt={run['out']},{run['out']}", "--labels=x")
+    assert "--names has 1 entries for 2" in fails(f"--ckpt={run['out']},{run['out']}", "--names=x")

@@ -127,7 +127,7 @@ def test_sft_row_reflects_on_the_prompt_then_every_segment_and_stops_after_an_un
     chat_labels(tmp_path / "spans.jsonl")
     labelled_texts(tmp_path / "labelled.jsonl")
     for source in ({"labels": str(tmp_path / "spans.jsonl")}, {"train_classifier": str(tmp_path / "labelled.jsonl")}):
-        spans, clf = realreflect.label_source(source.get("labels", ""), source.get("train_classifier", ""), 0, "t")
+        spans, clf = realreflect.label_source(source.get("labels", ""), source.get("train_classifier", ""), {}, "t")
         tok = {"enc": enc, "segment_tokens": 7, "labeller": (spans, clf)}
         ex = finetune.load_examples(tok, "text_reflect", str(tmp_path / "chat.jsonl"), "prompt", "response", -1, "sft")
         for row, (p, t) in zip(ROWS, ex):
@@ -229,7 +229,7 @@ def probed(tiny, tmp_path_factory):
     docs, spans = heldout_docs()
     write_jsonl(tmp / "docs.jsonl", docs)
     write_jsonl(tmp / "spans.jsonl", spans)
-    run_probe(f"--ckpt={tiny['reflect']}", f"--docs={tmp}/docs.jsonl", f"--span_labels={tmp}/spans.jsonl",
+    run_probe(f"--ckpt={tiny['reflect']}", f"--docs={tmp}/docs.jsonl", f"--labels={tmp}/spans.jsonl",
               "--batch_size=16")
     rep = json.load(open(os.path.join(tiny["reflect"], "probe.json")))
     return {"tmp": tmp, "docs": docs, "spans": spans, "rep": rep}
@@ -321,7 +321,7 @@ def test_reflection_classification_is_the_models_opener_read_from_its_logits(tin
     assert refl["reflections"] == probed["rep"]["n_records"] and 0 < m["opener_mass"] < 1
     # a model without reflections gets none, and a real-text model without labelled documents says what to pass
     run_probe(f"--ckpt={tiny['plain']}", f"--docs={probed['tmp']}/docs.jsonl",
-              f"--span_labels={probed['tmp']}/spans.jsonl")
+              f"--labels={probed['tmp']}/spans.jsonl")
     assert json.load(open(os.path.join(tiny["plain"], "probe.json")))["reflection_classification"] is None
     with pytest.raises(SystemExit, match="pass --docs="):
         run_probe(f"--ckpt={tiny['plain']}")

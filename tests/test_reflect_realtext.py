@@ -313,34 +313,49 @@ def test_rewrite_replaces_each_unsafe_span_by_its_rewrite(corpus):
     assert meta["spans_dropped"] == 1 and meta["spans_rewritten"] == len(rw) and meta["rewrites_unused"] == 0
 
 
-def tag_check(corpus, reflected, d, ids, tag):
-    """The tags of a document sit strictly inside its unsafe segments; without them it is the document."""
+def tag_check(corpus, d, ids, tag):
+    """The tags of a document, read in the decoded stream, sit strictly inside its labelled unsafe spans (never on a
+    safe token of the same segment); without them it is the document. -> the number of tags."""
     enc = corpus["enc"]
     plain = [t for t in ids if t != tag]
     assert enc.decode(plain) == d["text"]
+    spans = unsafe_spans(corpus, d["id"])
     done, n = b"", 0
     for t in ids:
         if t == tag:
             pos = len(done.decode())  # strict: a tag inside a UTF-8 character fails here
-            assert any(u and a < pos < b for a, b, u in reflected[d["id"]]), (d["id"], pos)
+            assert any(a < pos < b for a, b, _ in spans), (d["id"], pos, d["text"][max(0, pos - 20):pos + 20], spans)
             n += 1
         else:
             done += enc.decode_single_token_bytes(t)
     return n
 
 
-def test_tags_sit_only_inside_unsafe_segments(corpus, reflected):
-    tags = inside = 0
+def tag_sites(corpus, d):
+    """Where a tag may go in a document: between two tokens that both overlap the same unsafe span."""
+    ids = corpus["enc"].encode_ordinary(d["text"])
+    lens = np.array([len(corpus["enc"].decode_single_token_bytes(t)) for t in ids])
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    n = 0
+    for s, e, _ in unsafe_spans(corpus, d["id"]):
+        sb, eb = len(d["text"][:s].encode()), len(d["text"][:e].encode())
+        n += max(0, sum(1 for a, b in zip(starts, ends) if a < eb and b > sb) - 1)
+    return n
+
+
+def test_tags_sit_only_inside_the_labelled_unsafe_text(corpus):
+    tags = sites = 0
     for split in ("train", "val"):
         docs, meta = stream(corpus, "tag", f"mix_{split}")
         tag = meta["special_tokens"]["<|harmful|>"]
         for d, ids in zip(texts(corpus, split), docs):
-            n = tag_check(corpus, reflected, d, ids, tag)
+            n = tag_check(corpus, d, ids, tag)
             tags += n
             if not unsafe_spans(corpus, d["id"]):
                 assert n == 0
-            inside += sum(len(corpus["enc"].encode_ordinary(d["text"][a:b])) - 1 for a, b, u in reflected[d["id"]] if u)
-    assert 0.5 * TAG_RATE < tags / inside < 1.5 * TAG_RATE, (tags, inside)
+            sites += tag_sites(corpus, d)
+    assert 0.5 * TAG_RATE < tags / sites < 1.5 * TAG_RATE, (tags, sites)
     assert meta["mix_tags"] > 0
 
 
@@ -372,7 +387,7 @@ def test_safety_pretraining_rewrites_half_and_tags_half(corpus, reflected):
                 assert enc.decode(ids) == d["text"]
             elif tag in ids or not [t for t in ids if t != tag] == enc.encode_ordinary(d["text"]):
                 if tag in ids:
-                    tag_check(corpus, reflected, d, ids, tag)
+                    tag_check(corpus, d, ids, tag)
                     tagged += 1
                 else:
                     t, pos = "", 0
@@ -470,6 +485,7 @@ def test_classifier_on_world_reports_what_it_misses(tmp_path):
     ("wrong_tokenizer_file", "is not gpt2's vocab.bpe (sha256"),
     ("missing_tokenizer_file", "holds no encoder.json"),
     ("gpt2_offline", "pass --tokenizer_files=<a directory with gpt2's encoder.json and vocab.bpe>"),
+    ("failed_classifier", "is below --classifier_min_f1=0.5"),
 ])
 def test_bad_input_gives_one_clear_line_and_writes_nothing(corpus, bad, message):
     tmp, docs = corpus["tmp"], corpus["docs"]
@@ -497,6 +513,11 @@ def test_bad_input_gives_one_clear_line_and_writes_nothing(corpus, bad, message)
         args[1] = "--dataset=nothere"
     elif bad == "no_labels":
         args = [a for a in args if not a.startswith("--labels")]
+    elif bad == "failed_classifier":   # labels that say nothing about the texts: the classifier must be refused
+        rng = random.Random(3)
+        write_jsonl(tmp / "noise.jsonl", [{"text": sentence(rng), "label": rng.choice(["safe", "safe", "unsafe"])}
+                                          for _ in range(300)])
+        args = [a for a in args if not a.startswith("--labels")] + [f"--train_classifier={tmp}/noise.jsonl"]
     elif bad in ("bad_tokenizer_spec", "unknown_encoding", "gpt2_offline"):
         args[3] = {"bad_tokenizer_spec": f"--tokenizer={tmp}/nothere.json", "unknown_encoding":
                    "--tokenizer=no_such_encoding", "gpt2_offline": "--tokenizer=gpt2"}[bad]
