@@ -590,7 +590,7 @@ def main_real(attack_names, decoding_names, dev):
     inputs = real_inputs(names, recs, shared, real, chat_template, model.config.block_size, max_new_tokens)
     ctx = dict(decode_ctx(dev, real.eot, real.eot, {}), **real.ctx())
     results, skipped, lines = run_passes(model, inputs, (names, decoding_names), ctx,
-                                         lambda r, resp, x: real.judge(r, resp), real.decode,
+                                         real.judge, real.decode,
                                          lambda a, d: skip_reason(info, a, d), ["harmful", "xstest"], real_metrics)
     if judge_model:
         t0 = time.time()

@@ -20,7 +20,7 @@ import sys
 import time
 
 from bpe import tokenizer_record
-from common import fail, read_jsonl, writable_dir
+from common import fail, read_jsonl, run_stage, writable_dir
 from configurator import configure, defaults_of
 from guard import Guard, default_device, parse_guard
 from realtext import init_worker, real_tokenizer, segment_spans, token_tables
@@ -206,4 +206,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -70,6 +70,7 @@ benchmark_tokens = 3000000  # size of the generated English corpus
 # -----------------------------------------------------------------------------
 _DEFAULTS = defaults_of(globals())  # the config keys: everything above, nothing below
 INTERVENTIONS = ("none", "filter", "strict_filter", "rewrite", "refusal", "tag", "reflect", "safety_pretraining")
+WORLD_ONLY = ("strict_filter",)   # interventions that read MedSafetyWorld's sentence kinds
 STREAMS = ("safe_train", "safe_val", "mix_train", "mix_val")
 
 
@@ -388,7 +389,7 @@ def check_segmenter(labels_path, enc):
 
 def main_real(docs_dir):
     t0 = time.time()
-    if intervention == "strict_filter" or segment_tokens < 1:
+    if intervention in WORLD_ONLY or segment_tokens < 1:
         fail("--intervention=strict_filter and --segment_tokens=0 are for MedSafetyWorld (they need its sentence "
              "kinds); real text segments by --segment_tokens >= 1")
     shards = list_shards(docs_dir)

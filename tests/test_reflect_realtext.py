@@ -125,7 +125,7 @@ def corpus(tmp_path_factory):
               f"--tokenizer_files={GPT2_DIR}", f"--rewrites={tmp}/rewrites.jsonl", f"--refusals={tmp}/refusals.jsonl",
               f"--segment_tokens={LIMIT}", f"--tag_rate={TAG_RATE}",
               "--num_proc=2", "--chunk_chars=1500"]  # small chunks: many per worker
-    for iv in reflect.INTERVENTIONS:
+    for iv in [x for x in reflect.INTERVENTIONS if x not in reflect.WORLD_ONLY]:
         run_here("--dataset=web", f"--intervention={iv}", *common)
     run_here("--dataset=web_seg", "--intervention=filter", "--filter_level=segment", *common)
     run_here("--dataset=web_1proc", "--intervention=reflect", *common[:-2], "--num_proc=1")
