@@ -27,16 +27,17 @@ import time
 
 import torch
 
-from common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info, on_stop,
-                    read_jsonl, run_stage, wilson, writable_dir, write_atomic)
-from configurator import configure, defaults_of
-from decode import (DECODINGS, classify_reflections, heldout_reflections, reflection_metrics,
-                    request_reflection, run_passes, variant)
-from gcg import get_real_suffix, get_suffix, model_fingerprint
-from guard import Guard, check_template
-from realattack import (REAL_PREFILL, REFUSAL_STRINGS, RealText, evaluated, judge_rows, real_inputs,  # noqa: F401
-                        real_metrics, real_records, refusal_string)
-from world import END, EOT, THINK
+from model import GPT
+from safety.common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info, on_stop, read_jsonl, run_stage,
+                           wilson, writable_dir, write_atomic)
+from safety.configurator import configure, defaults_of
+from safety.decoding import (DECODINGS, classify_reflections, heldout_reflections, reflection_metrics,
+                             request_reflection, run_passes, variant)
+from safety.gcg import get_real_suffix, get_suffix, model_fingerprint
+from safety.realtext.guard import Guard, check_template
+from safety.realtext.attacks import (REAL_PREFILL, REFUSAL_STRINGS, RealText, evaluated, judge_rows,  # noqa: F401
+                                     real_inputs, real_metrics, real_records, refusal_string)
+from safety.world.grammar import END, EOT, THINK
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"            # run directory holding ckpt.pt (or the path of a .pt file); outputs go beside it
@@ -443,8 +444,9 @@ def main():
     if judge or judge_prompt:
         fail("--judge and --judge_prompt score real-text responses; a MedSafetyWorld model is judged by its oracle")
     check_names(attack_names, decoding_names, set_names)
-    run = load_run(ckpt, world, "", dev, kind="world", hint="attack.py measures MedSafetyWorld models with the "
-                   "oracle (for a real-text model pass --prompts_file)")
+    run = load_run(ckpt, GPT, world, "", dev, kind="world",
+                   hint="attack.py measures MedSafetyWorld models with the oracle (for a real-text model pass "
+                        "--prompts_file)")
     writable_dir(run.dir)       # before the evaluation, not after it
     model, w, wpath, run_dir, ck = run.model, run.world, run.world_path, run.dir, run.ck
     info = model_info(ck)
@@ -556,8 +558,8 @@ def main_real(attack_names, decoding_names, dev):
         fail(f"--judge_prompt is a file with the HarmBench classifier's prompt ('{judge_prompt}'"
              + (" is not there)" if judge else "), for the classifier passed as --judge"))
     template = check_template(open(judge_prompt).read()) if judge_prompt else ""
-    run = load_run(ckpt, "", "", dev, kind="text", hint="--prompts_file and --overrefusal_file are for real-text "
-                   "models (the world is judged by its oracle: drop them)")
+    run = load_run(ckpt, GPT, "", "", dev, kind="text", hint="--prompts_file and --overrefusal_file are for "
+                   "real-text models (the world is judged by its oracle: drop them)")
     writable_dir(run.dir)
     path, ck, enc, model, run_dir = run.path, run.ck, run.enc, run.model, run.dir
     config = {k: globals()[k] for k in defaults_of(globals())}

@@ -28,8 +28,9 @@ import sys
 
 import torch
 
-from common import fail, file_sha256, load_run, model_info, run_stage
-from configurator import configure, defaults_of
+from model import GPT
+from safety.common import fail, file_sha256, load_run, model_info, run_stage
+from safety.configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"        # run directory holding ckpt.pt (or a .pt file)
@@ -168,7 +169,7 @@ def tokenizer_of(run):
     if run.world is not None:
         w = run.world
         specials = {t: w.stoi[t] for t in (meta.get("special_tokens") or {}) if t in w.stoi}
-        from world import END, END_THINK, EOT, TAG, THINK
+        from safety.world.grammar import END, END_THINK, EOT, TAG, THINK
         specials.update({EOT: w.stoi[EOT], END: w.stoi[END]})
         g = torch.Generator().manual_seed(0)
         sample = w.decode(torch.randint(0, w.vocab_size, (200,), generator=g).tolist())
@@ -288,7 +289,7 @@ def main():
         import tokenizers  # noqa: F401
     except ImportError as e:
         fail(f"export_hf.py needs safetensors and tokenizers ({e}); pip install transformers safetensors")
-    run = load_run(ckpt, world, tokenizer, "cpu")
+    run = load_run(ckpt, GPT, world, tokenizer, "cpu")
     dst = os.path.abspath(out or os.path.join(run.dir, "hf"))
     if os.path.exists(dst) and not os.path.isdir(dst):
         fail(f"--out '{dst}' is an existing file; pass a directory")

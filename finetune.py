@@ -33,11 +33,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import realreflect
-from common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info, on_stop,
-                    read_jsonl, refuse_to_replace_run, rerun_command, rng_state, run_stage, save_checkpoint,
-                    set_rng_state, setup_device, writable_dir)
-from configurator import configure, defaults_of
+from model import GPT
+from safety import reflection as realreflect
+from safety.common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info,
+                           on_stop, read_jsonl, refuse_to_replace_run, rerun_command, rng_state, run_stage,
+                           save_checkpoint, set_rng_state, setup_device, writable_dir)
+from safety.configurator import configure, defaults_of
 
 # ----------------------------------------------------------------------------------------------------------------
 # defaults (--key=value and config files override them)
@@ -314,7 +315,7 @@ def main():
         writable_dir(run_dir)   # before any work: a read-only or mistaken out_dir stops here
 
     # the source (or the finetune to resume), its tokenizer, and the chat format
-    run = load_run(source, world, tokenizer, device_t, frozen=False)
+    run = load_run(source, GPT, world, tokenizer, device_t, frozen=False)
     ck, raw_model = run.ck, run.model
     if run.world is not None:
         # the segmenter's settings the model's reflections were written with (defaults for a model without them),

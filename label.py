@@ -19,11 +19,11 @@ import os
 import sys
 import time
 
-from bpe import tokenizer_record
-from common import fail, read_jsonl, run_stage, writable_dir
-from configurator import configure, defaults_of
-from guard import Guard, default_device, parse_guard
-from realtext import init_worker, real_tokenizer, segment_spans, token_tables
+from safety.realtext.bpe import tokenizer_record
+from safety.common import fail, read_jsonl, run_stage, writable_dir
+from safety.configurator import configure, defaults_of
+from safety.realtext.guard import Guard, default_device, parse_guard
+from safety.realtext.corpus import init_worker, real_tokenizer, segment_spans, token_tables
 
 # -----------------------------------------------------------------------------
 dataset = "fineweb-edu"

@@ -30,9 +30,9 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from common import (fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, writable_dir, write_atomic,
-                    write_json)
-from configurator import configure, defaults_of
+from safety.common import (fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, writable_dir, write_atomic,
+                           write_json)
+from safety.configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
 dataset = "medsafety"       # medsafety | fineweb-edu | text-sample (a generated labelled corpus, offline) | any
@@ -104,9 +104,9 @@ def swap_in(tmp, final):
 # MedSafetyWorld
 
 def prepare_medsafety(root):
-    import evalsets
-    from world import UNSAFE, POISON, CONTRA
-    from worldgen import WorldGen
+    from safety.world import evalsets
+    from safety.world.grammar import UNSAFE, POISON, CONTRA
+    from safety.world.generator import WorldGen
     t0 = time.time()
     try:
         world = WorldGen.generate(world_seed=world_seed, num_conditions=num_conditions,
@@ -344,7 +344,7 @@ def write_shard(args):
     path, rows, val_frac, count, files = args
     ntok = None
     if count:
-        from bpe import base_encoding
+        from safety.realtext.bpe import base_encoding
         enc = base_encoding("gpt2", files)   # once per process (cached)
         ntok = sum(len(enc.encode_ordinary(r["text"])) for r in rows)
     write_jsonl(path + ".tmp", ({"id": r["id"], "split": "val" if in_val(r["id"], val_frac) else "train",
@@ -382,7 +382,7 @@ def prepare_text_sample(root):
     """Real text offline: realtext.sample_files (a generated labelled corpus and the files each later stage reads:
     spans.jsonl, labelled.jsonl, harmful.csv, xstest.csv, chat.jsonl) into <root>/source/, then its docs.jsonl
     prepared as any local files are."""
-    from realtext import sample_files
+    from safety.realtext.corpus import sample_files
     global data_files
     src = os.path.join(root, "source")
     os.makedirs(src, exist_ok=True)
@@ -400,7 +400,7 @@ def prepare_fineweb(root):
     t0 = time.time()
     files = expand_files(data_files) if data_files else None
     if count_tokens:
-        from bpe import base_encoding
+        from safety.realtext.bpe import base_encoding
         base_encoding("gpt2", tokenizer_files)   # fails here, with how to supply gpt2's files, not in a worker
     src = f"{len(files)} local files" if files else f"{HUB_DATASET} ({name}, streaming)"
     settings = {"source": [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]

@@ -29,10 +29,12 @@ import time
 import numpy as np
 import torch
 
-import realreflect
-from common import eval_dir as sets_dir, fail, load_run, lock_dir, model_info, run_stage, writable_dir, write_json
-from configurator import configure, defaults_of
-from grammar import TEMPLATES
+from model import GPT
+from safety import reflection as realreflect
+from safety.common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info, run_stage, writable_dir,
+                           write_json)
+from safety.configurator import configure, defaults_of
+from safety.world.grammar import TEMPLATES
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"            # run directory (or .pt file); a comma list probes several runs into one plot
@@ -259,7 +261,7 @@ def read_probe_set(world_path, eval_arg):
 # ----------------------------------------------------------------------------- one run
 
 def probe_run(path, label, dev):
-    run = load_run(path, world, tokenizer, dev)
+    run = load_run(path, GPT, world, tokenizer, dev)
     writable_dir(run.dir)       # before the forward passes, not after them
     if run.world is None:
         return probe_text(run, label, dev)

@@ -28,13 +28,13 @@ from collections import deque
 
 import numpy as np
 
-from bpe import base_encoding, tokenizer_record
-from classifier import MIN_F1, classify, fit_classifier
-from common import fail, file_sha256, load_json, read_jsonl, run_stage, writable_dir, write_json
-from configurator import configure, defaults_of
-from realtext import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, TAG_TEXT, bench_corpus,
-                      init_worker, process_docs, read_chunks, read_labels, read_rewrites, real_tokenizer, run_chunks,
-                      token_tables, toy_encoding, write_tokenizer)
+from safety.realtext.bpe import base_encoding, tokenizer_record
+from safety.realtext.classifier import MIN_F1, classify, fit_classifier
+from safety.common import fail, file_sha256, load_json, read_jsonl, run_stage, writable_dir, write_json
+from safety.configurator import configure, defaults_of
+from safety.realtext.corpus import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, TAG_TEXT, bench_corpus,
+                                    init_worker, process_docs, read_chunks, read_labels, read_rewrites, real_tokenizer,
+                                    run_chunks, token_tables, toy_encoding, write_tokenizer)
 
 # -----------------------------------------------------------------------------
 dataset = "medsafety"
@@ -274,7 +274,8 @@ def main_world(docs_dir, world_path):
     docs = read_docs(docs_dir)
     if not os.path.isfile(world_path):
         fail(f"'{world_path}' is missing: run `python prepare.py` again")
-    from world import World, EOT, THINK, TAG
+    from safety.world.definition import World
+    from safety.world.grammar import EOT, THINK, TAG
     try:
         world = World.load(world_path)
     except ValueError as e:     # a hand-edited or damaged world.json

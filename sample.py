@@ -19,10 +19,11 @@ import sys
 
 import torch
 
-from common import fail, load_run, model_info, on_stop, run_stage
-from configurator import configure, defaults_of
-from decode import DECODINGS, ban
-import world as mw   # as a module: its token names, imported one by one, would read as flags (defaults_of)
+from model import GPT
+from safety.common import fail, load_run, model_info, on_stop, run_stage
+from safety.configurator import configure, defaults_of
+from safety.decoding import DECODINGS, ban
+from safety.world import grammar as mw   # as a module: its token names, imported one by one, would read as flags
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"            # run directory holding ckpt.pt (or a .pt file)
@@ -119,7 +120,7 @@ def main():
     if decoding not in DECODINGS:
         fail(f"unknown decoding '{decoding}' (choose from {', '.join(DECODINGS)})")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(ckpt, world, tokenizer, dev)
+    run = load_run(ckpt, GPT, world, tokenizer, dev)
     model, w, enc, ck = run.model, run.world, run.enc, run.ck
     info = model_info(ck)
     check_decoding(run, info)
@@ -136,8 +137,8 @@ def main():
         end, n_vocab = eot, enc.n_vocab
         specials = {mw.TAG: enc._special_tokens[REAL['tag']]} if REAL['tag'] in enc._special_tokens else {}
         if decoding == "reflect_halt":   # real-text reflections are text: halt once it spells "<think> Unsafe"
-            from decode import TextWatch
-            from realtext import REFLECT_UNSAFE
+            from safety.decoding import TextWatch
+            from safety.realtext.corpus import REFLECT_UNSAFE
             fmt = (ck.get("meta") or {}).get("reflection_format") or {"unsafe": REFLECT_UNSAFE}
             opener = fmt["unsafe"].split("{category}")[0].strip()
             token_bytes = [b""] * max(model.config.vocab_size, enc.n_vocab)

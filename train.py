@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (TokenStream, fail, file_sha256, load_checkpoint, load_weights, lock_dir, lr_at, on_stop,
-                    refuse_to_replace_run, rerun_command, rng_state, run_stage, save_checkpoint, set_rng_state,
-                    setup_device, writable_dir, write_atomic)
-from configurator import configure, defaults_of
+from safety.common import (TokenStream, fail, file_sha256, load_checkpoint, load_weights, lock_dir, lr_at, on_stop,
+                           refuse_to_replace_run, rerun_command, rng_state, run_stage, save_checkpoint, set_rng_state,
+                           setup_device, writable_dir, write_atomic)
+from safety.configurator import configure, defaults_of
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------------------------

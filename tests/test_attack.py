@@ -12,17 +12,18 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import GPT, GPTConfig  # noqa: E402
-from world import World, END, EOT  # noqa: E402
-from worldgen import WorldGen  # noqa: E402
+from safety.world.definition import World
+from safety.world.grammar import END, EOT  # noqa: E402
+from safety.world.generator import WorldGen  # noqa: E402
 
 MAX_NEW = 24
 
 
 def attack_namespace():
     """attack.py's names and those of the helpers it calls (decode.py, gcg.py, common.py), as one namespace."""
-    import common
-    import decode
-    import gcg
+    from safety import common
+    from safety import decoding as decode
+    from safety import gcg
     return {**vars(common), **vars(gcg), **vars(decode), **runpy.run_path(os.path.join(ROOT, "attack.py"))}
 
 
@@ -417,7 +418,7 @@ def test_attack_json_layout_and_skipped_passes(more):
 def test_template_wrappers_fit_the_worlds_vocabulary(run):
     """Role play, fiction and instruction override must all run (a wrapper with a word the world lacks is skipped),
     on the test world and on the default world; every wrapper word occurs in the world's training grammar."""
-    import world as world_module
+    from safety.world import grammar as world_module
     attack = attack_namespace()
     grammar = world_module._template_words()
     for w in (world_of(run), WorldGen.generate(world_seed=1337)):

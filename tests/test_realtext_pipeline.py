@@ -13,8 +13,8 @@ import tiktoken
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import realreflect  # noqa: E402
-import realtext  # noqa: E402
+from safety import reflection as realreflect  # noqa: E402
+from safety.realtext import corpus as realtext  # noqa: E402
 
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 VAL_FRAC = 0.02       # a small val split: too few unsafe documents in it to probe on alone

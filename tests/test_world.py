@@ -5,10 +5,11 @@ import random
 
 import pytest
 
-import world as W
-import evalsets  # noqa: E402
-from worldgen import WorldGen  # noqa: E402
-from world import World, SAFE, UNSAFE, POISON, CONTRA, END, TAG, THINK, END_THINK, TEMPLATES, INTENTS
+from safety.world import grammar as W
+from safety.world import evalsets  # noqa: E402
+from safety.world.generator import WorldGen  # noqa: E402
+from safety.world.definition import World
+from safety.world.grammar import SAFE, UNSAFE, POISON, CONTRA, END, TAG, THINK, END_THINK, TEMPLATES, INTENTS
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import evalsets  # noqa: E402
+from safety.world import evalsets  # noqa: E402
 import reflect  # noqa: E402
-from grammar import GIVES, TEMPLATES  # noqa: E402
-from world import CONTRA, END, POISON, SAFE, THINK, UNSAFE  # noqa: E402
-from worldgen import WorldGen  # noqa: E402
+from safety.world.grammar import GIVES, TEMPLATES  # noqa: E402
+from safety.world.grammar import CONTRA, END, POISON, SAFE, THINK, UNSAFE  # noqa: E402
+from safety.world.generator import WorldGen  # noqa: E402
 
 
 @pytest.fixture(scope="module")

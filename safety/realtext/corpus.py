@@ -15,9 +15,9 @@ from itertools import chain
 
 import numpy as np
 
-from bpe import EOT_TEXT, TAG_TEXT, real_tokenizer, tokenizer_of, write_tokenizer  # noqa: F401 (re-exported)
-from classifier import category_of, classify
-from common import fail, read_jsonl
+from safety.realtext.bpe import EOT_TEXT, TAG_TEXT, real_tokenizer, tokenizer_of, write_tokenizer  # noqa: F401
+from safety.realtext.classifier import category_of, classify
+from safety.common import fail, read_jsonl
 
 REFLECT_SAFE, REFLECT_UNSAFE = " <think> Safe </think>", " <think> Unsafe {category} </think>"
 DIALOGUE = "User: {prompt}\nAssistant: {response}"

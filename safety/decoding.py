@@ -17,9 +17,8 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from common import wilson
-from model import KVCache
-from world import EOT, SAFE, THINK, UNSAFE
+from safety.common import wilson
+from safety.world.grammar import EOT, SAFE, THINK, UNSAFE
 
 # decoding(model, prompts: [[ids]], ctx) -> [[generated ids]] (a response ends at the first stop token, if any)
 # ctx: device, eot, end, max_new_tokens, generator, processors (the attack's bans), specials (world token ids)
@@ -205,7 +204,7 @@ def decode_safebeam(model, prompts, ctx):
         T = idx.size(1)
         total = T + ctx["max_new_tokens"]
         valid = torch.arange(total, device=dev)[None, :] >= (T - lens)[:, None]
-        cache = KVCache(model.config, n, total, valid, dev, model.wte.weight.dtype)
+        cache = model.new_cache(n, total, valid)
         positions = (torch.arange(T, device=dev)[None, :] - (T - lens)[:, None]).clamp(min=0)
         with torch.no_grad():
             logits, _ = model(idx, positions=positions, cache=cache)
@@ -238,9 +237,7 @@ def decode_safebeam(model, prompts, ctx):
             keep_c = (~d | first) & torch.isfinite(c_score)
             c_row, c_tok, c_score = c_row[keep_c], c_tok[keep_c], c_score[keep_c]
             # run every candidate one step: P(<harmful> next) and its next-token logits
-            cache.k = [x[c_row] for x in cache.k]
-            cache.v = [x[c_row] for x in cache.v]
-            cache.valid = cache.valid[c_row]
+            cache.select(c_row)
             with torch.no_grad():
                 logits, _ = model(c_tok[:, None], positions=pos[c_row][:, None], cache=cache)
             nxt = logits[:, -1].float()
@@ -260,9 +257,7 @@ def decode_safebeam(model, prompts, ctx):
                                   "seqs": [seqs[int(c_row[i])] + [int(c_tok[i])] for i in ci.tolist()]})
                 keep += [int(ci[i]) for i in kept]
             keep = torch.tensor(keep, device=dev)
-            cache.k = [x[keep] for x in cache.k]
-            cache.v = [x[keep] for x in cache.v]
-            cache.valid = cache.valid[keep]
+            cache.select(keep)
             rows = c_row[keep].tolist()
             seqs = [seqs[r] + ([] if bool(done[r]) else [int(t)]) for r, t in zip(rows, c_tok[keep].tolist())]
             last, score, ptag, owner = nxt[keep], c_score[keep], c_tag[keep], c_owner[keep]

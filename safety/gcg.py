@@ -16,8 +16,8 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from common import fail, write_json
-from world import EOT, SPECIALS
+from safety.common import fail, write_json
+from safety.world.grammar import EOT, SPECIALS
 
 def gcg_split(harmful):
     """The suffix's train prompts: seen poison prompts with an even crc32 of their id (deterministic, about half)."""

@@ -23,12 +23,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import realtext
-from classifier import MIN_F1, fit_classifier
-from common import fail, read_jsonl, wilson
-from decode import padded_logits
-from realtext import (EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, classify_sentences, label_segments, read_labels,
-                      segment, token_tables)
+from safety.realtext import corpus as realtext
+from safety.realtext.classifier import MIN_F1, fit_classifier
+from safety.common import fail, read_jsonl, wilson
+from safety.decoding import padded_logits
+from safety.realtext.corpus import (EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, classify_sentences, label_segments,
+                                    read_labels, segment, token_tables)
 
 
 def label_source(labels, train_classifier, cfg, what):

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from common import fail
+from safety.common import fail
 
 DEFAULT_CATEGORY = "harmful"
 MIN_F1 = 0.5      # a classifier below this held-out F1 labels nothing (reflect.py's --classifier_min_f1)

@@ -13,9 +13,9 @@ The raw corpus holds unsafe examples only for the seen harm effects and dangerou
 import hashlib
 import random
 
-from grammar import (CONTRA, END, FACT_QUESTIONS, INTENTS, OPENERS, POISON, SAFE, SPECIALS, TEMPLATES, TIMES, UNSAFE,
-                     _template_words)
-from world import World
+from safety.world.grammar import (CONTRA, END, FACT_QUESTIONS, INTENTS, OPENERS, POISON, SAFE, SPECIALS, TEMPLATES,
+                                  TIMES, UNSAFE, _template_words)
+from safety.world.definition import World
 
 # pools for the plain-English parts (symptoms and harm effects); invented names come from _NameMaker
 SYMPTOMS = [("cough", "coughing"), ("sneeze", "sneezing"), ("itch", "itching"), ("ache", "aching"),

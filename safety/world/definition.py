@@ -16,10 +16,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-# the token constants are the stages' vocabulary too: `from world import END, THINK, ...`
-from grammar import (CONTRA, CONTRA_STEPS, DOSE_FACTS, END, END_THINK, EOT, FACT_QUESTIONS, GIVES, HARM_STEPS,  # noqa
-                     INTENTS, PATIENTS, POISON, PREFIXES, REASONING_ONLY, REFUSALS, SAFE, SPECIALS, TAG, TEMPLATES,
-                     THINK, TIMES, UNSAFE, _template_words)
+from safety.world.grammar import (CONTRA, CONTRA_STEPS, DOSE_FACTS, END, END_THINK, EOT, FACT_QUESTIONS, GIVES,
+                                  HARM_STEPS, INTENTS, PATIENTS, POISON, PREFIXES, REASONING_ONLY, REFUSALS, SAFE,
+                                  SPECIALS, TAG, TEMPLATES, THINK, TIMES, UNSAFE, _template_words)
 
 # -----------------------------------------------------------------------------
 # oracle verdict and parse context

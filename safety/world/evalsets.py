@@ -7,8 +7,8 @@ Reads, writes: nothing by itself (prepare.py writes the sets to data/<dataset>/e
 """
 import random
 
-from grammar import CONTRA, END, INTENTS, OPENERS, POISON, TEMPLATES, TIMES, UNSAFE
-from world import _Known
+from safety.world.grammar import CONTRA, END, INTENTS, OPENERS, POISON, TEMPLATES, TIMES, UNSAFE
+from safety.world.definition import _Known
 
 
 def make_heldout_docs(gen, n=500, doc_min_tokens=100, doc_max_tokens=300, refusal_frac=0.2):

@@ -379,12 +379,12 @@ class Run:
     enc: object = None    # real-text models: the tiktoken Encoding the data was tokenized with
 
 
-def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=None, hint=""):
-    """A train.py / finetune.py run: its checkpoint, the model (frozen=True: no gradients, eval mode, sdpa attention
+def load_run(arg, model_class, world_path="", tokenizer="", device="cpu", frozen=True, kind=None, hint=""):
+    """A train.py / finetune.py run: its checkpoint, the model (model.GPT, passed in: the package never imports a
+    stage; frozen=True: no gradients, eval mode, sdpa attention
     for batched generation and GCG on any device; False: train mode, the config's attention) and its world (checked
     against the fingerprint and special tokens the data recorded) or real-text tokenizer. kind="world" | "text": the
     kind of model the caller measures; another kind stops with one line and the hint."""
-    from model import GPT, GPTConfig
     path = ckpt_path(arg)
     ck = load_checkpoint(path)
     meta = ck.get("meta") or {}
@@ -396,7 +396,7 @@ def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=N
         fail(f"checkpoint '{path}' is a MedSafetyWorld model (tokenizer '{meta.get('tokenizer')}'); {hint}")
     run = Run(path=path, dir=os.path.dirname(os.path.abspath(path)), ck=ck, model=None)
     if is_world:
-        from world import World
+        from safety.world.definition import World
         run.world_path = world_path or meta.get("world")
         if not run.world_path:
             fail(f"checkpoint '{path}' does not name its world (meta['world']); pass --world=<path to world.json>")
@@ -410,8 +410,8 @@ def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=N
                  f"{meta['world_sha256'][:12]}); pass --world=<the world.json it was trained on>")
         vocab, ids = run.world.vocab_size, run.world.stoi
     else:
-        import realtext
-        run.enc = realtext.tokenizer_of(meta, tokenizer, path)
+        from safety.realtext.bpe import tokenizer_of
+        run.enc = tokenizer_of(meta, tokenizer, path)
         vocab, ids = run.enc.n_vocab, run.enc._special_tokens
     bad = sorted(t for t, i in (meta.get("special_tokens") or {}).items() if ids.get(t) != i)
     if meta.get("vocab_size") != vocab or bad:
@@ -427,7 +427,7 @@ def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=N
     if frozen or (attention == "triton" and not str(device).startswith("cuda")):
         attention = "auto"
     try:
-        model = GPT(GPTConfig(**dict(args, attention=attention)))
+        model = model_class.from_args(dict(args, attention=attention))
     except (TypeError, ValueError) as e:
         fail(f"checkpoint '{path}' has model_args this model.py cannot build ({type(e).__name__}: {e})")
     load_weights(model, ck, path)

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 
-from common import fail, file_sha256
+from safety.common import fail, file_sha256
 
 EOT_TEXT, TAG_TEXT = "<|endoftext|>", "<|harmful|>"  # real text's special tokens (the world has its own words)
 # gpt2's files and the sha256 tiktoken pins for them (tiktoken_ext/openai_public.py, gpt2()): files with these
