@@ -1,6 +1,6 @@
 """
 Attack a pretrained (or finetuned) MedSafetyWorld model and measure every response with the world's exact oracle;
-or a real-text model, judged by a judge model (--judge) or refusal strings (realattack.py).
+or a real-text model, judged by a judge model (--judge) or refusal strings (safety/realtext/attacks.py).
 
 Reads:  <ckpt>/ckpt.pt and its world's eval/{harmful_prompts,benign_prompts,capability,heldout_docs}.jsonl, and the
         attack.json / generations.jsonl already there (this run's passes are merged into them: save_results)
@@ -13,9 +13,9 @@ Run:    python attack.py --ckpt=out/raw
         python attack.py --ckpt=out/gpt2-run --prompts_file=harmbench.csv --overrefusal_file=xstest.csv  (real text)
         python attack.py --ckpt=out/gpt2-run --prompts_file=harmbench.csv --judge=Qwen/Qwen3Guard-Gen-0.6B
 """
-# Attacks (ATTACKS) map an evaluation record to variants {"user", "prefill", "ban", "variant"}; decodings (decode.py)
+# Attacks (ATTACKS) map an evaluation record to variants {"user", "prefill", "ban", "variant"}; decodings (safety/decoding.py)
 # map prompts to tokens. direct, prefill (the start of the compliance answer), template (jailbreak wrappers in the
-# world's words), suffix (a universal GCG suffix, gcg.py), suppress (<think> banned); greedy, topk, safebeam (tag
+# world's words), suffix (a universal GCG suffix, safety/gcg.py), suppress (<think> banned); greedy, topk, safebeam (tag
 # models), reflect_halt (reflection models). All of them run on real text too, judged by a judge model or, without
 # one, by refusal strings (approximate).
 
@@ -31,12 +31,13 @@ from model import GPT
 from safety.common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info, on_stop, read_jsonl, run_stage,
                            wilson, writable_dir, write_atomic)
 from safety.configurator import configure, defaults_of
-from safety.decoding import (DECODINGS, classify_reflections, heldout_reflections, reflection_metrics,
-                             request_reflection, run_passes, variant)
+from safety.decoding import DECODINGS, DecodeSettings, run_passes, variant
 from safety.gcg import get_real_suffix, get_suffix, model_fingerprint
 from safety.realtext.guard import Guard, check_template
 from safety.realtext.attacks import (REAL_PREFILL, REFUSAL_STRINGS, RealText, evaluated, judge_rows,  # noqa: F401
                                      real_inputs, real_metrics, real_records, refusal_string)
+from safety.reflection import (classify_world_reflections, request_reflection, world_chat, world_reflection_metrics,
+                               world_reflection_sites)
 from safety.world.grammar import END, EOT, THINK
 
 # -----------------------------------------------------------------------------
@@ -102,7 +103,7 @@ def chat_input(w, user, prefill, info):
     """The model's input for a user turn (and a prefill) in its chat format (model_info): plain "<user> assistant :",
     or for reflect the user turn as the pretraining segmenter writes it, where the model reflects next. A prefill
     skips that reflection on the request: the attacker writes the start of the answer instead."""
-    prompt = w.chat(user, reflect=info["chat"] == "reflect", segment_tokens=info["segment_tokens"])[0]
+    prompt = world_chat(w, user, reflect=info["chat"] == "reflect", segment_tokens=info["segment_tokens"])[0]
     if prefill:
         return f"{user if info['chat'] != 'reflect' else prompt} assistant : {prefill}"
     return prompt
@@ -312,11 +313,11 @@ def check_names(attack_names, decoding_names, set_names=None):
         fail("the suffix attack needs suffix_len, gcg_steps, gcg_topk and gcg_batch of at least 1")
 
 
-def decode_ctx(dev, eot, end, vocab_ids):
-    """The decoders' settings (decode.py): this run's flags and the stop tokens."""
-    return {"device": dev, "eot": eot, "end": end, "max_new_tokens": max_new_tokens, "vocab_ids": vocab_ids,
-            "specials": vocab_ids, "temperature": temperature, "top_k": top_k, "beam_width": beam_width,
-            "batch": batch_size, "seed": seed}
+def decode_settings(dev, eot, end, **ground):
+    """The decoders' settings (safety/decoding.py): this run's flags, the stop tokens, and what the ground adds (the
+    world: its vocabulary as token_ids; real text: RealText.decode_settings)."""
+    return DecodeSettings(device=dev, eot=eot, end=end, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, beam_width=beam_width, batch=batch_size, seed=seed, **ground)
 
 
 def skip_reason(info, a, d):
@@ -505,8 +506,8 @@ def main():
                  f"{model.config.block_size - longest} or less")
         inputs[a] = items
 
-    ctx = decode_ctx(dev, w.stoi[EOT], w.stoi[END], w.stoi)
-    results, skipped, lines = run_passes(model, inputs, (attack_names, decoding_names), ctx,
+    settings = decode_settings(dev, w.stoi[EOT], w.stoi[END], token_ids=w.stoi)
+    results, skipped, lines = run_passes(model, inputs, (attack_names, decoding_names), settings,
                                          lambda r, resp, x: w.judge(r, resp, x["prefill"]).to_dict(), w.decode,
                                          lambda a, d: skip_reason(info, a, d), list(data), metrics_of)
 
@@ -517,8 +518,8 @@ def main():
             print(f"reflection classification: skipped ('{docs_path}' not found; run prepare.py again)")
         else:
             t0 = time.time()
-            seqs, sites = heldout_reflections(w, read_jsonl(docs_path, "held-out documents"), info)
-            m, conf = reflection_metrics(sites, classify_reflections(model, w, seqs, sites, dev))
+            seqs, sites = world_reflection_sites(w, read_jsonl(docs_path, "held-out documents"), info)
+            m, conf = world_reflection_metrics(sites, classify_world_reflections(model, w, seqs, sites, dev))
             refl = {"metrics": m, "confusion": conf, "reflections": len(sites), "documents": len(seqs),
                     "seconds": time.time() - t0}
             print(f"reflection classification, teacher-forced at {len(sites)} reflections of {len(seqs)} held-out "
@@ -548,7 +549,7 @@ def suffix_summary(run_dir, rec):
 # ----------------------------------------------------------------------------- main (real text, approximate)
 
 def main_real(attack_names, decoding_names, dev):
-    """Real-text models (realattack.py): AdvBench/HarmBench-style prompts and XSTest-style over-refusal, every attack
+    """Real-text models (safety/realtext/attacks.py): AdvBench/HarmBench-style prompts and XSTest-style over-refusal, every attack
     and decoding, judged by a judge model (--judge) or refusal strings; a model is reflective or tagged as model_info
     says (its meta.json)."""
     check_names(attack_names, decoding_names)
@@ -590,8 +591,8 @@ def main_real(attack_names, decoding_names, dev):
         shared["suffix"], shared["suffix_ids"] = suffix_rec["suffix"], suffix_rec["ids"]
     names = [a for a in attack_names if any(x == a for x, _ in runs)]
     inputs = real_inputs(names, recs, shared, real, chat_template, model.config.block_size, max_new_tokens)
-    ctx = dict(decode_ctx(dev, real.eot, real.eot, {}), **real.ctx())
-    results, skipped, lines = run_passes(model, inputs, (names, decoding_names), ctx,
+    settings = decode_settings(dev, real.eot, real.eot, **real.decode_settings())
+    results, skipped, lines = run_passes(model, inputs, (names, decoding_names), settings,
                                          real.judge, real.decode,
                                          lambda a, d: skip_reason(info, a, d), ["harmful", "xstest"], real_metrics)
     if judge_model:

@@ -1,7 +1,7 @@
 """
 Post-training of a pretrained (or finetuned) run: compatible post-training (sft), a benign task, or the harmful
 finetuning attack. Loss on the response tokens only; how an example becomes a row: README, "finetune.py"; a real-text
-reflection model's sft row: realreflect.py.
+reflection model's sft row: safety/reflection.py.
 
 Reads:  <init_from>/ckpt.pt (never modified) and its world's eval/<task>.jsonl (prepare.py), or --data_files=
         (jsonl/parquet prompt/response pairs, read with `datasets`) with, for a real-text reflection model's sft, the
@@ -34,11 +34,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from safety import reflection as realreflect
 from safety.common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info,
                            on_stop, read_jsonl, refuse_to_replace_run, rerun_command, rng_state, run_stage,
                            save_checkpoint, set_rng_state, setup_device, writable_dir)
 from safety.configurator import configure, defaults_of
+from safety.reflection import check_label_ids, label_source, text_format, text_sft_rows, world_chat, world_stop_chat
 
 # ----------------------------------------------------------------------------------------------------------------
 # defaults (--key=value and config files override them)
@@ -164,7 +164,7 @@ def read_records(files, keys, optional=()):
 
 def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
     """[(prompt ids, target ids)] of the first n records (-1: all), as training rows of task_name. A real-text
-    reflection sft (text_reflect) labels its rows with tok["labeller"] (realreflect.label_source)."""
+    reflection sft (text_reflect) labels its rows with tok["labeller"] (label_source)."""
     reflecting = fmt == "text_reflect" and task_name == "sft"
     stops = ("prefill", "compliant") if "world" in tok else ()
     rows = read_records(files, (pkey, rkey), ((id_key,) if reflecting else ()) + stops)
@@ -176,7 +176,7 @@ def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
     if reflecting and tok["labeller"][0]:   # every labelled text must be one of the file's (a wrong file says so)
         if len(set(ids)) < len(ids):
             fail(f"data file(s) '{files}' repeat a row id in column '{id_key}'; the labels need one id per row")
-        realreflect.check_label_ids(tok["labeller"][0], [f"{i}/{f}" for i in ids for f in ("prompt", "response")],
+        check_label_ids(tok["labeller"][0], [f"{i}/{f}" for i in ids for f in ("prompt", "response")],
                                     labels)
     if n >= 0:
         if n > len(rows):
@@ -190,15 +190,14 @@ def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
         if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
             fail(f"example {i} of '{files}' needs text in '{pkey}' and a non-empty '{rkey}' "
                  f"(got {type(prompt).__name__}, {type(response).__name__})")
-        if r.get("prefill"):   # a stop example: the unsafe start in the prompt, then the stop (world.stop_chat)
+        if r.get("prefill"):   # a stop example: the unsafe start in the prompt, then the stop (reflection.world_stop_chat)
             out.append(encode_stop_example(tok, fmt, r, pkey, i, files))
         elif not reflecting:
             out.append(encode_example(tok, fmt, task_name, prompt, response, i, files))
     if reflecting:   # labelled together: the classifier and the segmenter run on all rows at once
         spans, clf = tok["labeller"]
-        out = realreflect.sft_rows(tok["enc"], [(i, r[pkey], r[rkey]) for i, r in zip(ids, rows)], chat_template,
-                                   spans, clf, tok["segment_tokens"], labels, tok.get("reflection_format",
-                                                                                   realreflect.reflection_format({})))
+        out = text_sft_rows(tok["enc"], [(i, r[pkey], r[rkey]) for i, r in zip(ids, rows)], chat_template, spans,
+                            clf, tok["segment_tokens"], labels, tok.get("reflection_format", text_format()))
     return out
 
 
@@ -214,11 +213,11 @@ def encode_example(tok, fmt, task_name, prompt, response, i, files):
         # attacker's) hold no reflections, so the row is the plain dialogue, "assistant :" and the answer. Only where
         # the prompt ends follows the model's chat format: after the user turn, the input attack.py gives it (so the
         # rows teach it to answer without reflecting first, which is what such finetuning does to a reflection
-        # model). world.chat(reflect=True) would carry the oracle's labels, and turn every harmful example into a
+        # model). world_chat(reflect=True) would carry the oracle's labels, and turn every harmful example into a
         # refusal (an unsafe reflection, then END). The response keeps its own ending (END).
         p, t = prompt, f"assistant : {response}"
     else:
-        p, t = w.chat(prompt, response, reflect=fmt == "reflect", segment_tokens=tok.get("segment_tokens", 32))
+        p, t = world_chat(w, prompt, response, reflect=fmt == "reflect", segment_tokens=tok.get("segment_tokens", 32))
     try:
         return w.encode(p), w.encode(t)
     except ValueError as e:
@@ -231,8 +230,8 @@ def encode_stop_example(tok, fmt, r, pkey, i, files):
     if not r.get("compliant"):
         fail(f"example {i} of '{files}' has a prefill but no compliant answer; it is not a stop example of "
              f"prepare.py (run prepare.py again)")
-    p, t = w.stop_chat(r[pkey], r["prefill"], r["compliant"], r[response_key], reflect=fmt == "reflect",
-                       segment_tokens=tok["segment_tokens"])
+    p, t = world_stop_chat(w, r[pkey], r["prefill"], r["compliant"], r[response_key], reflect=fmt == "reflect",
+                           segment_tokens=tok["segment_tokens"])
     try:
         return w.encode(p), w.encode(t)
     except ValueError as e:
@@ -324,7 +323,7 @@ def main():
                "segment_tokens": segment_tokens if segment_tokens >= 0 else model_info(ck)["segment_tokens"]}
     else:   # real text: the segmenter's limit and the reflections the reflect stream was written with (meta.json)
         tok = {"enc": run.enc, "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32),
-               "reflection_format": realreflect.reflection_format(ck["meta"])}
+               "reflection_format": text_format(ck["meta"])}
     if resume:
         if not {"finetune", "optimizer", "config", "iter_num", "tokens_seen", "data_slots", "rng"} <= set(ck):
             fail(f"'{out_ckpt}' is not a finetune.py checkpoint; finetune it with --init_from={run_dir}")
@@ -340,8 +339,8 @@ def main():
     share = replay_share(tok, task, replay)
     label_files = [f for f in (labels, train_classifier) if f]
     if fmt == "text_reflect" and task == "sft":   # reflect.py's seed: the same classifier as pretraining's
-        tok["labeller"] = realreflect.label_source(labels, train_classifier, ck["meta"].get("config") or {},
-                                                   "the reflection sft of a real-text model")
+        tok["labeller"] = label_source(labels, train_classifier, ck["meta"].get("config") or {},
+                                       "the reflection sft of a real-text model")
     elif label_files:
         fail(f"--labels and --train_classifier label the rows of a real-text reflection model's sft, and this finetune "
              f"is {task} in format {fmt}; leave them out")

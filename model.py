@@ -7,7 +7,7 @@ Writes: nothing. Test: `python -m pytest tests/test_model.py`. Benchmark: `pytho
 One architecture from the 50k-parameter smoke model to the SmolLM2-1.7B shape:
 token embedding tied to the output head, RMSNorm before each sub-layer, rotary position embeddings (RoPE),
 causal self-attention, a SwiGLU MLP, no biases anywhere. Attention has three interchangeable backends:
-  triton  the fused FlashAttention-2 kernel in flash_attention.py (default on CUDA)
+  triton  the fused FlashAttention-2 kernel in safety/flash_attention.py (default on CUDA)
   sdpa    torch.nn.functional.scaled_dot_product_attention (default on CPU)
   manual  softmax(QK^T/sqrt(d)) V written out: the teaching reference the other two are tested against
 """

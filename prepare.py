@@ -379,7 +379,7 @@ def hms(s):
 
 
 def prepare_text_sample(root):
-    """Real text offline: realtext.sample_files (a generated labelled corpus and the files each later stage reads:
+    """Real text offline: safety/realtext/corpus.py's sample_files (a generated labelled corpus and the files each later stage reads:
     spans.jsonl, labelled.jsonl, harmful.csv, xstest.csv, chat.jsonl) into <root>/source/, then its docs.jsonl
     prepared as any local files are."""
     from safety.realtext.corpus import sample_files

@@ -1,27 +1,44 @@
 """
-Running a model on prompts, for attack.py: the decodings (greedy, top-k, Safety Pretraining's safe beam search,
-reflection halting), batched passes over (attack, decoding) with the judge on every response, and the teacher-forced
-reads of a model's own reflections (its safety classification, P(unsafe) at the request).
+Running a model on prompts, for attack.py and sample.py: the decodings (greedy, top-k, Safety Pretraining's safe
+beam search, reflection halting) and the batched passes over (attack, decoding) with the judge on every response.
+A decoding is decoding(model, prompts: [[ids]], settings: DecodeSettings) -> [[generated ids]], each response cut
+after its first stop token.
 
-Real text spells its reflections as plain text (realtext.py), so there a reflection is a string, found and banned
-whatever tokens spell it (TextWatch); the world's are single tokens.
-
-Reads, writes: nothing by itself. ctx: device, eot, end, max_new_tokens, generator, processors (bans), specials
-(token ids), and temperature, top_k, beam_width, batch, seed (attack.py's flags); real text adds unsafe_opener (a
-TextWatch), ban_of (an attack's ban list -> processor) and fixed (processors of every batch).
+Real text spells its reflections as plain text (safety/reflection.py), so there a reflection is a string, found and
+banned whatever tokens spell it (TextWatch); the world's are single tokens.
+Reads, writes: nothing by itself.
 """
 import sys
 import time
 import zlib
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
-from safety.common import wilson
-from safety.world.grammar import EOT, SAFE, THINK, UNSAFE
 
-# decoding(model, prompts: [[ids]], ctx) -> [[generated ids]] (a response ends at the first stop token, if any)
-# ctx: device, eot, end, max_new_tokens, generator, processors (the attack's bans), specials (world token ids)
+@dataclass
+class DecodeSettings:
+    """What the decodings need: attack.py's flags, the stop tokens and the tokens they look up."""
+    device: str
+    eot: int                    # <|endoftext|>: a row that writes it is finished
+    end: int                    # the stop token (the world's <end_of_turn>; real text: <|endoftext|>)
+    max_new_tokens: int
+    token_ids: dict = field(default_factory=dict)   # {token: id} of what is looked up: <harmful> (safe beam), the
+                                                    # world's <think>, unsafe, </think> (reflect_halt) and its banned words
+    temperature: float = 1.0    # topk and reflect_halt
+    top_k: int = 40             # topk and reflect_halt
+    beam_width: int = 4         # safebeam
+    batch: int = 128            # prompts per generate call (safe beam: candidate rows)
+    seed: int = 1337            # each pass samples from seed + crc32 of its name
+    unsafe_opener: object = None    # real text: the TextWatch of the unsafe reflection's opener (reflect_halt)
+    ban_of: object = None       # real text: banned strings -> a logits processor; None: token_ids' tokens are banned
+    fixed: tuple = ()           # logits processors of every batch (real text: never an id past the tokenizer)
+    prefill_join: str = " "     # between a prefill and the response: the world's words join with a space
+    processors: tuple = ()      # this batch's logits processors (run_passes: fixed + the attack's ban)
+    generator: object = None    # this pass's sampling RNG (run_passes: seeded per pass)
+    trace: list = None          # safe beam search appends its choices here (tests read them)
+
 
 def variant(user, prefill="", ban=(), name=None):
     """One model input of an attack (attack.py's ATTACKS): the user turn, the start of the answer written for the
@@ -36,16 +53,6 @@ def force(logits, hit, tok):
         forced[tok] = 0.0
         logits = torch.where(hit[:, None], forced, logits)
     return logits
-
-
-def padded_logits(model, batch, dev):
-    """Windows of different lengths through the model at once, right-padded (causal attention never reads the
-    padding, so each window's logits are its own) -> logits (len(batch), longest, vocab)."""
-    idx = torch.zeros(len(batch), max(len(x) for x in batch), dtype=torch.long)
-    for r, x in enumerate(batch):
-        idx[r, :len(x)] = torch.tensor(x)
-    with torch.no_grad():
-        return model(idx.to(dev))[0]
 
 
 def _stop_after_eot(eot, end):
@@ -144,34 +151,34 @@ def cut(row, stops):
     return row[:next((j + 1 for j, t in enumerate(row) if t in stops), len(row))]
 
 
-def generate_batch(model, prompts, ctx, temperature, top_k=None, processors=()):
+def generate_batch(model, prompts, s, temperature, top_k=None, processors=()):
     """Left-pad the prompts, generate with the KV cache until every row stopped (END) or max_new_tokens, and
     return each row's new tokens cut after its first stop token (END or <|endoftext|>)."""
-    idx, lens = left_pad(prompts, ctx["eot"])
+    idx, lens = left_pad(prompts, s.eot)
     T = idx.size(1)
-    out = model.generate(idx.to(ctx["device"]), ctx["max_new_tokens"], temperature=temperature, top_k=top_k,
-                         logits_processors=[*ctx.get("processors", ()), *processors,
-                                            _stop_after_eot(ctx["eot"], ctx["end"])],
-                         prompt_lens=lens.to(ctx["device"]), stop_token=ctx["end"], generator=ctx["generator"])
-    return [cut(row, (ctx["end"], ctx["eot"])) for row in out[:, T:].tolist()]
+    out = model.generate(idx.to(s.device), s.max_new_tokens, temperature=temperature, top_k=top_k,
+                         logits_processors=[*s.processors, *processors, _stop_after_eot(s.eot, s.end)],
+                         prompt_lens=lens.to(s.device), stop_token=s.end, generator=s.generator)
+    return [cut(row, (s.end, s.eot)) for row in out[:, T:].tolist()]
 
 
-def decode_greedy(model, prompts, ctx):
-    return generate_batch(model, prompts, ctx, temperature=0.0)
+def decode_greedy(model, prompts, s):
+    return generate_batch(model, prompts, s, temperature=0.0)
 
 
-def decode_topk(model, prompts, ctx):
-    return generate_batch(model, prompts, ctx, temperature=ctx.get("temperature", 1.0), top_k=ctx.get("top_k", 40))
+def decode_topk(model, prompts, s):
+    return generate_batch(model, prompts, s, temperature=s.temperature, top_k=s.top_k)
 
 
-def decode_reflect_halt(model, prompts, ctx):
-    if "unsafe_opener" in ctx:       # real text: the opener's text, then stop (prompts are left-padded to the longest)
-        halt = halt_on_text(ctx["unsafe_opener"], max(len(p) for p in prompts), ctx["end"])
+def decode_reflect_halt(model, prompts, s):
+    """Reflection halting: top-k sampling, exactly as decode_topk (the same temperature and k; a sampler, not
+    greedy, so that its ASR compares with topk's), that stops a response at its first unsafe reflection."""
+    if s.unsafe_opener is not None:   # real text: the opener's text, then stop (prompts left-padded to the longest)
+        halt = halt_on_text(s.unsafe_opener, max(len(p) for p in prompts), s.end)
     else:
-        s = ctx["specials"]
-        halt = halt_on_unsafe_reflection(s["<think>"], s["unsafe"], s["</think>"], ctx["end"])
-    return generate_batch(model, prompts, ctx, temperature=ctx.get("temperature", 1.0), top_k=ctx.get("top_k", 40),
-                          processors=[halt])
+        ids = s.token_ids
+        halt = halt_on_unsafe_reflection(ids["<think>"], ids["unsafe"], ids["</think>"], s.end)
+    return generate_batch(model, prompts, s, temperature=s.temperature, top_k=s.top_k, processors=[halt])
 
 
 def safebeam_select(logp, tag, width):
@@ -187,99 +194,112 @@ def safebeam_select(logp, tag, width):
 TAIL = 32     # tokens of each beam the logits processors see in safe beam search (a ban's string fits in them)
 
 
-def decode_safebeam(model, prompts, ctx):
-    """Beam search with the harmfulness-tag filter (safebeam_select) at every step, on a KV cache whose rows are
-    re-indexed to the surviving beams. Every candidate (beam + one token) is run one step, which gives both its
-    tag probability and its next-token distribution. A finished beam (END or <|endoftext|>) is carried unchanged."""
-    width, dev, end, eot = ctx.get("beam_width", 4), ctx["device"], ctx["end"], ctx["eot"]
-    tag = ctx["specials"]["<harmful>"]
-    trace = ctx.get("trace")
+def decode_safebeam(model, prompts, s):
+    """Beam search with the harmfulness-tag filter (safebeam_select) at every step, on a KV cache whose rows follow
+    the surviving beams. Every candidate (beam + one token) is run one step, which gives both its tag probability
+    and its next-token distribution. A finished beam (END or <|endoftext|>) is carried unchanged."""
+    per = max(1, s.batch // (s.beam_width * s.beam_width))       # prompts per chunk: width^2 candidate rows each
     out = []
-    per = max(1, ctx.get("batch", 128) // (width * width))       # prompts per chunk: width^2 candidate rows each
     for c0 in range(0, len(prompts), per):
-        chunk = prompts[c0:c0 + per]
-        n = len(chunk)
-        idx, lens = left_pad(chunk, eot)
-        idx, lens = idx.to(dev), lens.to(dev)
-        T = idx.size(1)
-        total = T + ctx["max_new_tokens"]
-        valid = torch.arange(total, device=dev)[None, :] >= (T - lens)[:, None]
-        cache = model.new_cache(n, total, valid)
-        positions = (torch.arange(T, device=dev)[None, :] - (T - lens)[:, None]).clamp(min=0)
-        with torch.no_grad():
-            logits, _ = model(idx, positions=positions, cache=cache)
-        last = logits[:, -1].float()                 # next-token logits of each beam row
-        owner = torch.arange(n, device=dev)          # the prompt of each beam row
-        score = torch.zeros(n, device=dev)
-        done = torch.zeros(n, dtype=torch.bool, device=dev)
-        ptag = torch.zeros(n, device=dev)
-        pos = lens.clone()
-        seqs = [[] for _ in range(n)]
-        for step in range(ctx["max_new_tokens"]):
-            lp = last
-            # the bans read at most a row's last TAIL tokens (TextWatch: the length of its string): prompt + beam
-            tails = [(chunk[int(o)] + s)[-TAIL:] for o, s in zip(owner.tolist(), seqs)]
-            tails = torch.tensor([[eot] * (TAIL - len(t)) + t for t in tails], device=dev)
-            for process in (*ctx.get("processors", ()), ban([tag])):
-                lp = process(tails, lp)
-            lp = F.log_softmax(lp, dim=-1)
-            k = min(width, lp.size(-1))
-            topv, topi = lp.topk(k, dim=-1)                                # (n_rows, k)
-            n_rows = lp.size(0)
-            c_row = torch.arange(n_rows, device=dev).repeat_interleave(k)
-            c_tok = topi.reshape(-1)
-            c_score = (score[:, None] + topv).reshape(-1)
-            # a finished beam has one candidate: itself (its token repeats the stop token, its score is unchanged)
-            first = torch.arange(n_rows * k, device=dev) % k == 0
-            d = done[c_row]
-            c_tok = torch.where(d, torch.full_like(c_tok, end), c_tok)
-            c_score = torch.where(d, score[c_row], c_score)
-            keep_c = (~d | first) & torch.isfinite(c_score)
-            c_row, c_tok, c_score = c_row[keep_c], c_tok[keep_c], c_score[keep_c]
-            # run every candidate one step: P(<harmful> next) and its next-token logits
-            cache.select(c_row)
-            with torch.no_grad():
-                logits, _ = model(c_tok[:, None], positions=pos[c_row][:, None], cache=cache)
-            nxt = logits[:, -1].float()
-            c_tag = F.softmax(nxt, dim=-1)[:, tag]
-            c_done = done[c_row]
-            c_tag = torch.where(c_done, ptag[c_row], c_tag)   # a finished beam keeps the score it was chosen with
-            c_owner = owner[c_row]
-            keep = []
-            for p in range(n):
-                ci = (c_owner == p).nonzero().flatten()
-                if ci.numel() == 0:
-                    continue
-                kept = safebeam_select(c_score[ci].cpu(), c_tag[ci].cpu(), width)
-                if trace is not None:
-                    trace.append({"prompt": c0 + p, "step": step, "logp": c_score[ci].tolist(),
-                                  "tag": c_tag[ci].tolist(), "kept": kept,
-                                  "seqs": [seqs[int(c_row[i])] + [int(c_tok[i])] for i in ci.tolist()]})
-                keep += [int(ci[i]) for i in kept]
-            keep = torch.tensor(keep, device=dev)
-            cache.select(keep)
-            rows = c_row[keep].tolist()
-            seqs = [seqs[r] + ([] if bool(done[r]) else [int(t)]) for r, t in zip(rows, c_tok[keep].tolist())]
-            last, score, ptag, owner = nxt[keep], c_score[keep], c_tag[keep], c_owner[keep]
-            done = c_done[keep] | (c_tok[keep] == end) | (c_tok[keep] == eot)
-            pos = pos[c_row[keep]] + 1
-            if bool(done.all()):
-                break
-        for p in range(n):
-            mine = (owner == p).nonzero().flatten().tolist()
-            fin = [i for i in mine if bool(done[i])] or mine
-            # raw summed log-probability, no length normalization: the paper keeps beams by log-probability, and
-            # so do we, knowing it favours short responses (a refusal that ends early beats a long answer)
-            best = max(fin, key=lambda i: (float(score[i]), -i))
-            out.append(cut(seqs[best], (end, eot)))
+        out += safebeam_chunk(model, prompts[c0:c0 + per], c0, s)
     return out
+
+
+def safebeam_chunk(model, chunk, c0, s):
+    """Safe beam search on a few prompts at once (c0: the first one's index, for the trace)."""
+    dev, tag, n = s.device, s.token_ids["<harmful>"], len(chunk)
+    idx, lens = left_pad(chunk, s.eot)
+    idx, lens = idx.to(dev), lens.to(dev)
+    T = idx.size(1)
+    valid = torch.arange(T + s.max_new_tokens, device=dev)[None, :] >= (T - lens)[:, None]
+    cache = model.new_cache(n, T + s.max_new_tokens, valid)
+    positions = (torch.arange(T, device=dev)[None, :] - (T - lens)[:, None]).clamp(min=0)
+    with torch.no_grad():
+        logits, _ = model(idx, positions=positions, cache=cache)
+    last = logits[:, -1].float()                 # next-token logits of each beam row
+    owner = torch.arange(n, device=dev)          # the prompt of each beam row
+    score = torch.zeros(n, device=dev)           # its summed log-probability
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    ptag = torch.zeros(n, device=dev)            # the tag probability it was chosen with
+    pos = lens.clone()
+    seqs = [[] for _ in range(n)]
+    for step in range(s.max_new_tokens):
+        # the bans read at most a row's last TAIL tokens (TextWatch: the length of its string): prompt + beam
+        tails = [(chunk[int(o)] + q)[-TAIL:] for o, q in zip(owner.tolist(), seqs)]
+        tails = torch.tensor([[s.eot] * (TAIL - len(t)) + t for t in tails], device=dev)
+        c_row, c_tok, c_score = beam_candidates(last, score, done, tails, s)
+        # run every candidate one step: P(<harmful> next) and its next-token logits
+        cache.select(c_row)
+        with torch.no_grad():
+            logits, _ = model(c_tok[:, None], positions=pos[c_row][:, None], cache=cache)
+        nxt = logits[:, -1].float()
+        c_done = done[c_row]
+        c_tag = torch.where(c_done, ptag[c_row], F.softmax(nxt, dim=-1)[:, tag])   # a finished beam keeps its own
+        c_owner = owner[c_row]
+        keep = choose_beams(c_owner, c_score, c_tag, n, s.beam_width, s.trace, c0, step,
+                            lambda i: seqs[int(c_row[i])] + [int(c_tok[i])])
+        cache.select(keep)
+        rows = c_row[keep].tolist()
+        seqs = [seqs[r] + ([] if bool(done[r]) else [int(t)]) for r, t in zip(rows, c_tok[keep].tolist())]
+        last, score, ptag, owner = nxt[keep], c_score[keep], c_tag[keep], c_owner[keep]
+        done = c_done[keep] | (c_tok[keep] == s.end) | (c_tok[keep] == s.eot)
+        pos = pos[c_row[keep]] + 1
+        if bool(done.all()):
+            break
+    out = []
+    for p in range(n):
+        mine = (owner == p).nonzero().flatten().tolist()
+        fin = [i for i in mine if bool(done[i])] or mine
+        # raw summed log-probability, no length normalization: the paper keeps beams by log-probability, and
+        # so do we, knowing it favours short responses (a refusal that ends early beats a long answer)
+        best = max(fin, key=lambda i: (float(score[i]), -i))
+        out.append(cut(seqs[best], (s.end, s.eot)))
+    return out
+
+
+def beam_candidates(last, score, done, tails, s):
+    """Each beam's `beam_width` most likely next tokens (after the bans, and never the tag itself) as candidates:
+    (their beam row, token, summed log-probability). A finished beam has one candidate: itself (its token repeats
+    the stop token, its score is unchanged)."""
+    lp = last
+    for process in (*s.processors, ban([s.token_ids["<harmful>"]])):
+        lp = process(tails, lp)
+    lp = F.log_softmax(lp, dim=-1)
+    k = min(s.beam_width, lp.size(-1))
+    topv, topi = lp.topk(k, dim=-1)                                # (n_rows, k)
+    n_rows = lp.size(0)
+    c_row = torch.arange(n_rows, device=s.device).repeat_interleave(k)
+    c_tok = topi.reshape(-1)
+    c_score = (score[:, None] + topv).reshape(-1)
+    first = torch.arange(n_rows * k, device=s.device) % k == 0
+    d = done[c_row]
+    c_tok = torch.where(d, torch.full_like(c_tok, s.end), c_tok)
+    c_score = torch.where(d, score[c_row], c_score)
+    keep_c = (~d | first) & torch.isfinite(c_score)
+    return c_row[keep_c], c_tok[keep_c], c_score[keep_c]
+
+
+def choose_beams(c_owner, c_score, c_tag, n, width, trace, c0, step, seq_of):
+    """safebeam_select on each prompt's candidates -> the kept candidates' indices (a LongTensor). trace: a list
+    that gets each choice (with seq_of(candidate), its tokens), or None."""
+    keep = []
+    for p in range(n):
+        ci = (c_owner == p).nonzero().flatten()
+        if ci.numel() == 0:
+            continue
+        kept = safebeam_select(c_score[ci].cpu(), c_tag[ci].cpu(), width)
+        if trace is not None:
+            trace.append({"prompt": c0 + p, "step": step, "logp": c_score[ci].tolist(), "tag": c_tag[ci].tolist(),
+                          "kept": kept, "seqs": [seq_of(i) for i in ci.tolist()]})
+        keep += [int(ci[i]) for i in kept]
+    return torch.tensor(keep, device=c_owner.device)
 
 
 DECODINGS = {"greedy": decode_greedy, "topk": decode_topk, "safebeam": decode_safebeam,
              "reflect_halt": decode_reflect_halt}
 
 
-def run_passes(model, items_of, names, ctx, judge, decode_text, skip_reason, set_order, metrics):
+def run_passes(model, items_of, names, settings, judge, decode_text, skip_reason, set_order, metrics):
     """Every (attack, decoding) pass: generation in batches, the judge on each response (judge(record, response,
     variant)), metrics per pass. items_of[a] = [(set, record, variant, input ids)]. Returns (results, skipped, generation rows)."""
     results, skipped, lines = {}, {}, []
@@ -293,25 +313,26 @@ def run_passes(model, items_of, names, ctx, judge, decode_text, skip_reason, set
                 skipped[f"{a}/{dname}"] = why
                 print(f"{a}/{dname}: skipped ({why})")
                 continue
-            ctx["generator"] = torch.Generator(device=ctx["device"]).manual_seed(
-                ctx["seed"] + zlib.crc32(f"{a}/{dname}".encode()))
+            generator = torch.Generator(device=settings.device).manual_seed(
+                settings.seed + zlib.crc32(f"{a}/{dname}".encode()))
             t0, new_tokens, rows = time.time(), 0, []
-            for b in range(0, len(items), ctx["batch"]):
-                batch = items[b:b + ctx["batch"]]
+            for b in range(0, len(items), settings.batch):
+                batch = items[b:b + settings.batch]
                 bans = batch[0][2]["ban"]        # an attack bans the same tokens (or strings) for every prompt
-                ban_of = ctx.get("ban_of") or (lambda names: ban([ctx["vocab_ids"][t] for t in names]))
-                ctx["processors"] = [*ctx.get("fixed", ()), *([ban_of(bans)] if bans else [])]
-                gens = DECODINGS[dname](model, [ids for *_, ids in batch], ctx)
+                ban_of = settings.ban_of or (lambda names: ban([settings.token_ids[t] for t in names]))
+                s = replace(settings, generator=generator,
+                            processors=(*settings.fixed, *([ban_of(bans)] if bans else [])))
+                gens = DECODINGS[dname](model, [ids for *_, ids in batch], s)
                 for (s, r, x, ids), g in zip(batch, gens):
                     new_tokens += len(g)
                     # the world's words join with a space; real text's tokens carry their own (prefill_join "")
-                    response = (x["prefill"] + ctx.get("prefill_join", " ") if x["prefill"] else "") + decode_text(g)
+                    response = (x["prefill"] + settings.prefill_join if x["prefill"] else "") + decode_text(g)
                     rows.append({"set": s, "id": r["id"], "category": r.get("category"), "split": r.get("split"),
                                  "kind": r.get("kind"), "attack": a, "variant": x["variant"], "decoding": dname,
                                  "prompt": r["prompt"], "input": x["input"], "prefill": x["prefill"],
                                  "response": response, "verdict": judge(r, response, x)})
                 if sys.stdout.isatty():   # a progress counter on a terminal; logs get the summary line only
-                    print(f"\r{a}/{dname}: {min(b + ctx['batch'], len(items))}/{len(items)} prompts", end="", flush=True)
+                    print(f"\r{a}/{dname}: {min(b + settings.batch, len(items))}/{len(items)} prompts", end="", flush=True)
             dt = max(time.time() - t0, 1e-9)
             print(f"\r{a}/{dname}: {len(items)} prompts, {new_tokens:,} new tokens in {dt:.1f}s: "
                   f"{len(items) / dt:,.1f} prompts/s, {new_tokens / dt:,.0f} tokens/s")
@@ -321,96 +342,3 @@ def run_passes(model, items_of, names, ctx, judge, decode_text, skip_reason, set
                                        "metrics": metrics(rows)}
             lines += rows
     return results, skipped, lines
-
-
-# ----------------------------------------------------------------------------- the model's own reflections
-
-def heldout_reflections(w, docs, info):
-    """Every reflection of the held-out documents (eval/heldout_docs.jsonl), written as training writes them: the
-    model's segmenter settings (model_info), the oracle's labels, the document after an end-of-text token.
-    -> (token lists, [(doc, position of its <think>, label, category, split)]), split seen/unseen for unsafe groups
-    (the split of the group's first segment of its category), None for safe ones."""
-    seqs, sites = [], []
-    for i, d in enumerate(docs):
-        ids = [w.stoi[EOT]]
-        for g, lab, cat in w.reflection_groups(d["segments"], info["segment_tokens"], info["user_turn_segments"]):
-            text = w.with_reflection(" ".join(s["text"] for s in g), lab, cat)
-            split = next((w.split_of(s) for s in g if s["label"] == "unsafe" and s["category"] == cat), None)
-            toks = w.encode(text)
-            sites.append((i, len(ids) + toks.index(w.stoi[THINK]), lab, cat, split))
-            ids += toks
-        seqs.append(ids)
-    return seqs, sites
-
-
-def classify_reflections(model, w, seqs, sites, dev, chunk=256):
-    """Teacher-forced: at each reflection site, the model reads the document up to and including its <think> (the
-    block_size - 3 tokens before, earlier reflections and all, as a training window has them) and its argmax is the
-    label; after the true "unsafe", its argmax is the category. -> [predicted: "safe" | "unsafe <category>" |
-    "invalid <token>"] in site order."""
-    B = model.config.block_size
-    # the window ends one token after the true label (its category, or </think>): causal attention keeps it from
-    # the predictions read here, and a test's stub model that echoes the next token can answer both reads
-    windows = [seqs[i][max(0, p + 3 - B):p + 3] for i, p, *_ in sites]
-    preds = []
-    for c0 in range(0, len(windows), chunk):
-        batch = windows[c0:c0 + chunk]
-        logits = padded_logits(model, batch, dev)
-        rows = torch.arange(len(batch), device=dev)
-        at = torch.tensor([len(x) - 3 for x in batch], device=dev)
-        label = logits[rows, at].argmax(-1).tolist()               # after <think>
-        cat = logits[rows, at + 1].argmax(-1).tolist()             # after the true label
-        for a, b in zip(label, cat):
-            a, b = w.vocab[a], w.vocab[b]
-            preds.append(SAFE if a == SAFE else f"{UNSAFE} {b}" if a == UNSAFE else f"invalid {a}")
-    return preds
-
-
-def reflection_metrics(sites, preds):
-    """Accuracy of the predicted labels against the oracle's with Wilson intervals: overall, on safe segments, and
-    per category x split of the unsafe ones (label right; category right too); and a confusion table."""
-    m, conf = {}, {}
-    gold = [lab if lab == "safe" else f"{lab} {cat}" for _, _, lab, cat, _ in sites]
-    for g, p in zip(gold, preds):
-        key = "invalid" if p.startswith("invalid") else p
-        conf.setdefault(g, {}).setdefault(key, 0)
-        conf[g][key] += 1
-    ok = [p.split()[0] == lab for (_, _, lab, *_), p in zip(sites, preds)]
-    m["reflection_accuracy"] = wilson(sum(ok), len(ok))
-    m["reflection_accuracy_safe"] = wilson(sum(o for o, s in zip(ok, sites) if s[2] == "safe"),
-                                           sum(s[2] == "safe" for s in sites))
-    m["reflection_accuracy_unsafe"] = wilson(sum(o for o, s in zip(ok, sites) if s[2] == "unsafe"),
-                                             sum(s[2] == "unsafe" for s in sites))
-    for cat in ("poison", "contra"):
-        for split in ("seen", "unseen"):
-            mine = [(o, g, p) for o, g, p, s in zip(ok, gold, preds, sites) if s[2] == "unsafe" and s[3] == cat
-                    and s[4] == split]
-            m[f"reflection_accuracy_{cat}_{split}"] = wilson(sum(o for o, _, _ in mine), len(mine))
-            m[f"reflection_category_accuracy_{cat}_{split}"] = wilson(sum(g == p for _, g, p in mine), len(mine))
-    m["reflection_invalid"] = wilson(sum(p.startswith("invalid") for p in preds), len(preds))
-    return m, conf
-
-
-def request_reflection(model, w, recs, info, dev, chunk=256):
-    """P(unsafe) at the reflection on the request: the model's input (chat_input, reflect format) + <think>, and
-    the probability that "unsafe" comes next. -> {group: {"n", "mean_p_unsafe", "flagged": Wilson share whose
-    "unsafe" beats "safe"}} for the harmful prompts by category x split and the benign look-alikes by kind."""
-    seqs, groups = [], []
-    for s, r in recs:
-        text = w.chat(r["user"], reflect=True, segment_tokens=info["segment_tokens"])[0] + " " + THINK
-        seqs.append(w.encode(text)[-model.config.block_size:])
-        groups.append(f"{r['category']}_{r['split']}" if s == "harmful" else r["kind"])
-    p_unsafe, p_safe = [], []
-    for c0 in range(0, len(seqs), chunk):
-        batch = seqs[c0:c0 + chunk]
-        logits = padded_logits(model, batch, dev)
-        probs = F.softmax(logits[torch.arange(len(batch), device=dev),
-                                 torch.tensor([len(x) - 1 for x in batch], device=dev)].float(), -1)
-        p_unsafe += probs[:, w.stoi[UNSAFE]].tolist()
-        p_safe += probs[:, w.stoi[SAFE]].tolist()
-    out = {}
-    for g in sorted(set(groups)):
-        mine = [(u, s) for u, s, x in zip(p_unsafe, p_safe, groups) if x == g]
-        out[g] = {"n": len(mine), "mean_p_unsafe": sum(u for u, _ in mine) / len(mine),
-                  "flagged": wilson(sum(u > s for u, s in mine), len(mine))}
-    return out

@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from safety.common import load_run  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from safety import reflection  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="export_hf.py's check needs transformers (not installed)")
 SMALL_WORLD = ["--num_docs=200", "--n_harmful=4", "--n_benign=2", "--n_capability=2", "--n_probe=20", "--n_sft=40",
@@ -183,7 +184,8 @@ def test_a_chat_message_through_the_pipeline_gets_sample_py_greedy_answer(world_
     import sample
     user = "user : " + sample.words(typed)
     w = load_run(world_export["run"], GPT).world
-    for run, out, model_input in ((world_export["run"], world_export["out"], w.chat(user, reflect=True)[0]),
+    reflect_input = reflection.world_chat(w, user, reflect=True)[0]
+    for run, out, model_input in ((world_export["run"], world_export["out"], reflect_input),
                                   (plain, plain + "-hf", user + " assistant :")):
         tok = transformers.AutoTokenizer.from_pretrained(out)
         chat = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": typed}]
