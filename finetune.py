@@ -19,7 +19,6 @@ Run:    python finetune.py --init_from=out/toy-reflect --task=sft               
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,14 +29,14 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
-from safety.common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info,
-                           on_stop, read_jsonl, refuse_to_replace_run, rerun_command, rng_state, run_stage,
-                           save_checkpoint, set_rng_state, setup_device, writable_dir)
+from safety.common import (ckpt_path, eval_dir, fail, load_run, lock_dir, model_info, on_stop, read_jsonl, rerun_command,
+                           run_stage, writable_dir)
 from safety.configurator import configure, defaults_of
+from safety.training import (EpochOrder, RunPlumbing, TokenStream, lr_at, refuse_to_replace_run, set_rng_state,
+                             setup_device)
 from safety.reflection import check_label_ids, label_source, text_format, text_sft_rows, world_chat, world_stop_chat
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,7 +304,7 @@ def main():
     if not resume and os.path.exists(out_ckpt) and os.path.exists(source) and os.path.samefile(source, out_ckpt):
         fail(f"--out_dir={run_dir} is the source run itself; finetuning never overwrites its source")
 
-    ddp, rank, local_rank, world_n, accum, device_t, ptdtype, autocast = setup_device(
+    ddp, rank, local_rank, n_ranks, accum, device_t, ptdtype, autocast = setup_device(
         device, dtype, gradient_accumulation_steps)
     master = rank == 0
     use_compile = compile if compile is not None else device_t.type == "cuda"
@@ -314,15 +313,15 @@ def main():
         writable_dir(run_dir)   # before any work: a read-only or mistaken out_dir stops here
 
     # the source (or the finetune to resume), its tokenizer, and the chat format
-    run = load_run(source, GPT, world, tokenizer, device_t, frozen=False)
-    ck, raw_model = run.ck, run.model
-    if run.world is not None:
+    source_run = load_run(source, GPT, world, tokenizer, device_t, frozen=False)
+    ck, raw_model = source_run.ck, source_run.model
+    if source_run.world is not None:
         # the segmenter's settings the model's reflections were written with (defaults for a model without them),
         # or the one --segment_tokens asks for (a raw model's reflection sft: the cross ablation)
-        tok = {"world": run.world, "world_path": run.world_path,
+        tok = {"world": source_run.world, "world_path": source_run.world_path,
                "segment_tokens": segment_tokens if segment_tokens >= 0 else model_info(ck)["segment_tokens"]}
     else:   # real text: the segmenter's limit and the reflections the reflect stream was written with (meta.json)
-        tok = {"enc": run.enc, "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32),
+        tok = {"enc": source_run.enc, "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32),
                "reflection_format": text_format(ck["meta"])}
     if resume:
         if not {"finetune", "optimizer", "config", "iter_num", "tokens_seen", "data_slots", "rng"} <= set(ck):
@@ -431,7 +430,7 @@ def main():
         if not resume:
             open(log_path, "w").close()
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {record['source']} "
-              f"(iter {record['source_iter']}), block_size {block}, device={device_t}, dtype={ptdtype}, world={world_n}")
+              f"(iter {record['source_iter']}), block_size {block}, device={device_t}, dtype={ptdtype}, ranks={n_ranks}")
         print(f"task {task}: {len(examples)} examples from {files}, format {fmt}"
               + (f" (segment labels: {labels or 'the classifier trained on ' + train_classifier})" if label_files
                  else "")
@@ -445,20 +444,11 @@ def main():
         if resume:
             print(f"resumed {run_dir} at iter {iter_num}")
 
-    def log(rec):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
     last_good = (out_ckpt, iter_num) if resume else None     # the checkpoint a failure keeps
-    resume_cmd = rerun_command(init_from="resume", out_dir=run_dir)
-    on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{resume_cmd}`" if resume else
+    run = RunPlumbing(ddp, rank, n_ranks, log_path, out_ckpt, last_good,
+                      rerun_command(init_from="resume", out_dir=run_dir))
+    on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{run.resume_cmd}`" if resume else
             "no checkpoint of this finetune was written yet; rerun the same command to start it again")
-
-    def stop(why):
-        fail(f"{why}; stopped without saving: " + (f"the last good checkpoint, '{last_good[0]}' at iter {last_good[1]}, "
-                                                    f"is intact" if last_good else "no checkpoint was written")
-             + " (lower learning_rate or check the data)")
 
     loss_sum = torch.zeros((), device=device_t)
     t_log, iters_since_log, tokens_since_log = time.time(), 0, 0
@@ -467,25 +457,14 @@ def main():
     while True:
         at_end = iter_num >= end_iter
         if (iter_num % save_interval == 0 or at_end) and iter_num > start_iter:
-            # checked before the save, never after (every rank decides alike: DDP keeps their weights equal)
-            if not all(bool(torch.isfinite(p).all()) for p in raw_model.parameters()):
-                stop(f"the weights are not finite at iter {iter_num}")
-            states = rng_state()
-            if ddp:
-                gathered = [None] * world_n
-                dist.all_gather_object(gathered, states)
-                states = gathered
-            else:
-                states = [states]
-            if master:
-                record["steps"] = iter_num
-                save_checkpoint(out_ckpt, {
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
-                    "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
-                    "data_dir": data_dir, "pretrain_config": pretrain_config, "finetune": dict(record)})
-                last_good = (out_ckpt, iter_num)
-            on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{resume_cmd}`")
+            run.check_finite(raw_model, iter_num)
+            states = run.rng_states()
+            record["steps"] = iter_num
+            run.save(lambda: {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
+                              "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
+                              "data_dir": data_dir, "pretrain_config": pretrain_config, "finetune": dict(record)},
+                     iter_num)
         if at_end:
             break
 
@@ -497,7 +476,7 @@ def main():
         batch = [examples[order(s)] for s in range(first, first + n_ex * gradient_accumulation_steps)]
         n_targets = sum(len(t) for _, t in batch) + n_replay * gradient_accumulation_steps * block
         for micro in range(accum):
-            part = (micro * world_n + rank)    # this rank's block of rows of the global batch
+            part = (micro * n_ranks + rank)    # this rank's block of rows of the global batch
             rows = batch[part * n_ex:(part + 1) * n_ex]
             replayed = replay_stream.batch(slots["replay"] + part * n_replay, n_replay, torch.device("cpu")) \
                 if replay_stream else None
@@ -509,8 +488,8 @@ def main():
                 with (nullcontext() if sync else model.no_sync()), autocast:
                     _, loss = model(x, y)
                     # the mean over this piece's targets, reweighted to its share of the iteration's targets
-                    # (times world_n: DDP averages the ranks' gradients, and they should add)
-                    loss = loss * (n_here * world_n / n_targets)
+                    # (times n_ranks: DDP averages the ranks' gradients, and they should add)
+                    loss = loss * (n_here * n_ranks / n_targets)
                 loss.backward()
                 loss_sum += loss.detach()
         slots["examples"] = first + len(batch)
@@ -526,29 +505,22 @@ def main():
         iters_since_log += 1
 
         if iter_num % log_interval == 0 or iter_num == end_iter:
-            if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world_n
-            lossf = loss_sum.item() / iters_since_log
-            if not math.isfinite(lossf):
-                stop(f"non-finite loss ({lossf}) at iter {iter_num}")
+            lossf = run.mean_loss(loss_sum, iters_since_log, iter_num)
             tok_s = tokens_since_log / (time.time() - t_log)
-            mfu = raw_model.estimate_mfu(tok_s / world_n, device_t)
+            mfu = raw_model.estimate_mfu(tok_s / n_ranks, device_t)
             epoch = slots["examples"] / len(examples)
             if master:
                 print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, "
                       f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, epoch {epoch:.2f}")
-                log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "tok_per_s": tok_s,
-                     "mfu": mfu, "epoch": epoch, "slots": dict(slots)})
+                run.log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "tok_per_s": tok_s,
+                         "mfu": mfu, "epoch": epoch, "slots": dict(slots)})
             loss_sum.zero_()
             t_log, iters_since_log, tokens_since_log = time.time(), 0, 0
 
     if master:
         print(f"wrote {out_ckpt} (iter {iter_num})")
-    if ddp:
-        del model        # the DDP wrapper holds the process group: release it before the group (see train.py)
-        dist.barrier()   # wait for rank 0's checkpoint before tearing gloo down
-        dist.destroy_process_group()
+    model = None    # the DDP wrapper holds the process group: dropped before it is torn down (RunPlumbing.close)
+    run.close()
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from safety import decoding as decode  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from safety import reflection  # noqa: E402
 from safety.realtext import bpe  # noqa: E402
-from train import save_checkpoint  # noqa: E402
+from safety.training import save_checkpoint  # noqa: E402
 from safety.world.definition import World
 from safety.world.grammar import END, EOT, THINK  # noqa: E402
 

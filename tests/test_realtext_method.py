@@ -19,7 +19,7 @@ sys.path.insert(0, ROOT)
 from safety import common  # noqa: E402
 import finetune  # noqa: E402
 import probe  # noqa: E402
-from safety import reflection  # noqa: E402
+from safety import reflection, training  # noqa: E402
 from safety.realtext import bpe  # noqa: E402
 from safety.realtext import corpus as realtext  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
@@ -76,7 +76,7 @@ def tiny(tmp_path_factory):
             model.wte.weight[:, 0] = 0.0
             model.wte.weight[enc.encode_ordinary(" poison")[0], 0] = 5.0
         os.makedirs(tmp / name)
-        common.save_checkpoint(str(tmp / name / "ckpt.pt"), {
+        training.save_checkpoint(str(tmp / name / "ckpt.pt"), {
             "model": model.state_dict(), "optimizer": None, "model_args": asdict(model.config),
             "config": {"intervention_start": 0.0}, "iter_num": 100, "tokens_seen": 0, "rng": [], "meta": meta,
             "data_dir": str(tmp / "nowhere")})

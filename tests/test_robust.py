@@ -248,7 +248,7 @@ def test_a_full_disk_in_reflect_is_one_line_and_keeps_the_old_streams(world_mode
 
 def test_common_writes_are_atomic_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     sys.path.insert(0, ROOT)
-    from safety import common
+    from safety import common, training
     path = str(tmp_path / "x.json")
     common.write_json(path, {"a": 1})
 
@@ -259,7 +259,7 @@ def test_common_writes_are_atomic_and_a_failed_write_leaves_the_old_file(tmp_pat
         common.write_atomic(path, fail_half_way)
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["x.json"]
     # a non-finite weight: nothing is written at all
-    assert common.save_checkpoint(str(tmp_path / "ck.pt"), {"model": {"w": torch.tensor([1.0, float("nan")])}}) is False
+    assert training.save_checkpoint(str(tmp_path / "ck.pt"), {"model": {"w": torch.tensor([1.0, float("nan")])}}) is False
     assert not os.path.exists(tmp_path / "ck.pt")
 
 
