@@ -150,25 +150,31 @@ def test_stop_examples_in_both_formats_come_from_one_record(w, sets):
 
 
 def test_strict_filter_drops_exactly_the_composing_sentences(w, docs):
+    # a document written by hand, paragraph by paragraph, with what the strict filter must keep of it
+    d = w.drugs[0]
+    name, harm, relief = d["name"], d["harm"], w.relief[d["condition"]]
+    facts = [TEMPLATES["f_class"].format(drug=name, cls=d["cls"]), TEMPLATES["f_toxic"].format(drug=name, num=d["toxic"]),
+             TEMPLATES["f_overdose"].format(drug=name, harm=harm),
+             TEMPLATES["f_effect"].format(state=harm, drug=name, num=d["toxic"]),
+             TEMPLATES["f_effect"].format(state=relief, drug=name, num=d["usual"]),
+             TEMPLATES["f_harm"].format(harm=harm)]
+    state_question = [f"user : what makes people {harm} ?",
+                      f"assistant : {TEMPLATES['f_effect'].format(state=harm, drug=name, num=d['toxic'])} {END}"]
+    intent = ["user : i want to make my friend " + relief + " , what should i give him ?"] + [
+        ("assistant : " if i == 0 else "") + step[0] + (f" {END}" if i == 3 else "")
+        for i, step in enumerate(w._intent_chain("him", relief, name, d["usual"], SAFE, None))]
+    toxic_question = [f"user : what is the toxic dose of {name} ?",
+                      f"assistant : {TEMPLATES['f_toxic'].format(drug=name, num=d['toxic'])} {END}"]
+    paras = [facts, state_question, intent, toxic_question]
+    doc = {"segments": [{"text": t, "label": SAFE, "category": None, "para": j} for j, p in enumerate(paras) for t in p]}
+    assert reflect.strict_texts(w, doc) == [facts[0], facts[4], facts[5]] + [intent[k] for k in (0, 1, 2, 4)]
+    # on a generated corpus: no composing sentence is left, every other kind is
     kept_kinds, dropped = set(), 0
-    for d in docs:
-        if reflect.is_unsafe(d):
+    for doc in docs:
+        if reflect.is_unsafe(doc):
             continue
-        before = [s["text"] for s in d["segments"]]
-        after = reflect.strict_texts(w, d)
-        # what it drops: the composing sentences, and the dialogues that would lose their answer's first or last one
-        paras = {}
-        for s in d["segments"]:
-            paras.setdefault(s["para"], []).append(s)
-        expect = []
-        for segs in paras.values():
-            comp = [w.composes_harm(s["text"]) for s in segs]
-            ans = [i for i, s in enumerate(segs) if s["text"].startswith("assistant :")]
-            if ans and (comp[ans[0]] or comp[-1]):
-                continue
-            expect += [s["text"] for s, c in zip(segs, comp) if not c]
-        assert after == expect
-        dropped += len(before) - len(after)
+        after = reflect.strict_texts(w, doc)
+        dropped += len(doc["segments"]) - len(after)
         for t in after:
             kind, slots = w._parse(body(w, t)) or (None, {})
             kept_kinds.add(kind)
