@@ -458,7 +458,7 @@ def section_study(deadline):
 
 # ----------------------------------------------------------------------------- the report
 
-def fmt(x):
+def cell_text(x):
     if x is None:
         return "-"
     if isinstance(x, bool):
@@ -471,8 +471,85 @@ def fmt(x):
 def table(rows, cols):
     """A markdown table: cols = [(header, function of a row)]."""
     out = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
-    out += ["| " + " | ".join(fmt(f(r)) for _, f in cols) + " |" for r in rows]
+    out += ["| " + " | ".join(cell_text(f(r)) for _, f in cols) + " |" for r in rows]
     return out + [""]
+
+
+def field(key):
+    return lambda r: r.get(key)
+
+
+def correct_lines(by):
+    """The kernel against float64, and the training shapes compiled beside it."""
+    lines = []
+    rs = by("correct", "T")
+    lines += ["Relative error ||x - ref|| / ||ref|| against float64; SDPA on the same inputs for scale.", ""]
+    lines += table(rs, [("dtype", field("dtype")), ("D", field("D")), ("T", field("T")), ("B", field("B")),
+                        ("H", field("H")), ("seed", field("seed"))]
+                   + [(f"err {n}", field(f"err_{n}")) for n in ("out", "dq", "dk", "dv")]
+                   + [(f"sdpa {n}", field(f"sdpa_{n}")) for n in ("out", "dq", "dk", "dv")]
+                   + [("tol", field("tol")), ("pass", field("pass")), ("first call s", field("first_call_s"))])
+    warm = by("train_warm", "seconds")
+    if warm:
+        lines += ["Training shapes compiled beside it (cold caches):", ""]
+        lines += table(warm, [("shape", field("shape")), ("layers", field("n_layer")), ("seconds", field("seconds"))])
+    return lines
+
+
+def speed_lines(by):
+    """The kernel's speed against SDPA, per (T, D)."""
+    lines = []
+    tr = {(r["T"], r["D"]): r for r in by("speed", "fwd_ms") if r["backend"] == "triton"}
+    sd = {(r["T"], r["D"]): r for r in by("speed", "fwd_ms") if r["backend"] == "sdpa"}
+    keys = [k for k in tr if k in sd]
+    ratio = lambda a: (lambda k: sd[k][a] / tr[k][a])
+    lines += ["Median ms; ratio = SDPA ms / Triton ms (> 1: the kernel is faster; the targets in "
+              "BENCHMARKS.md: forward >= 0.9, backward >= 0.8).", ""]
+    lines += table(keys, [("T", lambda k: k[0]), ("D", lambda k: k[1]), ("B", lambda k: tr[k]["B"]),
+                          ("H", lambda k: tr[k]["H"]), ("triton fwd ms", lambda k: tr[k]["fwd_ms"]),
+                          ("triton fwd TF/s", lambda k: tr[k]["fwd_tflops"]),
+                          ("sdpa fwd ms", lambda k: sd[k]["fwd_ms"]),
+                          ("sdpa fwd TF/s", lambda k: sd[k]["fwd_tflops"]), ("fwd ratio", ratio("fwd_ms")),
+                          ("triton bwd ms", lambda k: tr[k]["bwd_ms"]),
+                          ("triton bwd TF/s", lambda k: tr[k]["bwd_tflops"]),
+                          ("sdpa bwd ms", lambda k: sd[k]["bwd_ms"]),
+                          ("sdpa bwd TF/s", lambda k: sd[k]["bwd_tflops"]), ("bwd ratio", ratio("bwd_ms"))])
+    return lines
+
+
+def train_lines(by):
+    """Training throughput and MFU per shape."""
+    lines = []
+    lines += ["Random tokens, train.py's model, fused AdamW and bf16 autocast; MFU over the bf16 peak "
+              "(targets: gpt2_124m >= 40%, the 1.7B shape >= 50%).", ""]
+    lines += table(by("train", "tok_s"), [
+        ("shape", field("shape")), ("layers", field("n_layer")), ("of", field("n_layer_config")),
+        ("params", field("params")), ("batch", field("batch")), ("T", field("block")), ("accum", field("accum")),
+        ("attention", field("attention")), ("compile", field("compile")), ("tok/s", field("tok_s")),
+        ("MFU %", lambda r: None if r["mfu"] is None else 100 * r["mfu"]), ("step ms", field("step_ms")),
+        ("peak GiB", field("peak_gib")), ("compile s", field("compile_s"))])
+    lines += [f"- {r['shape']}: {r['note']}" for r in by("train", "note")]
+    return lines
+
+
+def study_lines(by):
+    """The GPU study's steps, their kinds, and several steps at once."""
+    lines = []
+    steps = by("study", "step")
+    summary = next(iter(by("study", "wall_s")), None)
+    if summary:
+        lines += [f"`study.py {summary['args']} --seeds=1 --jobs=1`: {summary['finished']} steps finished in "
+                  f"{summary['wall_s']:.1f} s (exit {summary['returncode']}).", ""]
+    lines += table(steps, [("step", field("step")), ("kind", field("kind")), ("seconds", field("seconds"))])
+    kinds = sorted({r["kind"] for r in steps})
+    lines += table(kinds, [("kind", lambda k: k), ("steps", lambda k: sum(r["kind"] == k for r in steps)),
+                           ("mean seconds", lambda k: sum(r["seconds"] for r in steps if r["kind"] == k)
+                            / sum(r["kind"] == k for r in steps))])
+    lines += ["Several steps at once on one GPU: k copies of a step started together.", ""]
+    lines += table(by("study_jobs", "speedup"), [
+        ("kind", field("kind")), ("k", field("k")), ("one alone s", field("solo_s")), ("k at once s", field("k_s")),
+        ("speed-up", field("speedup")), ("failed", field("failed"))])
+    return lines
 
 
 def render():
@@ -490,65 +567,14 @@ def render():
     lines = [f"# GPU check: {setup.get('device', '?')}", "",
              f"{'CPU smoke run (interpreter, tiny shapes: no speed numbers)' if setup.get('cpu_smoke') else 'GPU run'}"
              f"; torch {setup.get('torch')}, triton {setup.get('triton')}, {setup.get('date')}; budget "
-             f"{fmt(setup.get('budget_s'))} s, " + (f"took {end['seconds']:.0f} s." if end else "did not finish."),
+             f"{cell_text(setup.get('budget_s'))} s, "
+             + (f"took {end['seconds']:.0f} s." if end else "did not finish."),
              f"Command: `{setup.get('command', '')}`. Raw numbers: results.jsonl (this report is rendered from it).",
              ""]
-    get = lambda x: (lambda r: r.get(x))
+    section_lines = {"correct": correct_lines, "speed": speed_lines, "train": train_lines, "study": study_lines}
     for s, title in SECTIONS.items():
         lines += [f"## {title}", ""]
-        if s == "correct":
-            rs = by("correct", "T")
-            lines += ["Relative error ||x - ref|| / ||ref|| against float64; SDPA on the same inputs for scale.", ""]
-            lines += table(rs, [("dtype", get("dtype")), ("D", get("D")), ("T", get("T")), ("B", get("B")),
-                                ("H", get("H")), ("seed", get("seed"))]
-                           + [(f"err {n}", get(f"err_{n}")) for n in ("out", "dq", "dk", "dv")]
-                           + [(f"sdpa {n}", get(f"sdpa_{n}")) for n in ("out", "dq", "dk", "dv")]
-                           + [("tol", get("tol")), ("pass", get("pass")), ("first call s", get("first_call_s"))])
-            warm = by("train_warm", "seconds")
-            if warm:
-                lines += ["Training shapes compiled beside it (cold caches):", ""]
-                lines += table(warm, [("shape", get("shape")), ("layers", get("n_layer")), ("seconds", get("seconds"))])
-        elif s == "speed":
-            tr = {(r["T"], r["D"]): r for r in by("speed", "fwd_ms") if r["backend"] == "triton"}
-            sd = {(r["T"], r["D"]): r for r in by("speed", "fwd_ms") if r["backend"] == "sdpa"}
-            keys = [k for k in tr if k in sd]
-            ratio = lambda a: (lambda k: sd[k][a] / tr[k][a])
-            lines += ["Median ms; ratio = SDPA ms / Triton ms (> 1: the kernel is faster; the targets in "
-                      "BENCHMARKS.md: forward >= 0.9, backward >= 0.8).", ""]
-            lines += table(keys, [("T", lambda k: k[0]), ("D", lambda k: k[1]), ("B", lambda k: tr[k]["B"]),
-                                  ("H", lambda k: tr[k]["H"]), ("triton fwd ms", lambda k: tr[k]["fwd_ms"]),
-                                  ("triton fwd TF/s", lambda k: tr[k]["fwd_tflops"]),
-                                  ("sdpa fwd ms", lambda k: sd[k]["fwd_ms"]),
-                                  ("sdpa fwd TF/s", lambda k: sd[k]["fwd_tflops"]), ("fwd ratio", ratio("fwd_ms")),
-                                  ("triton bwd ms", lambda k: tr[k]["bwd_ms"]),
-                                  ("triton bwd TF/s", lambda k: tr[k]["bwd_tflops"]),
-                                  ("sdpa bwd ms", lambda k: sd[k]["bwd_ms"]),
-                                  ("sdpa bwd TF/s", lambda k: sd[k]["bwd_tflops"]), ("bwd ratio", ratio("bwd_ms"))])
-        elif s == "train":
-            lines += ["Random tokens, train.py's model, fused AdamW and bf16 autocast; MFU over the bf16 peak "
-                      "(targets: gpt2_124m >= 40%, the 1.7B shape >= 50%).", ""]
-            lines += table(by("train", "tok_s"), [
-                ("shape", get("shape")), ("layers", get("n_layer")), ("of", get("n_layer_config")),
-                ("params", get("params")), ("batch", get("batch")), ("T", get("block")), ("accum", get("accum")),
-                ("attention", get("attention")), ("compile", get("compile")), ("tok/s", get("tok_s")),
-                ("MFU %", lambda r: None if r["mfu"] is None else 100 * r["mfu"]), ("step ms", get("step_ms")),
-                ("peak GiB", get("peak_gib")), ("compile s", get("compile_s"))])
-            lines += [f"- {r['shape']}: {r['note']}" for r in by("train", "note")]
-        else:
-            steps = by("study", "step")
-            summary = next(iter(by("study", "wall_s")), None)
-            if summary:
-                lines += [f"`study.py {summary['args']} --seeds=1 --jobs=1`: {summary['finished']} steps finished in "
-                          f"{summary['wall_s']:.1f} s (exit {summary['returncode']}).", ""]
-            lines += table(steps, [("step", get("step")), ("kind", get("kind")), ("seconds", get("seconds"))])
-            kinds = sorted({r["kind"] for r in steps})
-            lines += table(kinds, [("kind", lambda k: k), ("steps", lambda k: sum(r["kind"] == k for r in steps)),
-                                   ("mean seconds", lambda k: sum(r["seconds"] for r in steps if r["kind"] == k)
-                                    / sum(r["kind"] == k for r in steps))])
-            lines += ["Several steps at once on one GPU: k copies of a step started together.", ""]
-            lines += table(by("study_jobs", "speedup"), [
-                ("kind", get("kind")), ("k", get("k")), ("one alone s", get("solo_s")), ("k at once s", get("k_s")),
-                ("speed-up", get("speedup")), ("failed", get("failed"))])
+        lines += section_lines[s](by)
         for r in rows:   # what failed or did not fit, with the case it belongs to
             if r["section"] in (s, s + "_jobs") or (s == "correct" and r["section"] == "train_warm"):
                 if "error" in r or "skipped" in r:
@@ -686,7 +712,8 @@ def bench_kernel(d):
     if not d.cuda and not d.interpret:
         del backends["triton"]
         print("(triton skipped: it needs CUDA, or TRITON_INTERPRET=1 for the slow CPU interpreter)")
-    print(f"\nattention kernel, causal, {str(d.ptdtype).replace('torch.', '')}, device {torch.cuda.get_device_name() if d.cuda else 'cpu'}")
+    device_name = torch.cuda.get_device_name() if d.cuda else "cpu"
+    print(f"\nattention kernel, causal, {str(d.ptdtype).replace('torch.', '')}, device {device_name}")
     print(f"{'B':>3} {'H':>3} {'T':>5} {'D':>4} | {'backend':>7} | {'fwd ms':>8} {'fwd TF/s':>8} | {'bwd ms':>8} "
           f"{'bwd TF/s':>8} | {'fwd/sdpa':>8} {'bwd/sdpa':>8}")
     for B, H, T, D in cases:
@@ -773,19 +800,21 @@ def bench_loop(d):
     """train.py against the bare loop on the same model (one process, this device)."""
     cfg = profile_config()
     vocab = 512
-    with tempfile.TemporaryDirectory() as d:
-        n = (train_iters + warmup_iters + 2) * cfg["gradient_accumulation_steps"] * cfg["batch_size"] * (cfg["block_size"] + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        windows = (train_iters + warmup_iters + 2) * cfg["gradient_accumulation_steps"] * cfg["batch_size"]
+        n = windows * (cfg["block_size"] + 1)
         rng = np.random.default_rng(0)
         for split in ("train", "val"):
-            rng.integers(0, vocab, n).astype(np.uint16).tofile(os.path.join(d, f"{split}.bin"))
-        json.dump({"vocab_size": vocab, "dtype": "uint16", "tokenizer": "random"}, open(os.path.join(d, "meta.json"), "w"))
+            rng.integers(0, vocab, n).astype(np.uint16).tofile(os.path.join(tmp, f"{split}.bin"))
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump({"vocab_size": vocab, "dtype": "uint16", "tokenizer": "random"}, f)
         iters = warmup_iters + train_iters
         # log every warmup_iters iterations: the first interval holds the warm-up, the others are timed
-        cmd = [sys.executable, "train.py", profile, f"--data={d}", f"--out_dir={d}/out", f"--max_iters={iters}",
+        cmd = [sys.executable, "train.py", profile, f"--data={tmp}", f"--out_dir={tmp}/out", f"--max_iters={iters}",
                f"--log_interval={max(1, warmup_iters)}", f"--eval_interval={10 * iters}", "--eval_iters=1",
                f"--compile={d.use_compile}"]
         subprocess.run(cmd, check=True, capture_output=True, cwd=_ROOT)
-        log = [json.loads(l) for l in open(f"{d}/out/log.jsonl") if '"loss"' in l]
+        log = [json.loads(l) for l in open(f"{tmp}/out/log.jsonl") if '"loss"' in l]
         train_py = np.mean([r["tok_per_s"] for r in log[1:]])
     bare, _ = bare_loop_tok_s(d, cfg, vocab)
     print(f"\ntrain.py against a bare PyTorch loop, {profile}, {train_iters} timed iterations, "

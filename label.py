@@ -1,9 +1,10 @@
 """
 Label every segment of a prepared real-text corpus with a guard model: the stage between prepare.py and reflect.py.
-Segments are cut by reflect.py's own segmenter (reflection.TextSegmenter.spans: the same tokenizer, segment_tokens and code),
-so each label falls on exactly one reflection.
+Segments are cut by reflect.py's own segmenter (reflection.TextSegmenter.spans: the same tokenizer, segment_tokens
+and code), so each label falls on exactly one reflection.
 
-Reads:  data/<dataset>/docs/shard_*.jsonl (prepare.py); the guard model, a hub id or a local directory (safety/realtext/guard.py)
+Reads:  data/<dataset>/docs/shard_*.jsonl (prepare.py); the guard model, a hub id or a local directory
+        (safety/realtext/guard.py)
 Writes: data/<dataset>/labels/shards/shard_*.{jsonl,json} (each document shard's segments and its counts, written
         atomically; a rerun continues after the finished ones), then data/<dataset>/labels/spans.jsonl (every shard,
         in order: reflect.py's --labels) and labels/label.json (the guard, the settings, counts, throughput). Formats:

@@ -290,7 +290,10 @@ class GPT(nn.Module):
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
                              f"{self.config.block_size}")
         device = idx.device
-        lens = torch.full((B,), T, device=device) if prompt_lens is None else torch.as_tensor(prompt_lens, device=device)
+        if prompt_lens is None:
+            lens = torch.full((B,), T, device=device)
+        else:
+            lens = torch.as_tensor(prompt_lens, device=device)
         pad = T - lens                                                   # left padding of each row
         valid = torch.arange(T + max_new_tokens, device=device)[None, :] >= pad[:, None]
         cache = self.new_cache(B, T + max_new_tokens, valid)

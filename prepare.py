@@ -30,8 +30,8 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from safety.common import (fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, writable_dir, write_atomic,
-                           write_json)
+from safety.common import (fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, swap_in, writable_dir,
+                           write_atomic, write_json)
 from safety.configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
@@ -88,16 +88,6 @@ def write_jsonl(path, rows):
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n")
-
-
-def swap_in(tmp, final):
-    """Replace directory `final` by `tmp` (the old one is removed only after the new one is in place)."""
-    old = f"{final}.old-{os.getpid()}"
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if os.path.exists(old):
-        shutil.rmtree(old)
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +291,7 @@ def local_total(files):
 def hub_rows(name, skip):
     """(rows streamed from the hub after the first `skip`, their total if the hub says it); a missing network
     gives one clear line."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+    if any(os.environ.get(k, "0") not in ("0", "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         fail(f"cannot stream {HUB_DATASET}: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; {OFFLINE_HINT}")
     if not any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
@@ -319,8 +309,8 @@ def hub_rows(name, skip):
         it = iter(ds.skip(skip) if skip else ds)
         first = next(it, None)   # None: nothing after the rows a resumed run skips
     except Exception as e:
-        fail(f"cannot stream {HUB_DATASET} (name={name}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-             f"{OFFLINE_HINT}")
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        fail(f"cannot stream {HUB_DATASET} (name={name}): {type(e).__name__}: {first_line}; {OFFLINE_HINT}")
 
     def rows():
         r = first
@@ -379,9 +369,9 @@ def hms(s):
 
 
 def prepare_text_sample(root):
-    """Real text offline: safety/realtext/corpus.py's sample_files (a generated labelled corpus and the files each later stage reads:
-    spans.jsonl, labelled.jsonl, harmful.csv, xstest.csv, chat.jsonl) into <root>/source/, then its docs.jsonl
-    prepared as any local files are."""
+    """Real text offline: safety/realtext/corpus.py's sample_files (a generated labelled corpus and the files each
+    later stage reads: spans.jsonl, labelled.jsonl, harmful.csv, xstest.csv, chat.jsonl) into <root>/source/, then its
+    docs.jsonl prepared as any local files are."""
     from safety.realtext.corpus import sample_files
     global data_files
     src = os.path.join(root, "source")

@@ -16,8 +16,8 @@ Run:    python probe.py --ckpt=out/raw
 # Per layer and feature kind (mean over the segment's tokens, last token) a logistic regression fitted by L-BFGS on
 # one half, scored on the other; identical model inputs always fall in the same half (the grammar repeats segments).
 # The number to compare is the average over layers 1..L ("deep"); layer 0, the embeddings, reads the words alone.
-# Real text: every segment of the documents (the pretraining segmenter and labeller, safety/reflection.py) is a record, read
-# at its end; a document goes whole to one half. A reflection model's own reflections are also read there, teacher-
+# Real text: every segment of the documents (the pretraining segmenter and labeller, safety/reflection.py) is a record,
+# read at its end; a document goes whole to one half. A reflection model's own reflections are also read there, teacher-
 # forced (P(unsafe opener) vs P(safe opener)): probe.json's "reflection_classification", with Wilson intervals.
 
 import json
@@ -281,10 +281,10 @@ def read_docs(path, split):
     return docs
 
 
-def default_sources(ck):
+def default_sources(checkpoint):
     """The pretraining corpus's documents and labels (reflect.py's meta.json): <data>/../docs and the --labels file,
     or the classifier's labels.jsonl beside the streams. -> (docs path, labels path), None where unknown."""
-    data_dir, meta = ck.get("data_dir"), ck.get("meta") or {}
+    data_dir, meta = checkpoint.get("data_dir"), checkpoint.get("meta") or {}
     if not data_dir:
         return None, None
     docs = os.path.join(os.path.dirname(os.path.abspath(data_dir)), "docs")
@@ -316,7 +316,7 @@ def probe_run(path, label, dev):
     if labels or train_classifier or docs:
         fail("--labels, --train_classifier and --docs are for real-text models; a MedSafetyWorld model is probed on "
              "its world's probe set (the plot's curve names are --names)")
-    model, w, wpath, run_dir, ck = run.model, run.world, run.world_path, run.dir, run.ck
+    model, w, wpath, run_dir, checkpoint = run.model, run.world, run.world_path, run.dir, run.ck
     probe_path, recs = read_probe_set(wpath, eval_dir)
     bs = model.config.block_size
     seqs, seg_lens, truncated = encode_records(w, recs, bs)
@@ -329,7 +329,7 @@ def probe_run(path, label, dev):
     if not (0 < y[train].sum() < len(train) and 0 < y[test].sum() < len(test)):
         fail(f"probe set '{probe_path}' cannot be split so that both halves hold both classes "
              f"({len(groups)} distinct inputs of {len(recs)} records)")
-    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
+    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {checkpoint.get('iter_num')}), "
           f"{len(recs)} probe records ({len(groups)} distinct inputs) from {probe_path}, device {dev}")
     if n_mixed:
         print(f"{label}: warning: {n_mixed} distinct inputs carry both labels (kept whole in one half)")
@@ -353,8 +353,8 @@ def probe_run(path, label, dev):
               f"acc {pct(r['acc'])}, unseen harms {pct(r['acc_unseen'])}, benign {pct(r['acc_benign'])}, "
               f"AUROC {pct(r['auroc'])}")
     config = {k: globals()[k] for k in defaults_of(globals())}
-    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
-              "world": wpath, "probe_set": probe_path, "data_dir": ck.get("data_dir"),
+    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": checkpoint.get("iter_num"),
+              "world": wpath, "probe_set": probe_path, "data_dir": checkpoint.get("data_dir"),
               "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "n_records": len(recs),
               "n_train": len(train), "n_test": len(test), "n_test_safe": int(safe.sum()),
               "n_test_unsafe": int((~safe).sum()),
@@ -429,16 +429,17 @@ def probe_text(run, label, dev):
     <|endoftext|>, its last block_size tokens, as the raw text (no reflections). The split keeps a document and its
     exact duplicates whole in one half, so no text of a test record was fitted on. A reflection model's own
     reflections on the same segments are read too (reflection.classify_text_reflections)."""
-    model, enc, ck, run_dir = run.model, run.enc, run.ck, run.dir
-    info = model_info(ck)
-    docs_default, labels_default = default_sources(ck)
+    model, enc, checkpoint, run_dir = run.model, run.enc, run.ck, run.dir
+    traits = model_info(checkpoint)
+    docs_default, labels_default = default_sources(checkpoint)
     dpath = docs or docs_default
     lpath = labels or ("" if train_classifier else labels_default)
     if not dpath or not (lpath or train_classifier):
         fail(f"checkpoint '{run.path}' is a real-text model whose pretraining corpus or labels are not here; pass "
              f"--docs=<held-out documents> and --labels=<their spans> (or --train_classifier=<labelled texts>)")
-    spans, clf = label_source(lpath, train_classifier, ck["meta"].get("config") or {}, "probe.py on a real-text model")
-    split, texts, done, recs, train, test, y = labelled_records(enc, dpath, lpath, spans, clf, info["segment_tokens"])
+    spans, clf = label_source(lpath, train_classifier, checkpoint["meta"].get("config") or {}, "probe.py on a "
+                              "real-text model")
+    split, texts, done, recs, train, test, y = labelled_records(enc, dpath, lpath, spans, clf, traits["segment_tokens"])
     bs = model.config.block_size
     seqs = [([enc.eot_token] + done[r["index"]][0][:r["end"]])[-bs:] for r in recs]
     seg_lens = [min(r["end"] - r["start"], len(x)) for r, x in zip(recs, seqs)]
@@ -446,15 +447,15 @@ def probe_text(run, label, dev):
     keys = [texts[r["index"]][1] for r in recs]           # identical documents share a half
     n_docs = len({r["index"] for r in recs})
     where = f"{lpath or 'the classifier trained on ' + train_classifier}"
-    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
+    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {checkpoint.get('iter_num')}), "
           f"{len(recs)} segments of {n_docs} documents from {dpath}, labels {where}, device {dev}")
     lock_dir(run_dir)           # the inputs are checked: from here on this process writes run_dir, and only it
     layers, best, deep, t_feat, t_probe = measure(model, seqs, seg_lens, y, train, test, {}, label, dev, truncated)
     refl = None
-    if info["reflective"]:
-        fmt = text_format(ck.get("meta"))      # the texts pretraining wrote
-        p, safe_tok, unsafe_tok = text_opener(enc, [r["category"] for r in recs if r["category"]], fmt)
-        rseqs, sites = text_reflection_sites(enc, done, p, fmt)
+    if traits["reflective"]:
+        reflection_texts = text_format(checkpoint.get("meta"))      # the texts pretraining wrote
+        p, safe_tok, unsafe_tok = text_opener(enc, [r["category"] for r in recs if r["category"]], reflection_texts)
+        rseqs, sites = text_reflection_sites(enc, done, p, reflection_texts)
         sites = sites[:len(recs)]                              # one site per record, in the same order
         preds, mass = classify_text_reflections(model, rseqs, sites, safe_tok, unsafe_tok, dev)
         m = text_reflection_metrics(sites, preds, mass)
@@ -465,11 +466,11 @@ def probe_text(run, label, dev):
                           for k, v in m.items() if k.startswith("reflection_accuracy"))
               + f"; P(either opener) {m['opener_mass']:.3f}")
     te = [recs[i] for i in test]
-    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
+    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": checkpoint.get("iter_num"),
               "world": None, "tokenizer": enc.name,
               "probe_set": {"docs": os.path.abspath(dpath), "split": split,
                             "labels": os.path.abspath(lpath) if lpath else f"classifier:{train_classifier}"},
-              "data_dir": ck.get("data_dir"), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
+              "data_dir": checkpoint.get("data_dir"), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
               "n_records": len(recs), "n_docs": n_docs, "n_train": len(train), "n_test": len(test),
               "n_test_safe": sum(r["label"] == "safe" for r in te), "n_test_unsafe": sum(r["label"] == "unsafe"
                                                                                         for r in te),
@@ -566,7 +567,8 @@ def print_table(report):
           + (f" ({report['n_test_inputs']} distinct; unsafe unseen {report['n_test_unseen']}, seen "
              f"{report['n_test_seen']})" if "n_test_unseen" in report else
              f" ({report['n_test_docs']} documents; unsafe {report['n_test_unsafe']})"))
-    print(f"{'layer':>5s}  {'mean acc':>8s} {'auroc':>6s} {'unseen':>6s}   {'last acc':>8s} {'auroc':>6s} {'unseen':>6s}")
+    print(f"{'layer':>5s}  {'mean acc':>8s} {'auroc':>6s} {'unseen':>6s}   {'last acc':>8s} {'auroc':>6s} "
+          f"{'unseen':>6s}")
     for row in report["layers"]:
         m, l = row["mean"], row["last"]
         print(f"{row['layer']:5d}  {pct(m['acc']):>8s} {pct(m['auroc']):>6s} {pct(m.get('acc_unseen')):>6s}   "

@@ -30,7 +30,7 @@ from itertools import chain
 
 import numpy as np
 
-from safety.common import fail, file_sha256, load_json, read_jsonl, run_stage, writable_dir, write_json
+from safety.common import fail, file_sha256, load_json, read_jsonl, run_stage, swap_in, writable_dir, write_json
 from safety.configurator import configure, defaults_of
 from safety.realtext.bpe import (EOT_TEXT, TAG_TEXT, base_encoding, real_tokenizer, tokenizer_record,
                                  write_tokenizer)
@@ -47,7 +47,8 @@ out_name = ""              # the output directory's name under data/<dataset>/; 
 filter_level = "document"  # filter: document | segment
 segment_tokens = 32        # most tokens in a segment (sentence-aligned): reflect; real text's tag and segment filter;
                            # 0: one sentence per segment (MedSafetyWorld)
-user_turn_segments = True  # reflect, MedSafetyWorld: a user turn is a segment of its own (v2); False: v1 segments
+user_turn_segments = True  # reflect, MedSafetyWorld: a user turn is a segment of its own, so every request is
+                           # reflected on where attacks ask; False: a request shares a segment with its neighbours
 dose = 1.0                 # MedSafetyWorld: < 1 writes the dose-matched control <intervention>-dose<NN>: documents
                            # take the intervention until the mix stream holds this share of its intervention tokens
 tag_rate = 0.05            # tag: probability of a tag at each position inside an unsafe segment
@@ -106,12 +107,6 @@ def read_summary(docs_dir):
     except (OSError, ValueError) as e:
         fail(f"'{path}' cannot be read ({type(e).__name__}: {e}); run prepare.py again")
     return summary if isinstance(summary, dict) else {}
-
-
-def swap_in(tmp_dir, out_dir):
-    """Replace out_dir by the finished tmp_dir (written beside it): a failure never leaves half the streams."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -488,7 +483,7 @@ def labelled_docs(docs, stats):
 
 def process_docs(docs):
     """One split's documents [(id, text)] -> (safe tokens, mix tokens, statistics)."""
-    iv = WORKER["intervention"]
+    intervention_name = WORKER["intervention"]
     stats = dict.fromkeys(("docs", "empty_docs", "unsafe_docs", "chars", "unsafe_chars", "input_tokens", "segments",
                            "unsafe_segments", "reflections", "reflection_tokens", "tags", "spans_rewritten",
                            "spans_dropped"), 0)
@@ -502,8 +497,8 @@ def process_docs(docs):
     starts = ends - lens
     stats["docs"], stats["input_tokens"], stats["chars"] = len(docs), len(flat), sum(len(t) for _, t in docs)
     segments = None     # (segment ends, categories, sentence ends, each document's first segment)
-    if WORKER["clf"] is not None or iv in ("reflect", "tag", "safety_pretraining") or (
-            iv == "filter" and WORKER["filter_level"] == "segment"):
+    if WORKER["clf"] is not None or intervention_name in ("reflect", "tag", "safety_pretraining") or (
+            intervention_name == "filter" and WORKER["filter_level"] == "segment"):
         segments = WORKER["segmenter"].segment_docs(docs, spans, flat, starts, ends, WORKER["clf"])
         stats["segments"], stats["unsafe_segments"] = len(segments[0]), sum(c is not None for c in segments[1])
     unsafe = np.array([bool(s) for s in spans], dtype=bool)
@@ -518,26 +513,26 @@ def process_docs(docs):
 
 def mix_tokens(docs, flat, lens, starts, ends, spans, unsafe, segments, safe, stats):
     """The mix stream of the chosen intervention: the documents' tokens, changed as README.md's table says."""
-    iv, eot = WORKER["intervention"], WORKER["eot"]
-    if iv == "none":
+    intervention_name, eot = WORKER["intervention"], WORKER["eot"]
+    if intervention_name == "none":
         return keep_docs(flat, lens, np.ones(len(docs), bool), eot)
-    if iv == "refusal" or (iv == "filter" and WORKER["filter_level"] == "document"):
+    if intervention_name == "refusal" or (intervention_name == "filter" and WORKER["filter_level"] == "document"):
         return safe
-    if iv == "filter":  # segment level: drop the tokens of unsafe segments
+    if intervention_name == "filter":  # segment level: drop the tokens of unsafe segments
         seg_ends, cats = segments[0], segments[1]
         seg_starts = np.concatenate([[0], seg_ends[:-1]])
         keep = np.repeat(np.array([c is None for c in cats]), seg_ends - seg_starts)
         cum = np.concatenate([[0], np.cumsum(keep)])
         kept_lens = cum[ends] - cum[starts]
         return np.insert(flat[keep], np.cumsum(kept_lens)[kept_lens > 0], eot)
-    if iv == "reflect":  # after each segment its reflection (+ <|endoftext|> after a document's last)
+    if intervention_name == "reflect":  # after each segment its reflection (+ <|endoftext|> after a document's last)
         seg_ends, cats, _, seg_first = segments
         last_of_doc = np.zeros(len(seg_ends), dtype=bool)
         last_of_doc[np.array(seg_first[1:]) - 1] = True
         stats["reflections"] = len(seg_ends)
         stats["reflection_tokens"] = sum(len(reflection_ids(c)) for c in cats)
         return insert_text_reflections(flat, seg_ends, cats, last_of_doc, reflection_ids, eot)
-    if iv == "tag":
+    if intervention_name == "tag":
         pos = [tag_positions(doc_rng(docs[j][0]), flat, starts[j], ends[j], docs[j][1], spans[j])
                for j in np.flatnonzero(unsafe)]
         pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
@@ -550,14 +545,14 @@ def mix_tokens(docs, flat, lens, starts, ends, spans, unsafe, segments, safe, st
 def rewritten_mix(docs, flat, starts, ends, spans, unsafe, stats):
     """rewrite, safety_pretraining: document by document; safety_pretraining rewrites half of the unsafe documents
     (a coin flip of the document's own stream) and tags the other half."""
-    iv, eot, pieces = WORKER["intervention"], WORKER["eot"], []
+    intervention_name, eot, pieces = WORKER["intervention"], WORKER["eot"], []
     for j, (doc_id, text) in enumerate(docs):
         a, b = int(starts[j]), int(ends[j])
         if not unsafe[j]:
             pieces.append(flat[a:b])
         else:
-            rng = doc_rng(doc_id) if iv == "safety_pretraining" else None
-            if iv == "rewrite" or rng.random() < 0.5:
+            rng = doc_rng(doc_id) if intervention_name == "safety_pretraining" else None
+            if intervention_name == "rewrite" or rng.random() < 0.5:
                 rw = rewritten(doc_id, text, spans[j], stats)
                 pieces.append(np.array(WORKER["enc"].encode_ordinary(rw), np.int64))
             else:
@@ -709,12 +704,12 @@ def main_real(docs_dir):
             if s in files:
                 files[s].write(b)
                 tokens[s] += len(b) // np.dtype(dtype).itemsize
-        for split, st in res["stats"].items():
-            seen.update(st.pop("labelled_ids"))
+        for split, split_stats in res["stats"].items():
+            seen.update(split_stats.pop("labelled_ids"))
             if label_file:
-                label_file.writelines(line + "\n" for line in st["label_lines"])
-            st.pop("label_lines")
-            for k, v in st.items():
+                label_file.writelines(line + "\n" for line in split_stats["label_lines"])
+            split_stats.pop("label_lines")
+            for k, v in split_stats.items():
                 stats[split][k] = stats[split].get(k, 0) + v
         if time.time() - last[0] > 10:
             last[0] = time.time()
@@ -787,8 +782,7 @@ def main_real(docs_dir):
         meta["raw_unsafe_doc_share"] = meta["raw_unsafe_char_share"] = None
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
+    swap_in(tmp_dir, out_dir)
     dt = time.time() - t0
     n_in = every.get("input_tokens", 0)
     print(f"{intervention}: {meta['documents']:,} documents (" + ("no labels" if unlabelled else
@@ -806,18 +800,37 @@ def main_real(docs_dir):
 # -----------------------------------------------------------------------------
 # Benchmark: the reflect intervention's throughput against tiktoken's encode_ordinary_batch on the same text
 
+def bench_encoding():
+    """The --tokenizer's tiktoken Encoding -> (encoding, its spec or None, what was measured). Offline without the BPE
+    files: a small Encoding of the same shape, said loudly."""
+    try:
+        enc = base_encoding(tokenizer, tokenizer_files)
+        return enc, tokenizer, f"tiktoken '{enc.name}'" + (f" from {tokenizer_files}" if tokenizer_files else "")
+    except SystemExit as e:
+        enc = toy_encoding()
+        return enc, None, (f"NOT {tokenizer}: {str(e).split(': ', 1)[-1]}. Measured instead with a small offline "
+                           f"Encoding ({enc.n_vocab:,} tokens: bytes + word prefixes, gpt2's pre-tokenizer)")
+
+
+def print_bench_table(rows, best, n_tok, nproc):
+    """Tokens per second of each benchmark row, beside tiktoken's on the same number of processes."""
+    rate = [n_tok / b for b in best]
+    print(f"\n| {'what':<62} | procs | {'tokens/s':>11} | vs tiktoken, same procs |")
+    print(f"|{'-' * 64}|-------|{'-' * 13}|-------------------------|")
+    for (what, procs, _), r in zip(rows, rate):
+        ref = rate[0] if procs == nproc else rate[1]  # encode_ordinary_batch on N threads, or the one-thread loop
+        print(f"| {what:<62} | {procs:>5} | {r:>11,.0f} | {r / ref:>22.2f}x |")
+    print(f"\ntokens/s: tokens of the corpus text per second of wall time, best of 3 interleaved runs; the reflect.py "
+          f"rows include reading the json shards, starting the workers and writing the streams. Load average while "
+          f"measuring: {os.getloadavg()[0]:.1f} on {cpu_count()} cores.")
+
+
 def run_benchmark():
     import contextlib
     import io
     import tempfile
     nproc = num_proc or cpu_count()
-    try:
-        enc = base_encoding(tokenizer, tokenizer_files)
-        spec, note = tokenizer, f"tiktoken '{enc.name}'" + (f" from {tokenizer_files}" if tokenizer_files else "")
-    except SystemExit as e:  # offline without the BPE files: a small Encoding of the same shape, said loudly
-        enc, spec = toy_encoding(), None
-        note = (f"NOT {tokenizer}: {str(e).split(': ', 1)[-1]}. Measured instead with a small offline Encoding "
-                f"({enc.n_vocab:,} tokens: bytes + word prefixes, gpt2's pre-tokenizer)")
+    enc, spec, note = bench_encoding()
     docs, spans = bench_corpus(benchmark_tokens, random.Random(seed))
     texts = [d["text"] for d in docs]
     n_tok = sum(len(x) for x in enc.encode_ordinary_batch(texts))
@@ -851,11 +864,11 @@ def run_benchmark():
         with open(os.path.join(tmp, "labels.jsonl"), "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in spans)
 
-        def end_to_end(iv, procs):
-            argv = [f"--data_root={root}", "--dataset=bench", f"--intervention={iv}", f"--labels={tmp}/labels.jsonl",
-                    f"--tokenizer={spec}", f"--tokenizer_files={files}", f"--num_proc={procs}",
-                    f"--segment_tokens={segment_tokens}", f"--seed={seed}", f"--chunk_chars={chunk_chars}",
-                    "--benchmark=False"]
+        def end_to_end(intervention_name, procs):
+            argv = [f"--data_root={root}", "--dataset=bench", f"--intervention={intervention_name}",
+                    f"--labels={tmp}/labels.jsonl", f"--tokenizer={spec}", f"--tokenizer_files={files}",
+                    f"--num_proc={procs}", f"--segment_tokens={segment_tokens}", f"--seed={seed}",
+                    f"--chunk_chars={chunk_chars}", "--benchmark=False"]
             with contextlib.redirect_stdout(io.StringIO()):
                 main(argv)
         rows = [("tiktoken encode_ordinary_batch(texts, num_threads=N)", nproc,
@@ -874,15 +887,7 @@ def run_benchmark():
                 t0 = time.perf_counter()
                 fn()
                 best[k] = min(best[k], time.perf_counter() - t0)
-    rate = [n_tok / b for b in best]
-    print(f"\n| {'what':<62} | procs | {'tokens/s':>11} | vs tiktoken, same procs |")
-    print(f"|{'-' * 64}|-------|{'-' * 13}|-------------------------|")
-    for (what, procs, _), r in zip(rows, rate):
-        ref = rate[0] if procs == nproc else rate[1]  # encode_ordinary_batch on N threads, or the one-thread loop
-        print(f"| {what:<62} | {procs:>5} | {r:>11,.0f} | {r / ref:>22.2f}x |")
-    print(f"\ntokens/s: tokens of the corpus text per second of wall time, best of 3 interleaved runs; the reflect.py "
-          f"rows include reading the json shards, starting the workers and writing the streams. Load average while "
-          f"measuring: {os.getloadavg()[0]:.1f} on {cpu_count()} cores.")
+    print_bench_table(rows, best, n_tok, nproc)
 
 
 # -----------------------------------------------------------------------------

@@ -24,8 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from safety.common import (fail, file_sha256, load_checkpoint, load_weights, lock_dir, on_stop, rerun_command, run_stage,
-                           writable_dir, write_atomic)
+from safety.common import (fail, file_sha256, load_checkpoint, load_weights, lock_dir, on_stop, rerun_command,
+                           run_stage, writable_dir, write_atomic)
 from safety.configurator import configure, defaults_of
 from safety.training import RunPlumbing, TokenStream, lr_at, refuse_to_replace_run, set_rng_state, setup_device
 from model import GPT, GPTConfig
@@ -35,7 +35,7 @@ from model import GPT, GPTConfig
 # I/O
 out_dir = "out/run"
 data = "medsafety/none"           # directory under data/, or a path
-init_from = "scratch"             # scratch | resume (continue <out_dir>/ckpt.pt) | <another run's dir> (continue it here)
+init_from = "scratch"             # scratch | resume (<out_dir>/ckpt.pt) | <another run's dir> (continue it here)
 eval_interval = 200               # evaluate val loss and save a checkpoint every this many iterations
 eval_iters = 20                   # val batches per evaluation
 log_interval = 10

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 from dataclasses import dataclass
@@ -90,6 +91,17 @@ def write_atomic(path, write, mode="w"):
         if not isinstance(e, OSError):
             raise
         fail(f"cannot write '{path}' ({e.strerror or e}); the previous file, if any, is unchanged")
+
+
+def swap_in(tmp_dir, final):
+    """Replace directory `final` by the finished `tmp_dir` (written beside it): the old one is removed only after the
+    new one is in place, so a failure never leaves half of one."""
+    old = f"{final}.old-{os.getpid()}"
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp_dir, final)
+    if os.path.exists(old):
+        shutil.rmtree(old)
 
 
 def write_json(path, obj, indent=None):
@@ -185,35 +197,35 @@ def load_checkpoint(path, need=("model", "model_args")):
     if os.path.getsize(path) == 0:
         fail(f"checkpoint '{path}' is empty (0 bytes): a copy or a disk that failed; train or copy it again")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = next((l.strip() for l in str(e).splitlines() if l.strip()), "no message").split(". ")[0]
         fail(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {why[:200]}); it may be truncated or "
              f"corrupt, or not a train.py checkpoint")
-    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    missing = [k for k in need if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         fail(f"'{path}' is not a train.py checkpoint: it lacks {', '.join(repr(k) for k in missing)}")
-    if not isinstance(ck["model"], dict) or not all(isinstance(k, str) for k in ck["model"]):
+    if not isinstance(checkpoint["model"], dict) or not all(isinstance(k, str) for k in checkpoint["model"]):
         fail(f"'{path}' is not a train.py checkpoint: its 'model' is not a state dict")
-    if not isinstance(ck.get("model_args", {}), dict):
+    if not isinstance(checkpoint.get("model_args", {}), dict):
         fail(f"'{path}' is not a train.py checkpoint: its 'model_args' is not a dict of GPTConfig fields")
     stripped = ""
-    while ck["model"]:      # DDP around a compiled model writes 'module._orig_mod.'
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in ck["model"])), None)
+    while checkpoint["model"]:      # DDP around a compiled model writes 'module._orig_mod.'
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in checkpoint["model"])), None)
         if prefix is None:
             break
-        ck["model"] = {k[len(prefix):]: v for k, v in ck["model"].items()}
+        checkpoint["model"] = {k[len(prefix):]: v for k, v in checkpoint["model"].items()}
         stripped += prefix
     if stripped:
         print(f"{path}: the weights were saved from a wrapped model (keys prefixed '{stripped}', as torch.compile "
               f"and DDP write them); loaded without the prefix")
-    return ck
+    return checkpoint
 
 
-def load_weights(model, ck, path):
+def load_weights(model, checkpoint, path):
     """Load a checkpoint's weights into a model built from its model_args; a mismatch stops with one line naming
     the keys or shapes that differ."""
-    have, want = ck["model"], model.state_dict()
+    have, want = checkpoint["model"], model.state_dict()
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     shapes = [f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}" for k in want
               if k in have and getattr(have[k], "shape", None) != want[k].shape]
@@ -249,15 +261,15 @@ def load_run(arg, model_class, world_path="", tokenizer="", device="cpu", frozen
     against the fingerprint and special tokens the data recorded) or real-text tokenizer. kind="world" | "text": the
     kind of model the caller measures; another kind stops with one line and the hint."""
     path = ckpt_path(arg)
-    ck = load_checkpoint(path)
-    meta = ck.get("meta") or {}
+    checkpoint = load_checkpoint(path)
+    meta = checkpoint.get("meta") or {}
     is_world = meta.get("tokenizer") == "medsafety-word"
     if kind == "world" and not is_world:
         fail(f"checkpoint '{path}' was trained with tokenizer '{meta.get('tokenizer')}', not MedSafetyWorld's "
              f"word-level tokenizer; {hint}")
     if kind == "text" and is_world:
         fail(f"checkpoint '{path}' is a MedSafetyWorld model (tokenizer '{meta.get('tokenizer')}'); {hint}")
-    run = Run(path=path, dir=os.path.dirname(os.path.abspath(path)), ck=ck, model=None)
+    run = Run(path=path, dir=os.path.dirname(os.path.abspath(path)), ck=checkpoint, model=None)
     if is_world:
         from safety.world.definition import World
         run.world_path = world_path or meta.get("world")
@@ -281,7 +293,7 @@ def load_run(arg, model_class, world_path="", tokenizer="", device="cpu", frozen
         fail(f"the checkpoint's tokenizer is not its data's: trained on {meta.get('vocab_size')} tokens"
              + (f" with special tokens {bad} at other ids" if bad else "") + f", but it loads with {vocab}; pass the "
              f"--world or --tokenizer the data was written with")
-    args = dict(ck["model_args"], dropout=0.0)
+    args = dict(checkpoint["model_args"], dropout=0.0)
     if args.get("vocab_size", 0) < vocab:
         fail(f"the model's vocab_size {args.get('vocab_size')} is smaller than its tokenizer's {vocab}")
     # training keeps the run's own attention (config/gpu.py's sdpa: finetune batches change length, and the Triton
@@ -293,7 +305,7 @@ def load_run(arg, model_class, world_path="", tokenizer="", device="cpu", frozen
         model = model_class.from_args(dict(args, attention=attention))
     except (TypeError, ValueError) as e:
         fail(f"checkpoint '{path}' has model_args this model.py cannot build ({type(e).__name__}: {e})")
-    load_weights(model, ck, path)
+    load_weights(model, checkpoint, path)
     if frozen:
         for p in model.parameters():
             p.requires_grad_(False)      # attacks never train the model (GCG's gradient is w.r.t. its input)
@@ -309,7 +321,7 @@ def eval_dir(world_path, arg=""):
     return arg or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(world_path))), "eval")
 
 
-def model_info(ck):
+def model_info(checkpoint):
     """What the model learned and how it is talked to, one answer for finetune.py and attack.py:
     reflective  it learned reflections: in pretraining (it read a mix stream with reflections; the safe-only
                 control, intervention_start=1.0, never did) or in a reflection-format sft of its finetuning chain;
@@ -318,11 +330,11 @@ def model_info(ck):
                 else reflect after reflection pretraining, else plain;
     segment_tokens, user_turn_segments: the segmenter's settings for world.chat: those of the latest reflection-format
                 sft (finetune.py --segment_tokens), else the pretraining stream's (reflect.py's)."""
-    meta = ck.get("meta") or {}
-    cfg = ck.get("pretrain_config") or ck.get("config") or {}
+    meta = checkpoint.get("meta") or {}
+    cfg = checkpoint.get("pretrain_config") or checkpoint.get("config") or {}
     saw = cfg.get("intervention_start", 0.0) < 1.0
     pretrained = (meta.get("intervention") == "reflect" or (meta.get("mix_reflections") or 0) > 0) and saw
-    chain, rec = [], ck.get("finetune")
+    chain, rec = [], checkpoint.get("finetune")
     while rec:
         chain.append(rec)
         rec = rec.get("previous")

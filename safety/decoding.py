@@ -24,8 +24,9 @@ class DecodeSettings:
     eot: int                    # <|endoftext|>: a row that writes it is finished
     end: int                    # the stop token (the world's <end_of_turn>; real text: <|endoftext|>)
     max_new_tokens: int
-    token_ids: dict = field(default_factory=dict)   # {token: id} of what is looked up: <harmful> (safe beam), the
-                                                    # world's <think>, unsafe, </think> (reflect_halt) and its banned words
+    # {token: id} of what is looked up: <harmful> (safe beam), the world's <think>, unsafe, </think> (reflect_halt) and
+    # its banned words
+    token_ids: dict = field(default_factory=dict)
     temperature: float = 1.0    # topk and reflect_halt
     top_k: int = 40             # topk and reflect_halt
     beam_width: int = 4         # safebeam
@@ -301,7 +302,8 @@ DECODINGS = {"greedy": decode_greedy, "topk": decode_topk, "safebeam": decode_sa
 
 def run_passes(model, items_of, names, settings, judge, decode_text, skip_reason, set_order, metrics):
     """Every (attack, decoding) pass: generation in batches, the judge on each response (judge(record, response,
-    variant)), metrics per pass. items_of[a] = [(set, record, variant, input ids)]. Returns (results, skipped, generation rows)."""
+    variant)), metrics per pass. items_of[a] = [(set, record, variant, input ids)]. Returns (results, skipped,
+    generation rows)."""
     results, skipped, lines = {}, {}, []
     attack_names, decoding_names = names
     for a in attack_names:
@@ -332,7 +334,8 @@ def run_passes(model, items_of, names, settings, judge, decode_text, skip_reason
                                  "prompt": r["prompt"], "input": x["input"], "prefill": x["prefill"],
                                  "response": response, "verdict": judge(r, response, x)})
                 if sys.stdout.isatty():   # a progress counter on a terminal; logs get the summary line only
-                    print(f"\r{a}/{dname}: {min(b + settings.batch, len(items))}/{len(items)} prompts", end="", flush=True)
+                    done = min(b + settings.batch, len(items))
+                    print(f"\r{a}/{dname}: {done}/{len(items)} prompts", end="", flush=True)
             dt = max(time.time() - t0, 1e-9)
             print(f"\r{a}/{dname}: {len(items)} prompts, {new_tokens:,} new tokens in {dt:.1f}s: "
                   f"{len(items) / dt:,.1f} prompts/s, {new_tokens / dt:,.0f} tokens/s")

@@ -44,13 +44,14 @@ REFLECT_SAFE, REFLECT_UNSAFE = " <think> Safe </think>", " <think> Unsafe {categ
 def text_format(meta=None):
     """(safe, unsafe) reflection texts a model was pretrained with: its meta.json's reflection_format, else the
     ones above (a stream written before the format was recorded)."""
-    fmt = (meta or {}).get("reflection_format") or {}
-    return fmt.get("safe", REFLECT_SAFE), fmt.get("unsafe", REFLECT_UNSAFE)
+    recorded = (meta or {}).get("reflection_format") or {}
+    return recorded.get("safe", REFLECT_SAFE), recorded.get("unsafe", REFLECT_UNSAFE)
 
 
-def text_reflection(enc, category, fmt=(REFLECT_SAFE, REFLECT_UNSAFE)):
+def text_reflection(enc, category, reflection_texts=(REFLECT_SAFE, REFLECT_UNSAFE)):
     """The tokens of the reflection after a segment: safe (category None) or unsafe with its category."""
-    return enc.encode_ordinary(fmt[0] if category is None else fmt[1].format(category=category))
+    safe_text, unsafe_text = reflection_texts
+    return enc.encode_ordinary(safe_text if category is None else unsafe_text.format(category=category))
 
 
 # ============================================================================= 2. the segmenter
@@ -395,7 +396,8 @@ def check_label_ids(spans, known, labels_path):
              f"chat row's texts are '<row id>/prompt' and '<row id>/response'")
 
 
-def text_sft_rows(enc, rows, template, spans, clf, segment_tokens, labels_path="", fmt=(REFLECT_SAFE, REFLECT_UNSAFE)):
+def text_sft_rows(enc, rows, template, spans, clf, segment_tokens, labels_path="",
+                  reflection_texts=(REFLECT_SAFE, REFLECT_UNSAFE)):
     """rows [(row id, prompt, response)] -> [(prompt ids, target ids)] in the format above."""
     eot = enc._special_tokens[EOT_TEXT]
     answers = [r if r[:1].isspace() else " " + r for _, _, r in rows]   # the answer after a space, as plain rows
@@ -411,12 +413,12 @@ def text_sft_rows(enc, rows, template, spans, clf, segment_tokens, labels_path="
     for k, (rid, p, _) in enumerate(rows):
         _, _, p_cats = done[k]
         p_cat = next((c for c in p_cats if c is not None), None)          # the prompt is one segment
-        target = text_reflection(enc, p_cat, fmt)
+        target = text_reflection(enc, p_cat, reflection_texts)
         if p_cat is None:
             ids, ends, cats = done[len(rows) + k]
             start = 0
             for end, cat in zip(ends, cats):
-                target += ids[start:end] + text_reflection(enc, cat, fmt)
+                target += ids[start:end] + text_reflection(enc, cat, reflection_texts)
                 start = end
                 if cat is not None:
                     break
@@ -536,11 +538,12 @@ def request_reflection(model, world, recs, info, dev, chunk=256):
 # Real text: held-out labelled documents (probe.py), every segment a site, read at the token that tells the safe and
 # the unsafe reflection apart.
 
-def text_opener(enc, categories, fmt=(REFLECT_SAFE, REFLECT_UNSAFE)):
+def text_opener(enc, categories, reflection_texts=(REFLECT_SAFE, REFLECT_UNSAFE)):
     """Where the safe and the unsafe reflection first differ: (shared prefix length p, safe opener token, unsafe
     opener token). " <think>" is shared; the next token says safe or unsafe, and does not depend on the category."""
-    safe = text_reflection(enc, None, fmt)
-    heads = {tuple(text_reflection(enc, c, fmt)[:len(safe) + 1]) for c in sorted(set(categories) | {"harmful"})}
+    safe = text_reflection(enc, None, reflection_texts)
+    heads = {tuple(text_reflection(enc, c, reflection_texts)[:len(safe) + 1])
+             for c in sorted(set(categories) | {"harmful"})}
     p = min(next((i for i, (a, b) in enumerate(zip(safe, h)) if a != b), len(safe)) for h in heads)
     if p >= len(safe) or min(map(len, heads)) <= p or len({h[:p + 1] for h in heads}) != 1:
         fail(f"the tokenizer '{enc.name}' writes the safe and unsafe reflections with no single token that tells them "
@@ -548,7 +551,7 @@ def text_opener(enc, categories, fmt=(REFLECT_SAFE, REFLECT_UNSAFE)):
     return p, safe[p], next(iter(heads))[p]
 
 
-def text_reflection_sites(enc, done, p, fmt=(REFLECT_SAFE, REFLECT_UNSAFE)):
+def text_reflection_sites(enc, done, p, reflection_texts=(REFLECT_SAFE, REFLECT_UNSAFE)):
     """Every held-out document as the reflect stream holds it (after an <|endoftext|>, each segment followed by its
     true reflection) and its sites: (document, index of the token whose next-token prediction is the opener,
     label, category)."""
@@ -559,7 +562,7 @@ def text_reflection_sites(enc, done, p, fmt=(REFLECT_SAFE, REFLECT_UNSAFE)):
         for end, cat in zip(ends, cats):
             seq += ids[start:end]
             sites.append((j, len(seq) - 1 + p, "safe" if cat is None else "unsafe", cat))
-            seq += text_reflection(enc, cat, fmt)
+            seq += text_reflection(enc, cat, reflection_texts)
             start = end
         seqs.append(seq)
     return seqs, sites

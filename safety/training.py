@@ -24,7 +24,8 @@ def setup_device(device, dtype, gradient_accumulation_steps):
     ddp = int(os.environ.get("RANK", -1)) != -1
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if ddp:
-        rank, local_rank, n_ranks = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        n_ranks = int(os.environ["WORLD_SIZE"])
         if dev.startswith("cuda"):
             dev = f"cuda:{local_rank}"
             torch.cuda.set_device(dev)

@@ -2,8 +2,8 @@
 attack.py's real-text path (AdvBench/HarmBench prompts, XSTest-style over-refusal): the prompt files, the attacks'
 variants and model inputs, the reflections and the tag as the model's tokenizer spells them (RealText), so that every
 attack and decoding runs on real text as on the world, and the verdicts: each response's class, and with a judge
-model (safety/realtext/guard.py: the HarmBench classifier, or a guard's response moderation) whether it is harmful; without one,
-refusal strings (approximate).
+model (safety/realtext/guard.py: the HarmBench classifier, or a guard's response moderation) whether it is harmful;
+without one, refusal strings (approximate).
 
 Reads:  the prompt files (csv/json/jsonl/parquet, read with `datasets`). Writes: nothing by itself.
 """
@@ -196,7 +196,8 @@ class RealText:
         safe, unsafe = text_format(meta)
         self.enc, self.eot, self.tag = enc, enc.eot_token, enc._special_tokens.get(TAG_TEXT)
         self.safe = safe                                                           # " <think> Safe </think>"
-        self.unsafe_opener, self.close = (x.strip() for x in unsafe.split("{category}"))    # "<think> Unsafe", "</think>"
+        # "<think> Unsafe", "</think>"
+        self.unsafe_opener, self.close = (x.strip() for x in unsafe.split("{category}"))
         self.opener = os.path.commonprefix([safe, unsafe]).strip()                    # "<think>"
         self.reflection = re.compile(re.escape(self.opener) + ".*?(?:" + re.escape(self.close) + "|$)", re.S)
         # suppress bans the opener and the close without their last ">": every spelling the model may fall back on
@@ -254,29 +255,30 @@ class RealText:
         return self.enc.decode([t for t in ids if t != self.eot])
 
 
-# attack(record, shared, real) -> [variant] or None; shared: {"suffix": text, "suffix_ids", "train_ids"}, real: RealText
+# attack(record, attack_setup, real) -> [variant] or None; attack_setup: {"suffix": text, "suffix_ids", "train_ids"},
+# real: RealText
 REAL_ATTACKS = {
-    "direct": lambda rec, shared, real: [variant(rec["user"])],
-    "prefill": lambda rec, shared, real: ([variant(rec["user"], prefill=REAL_PREFILL)] if rec["kind"] == "harmful"
+    "direct": lambda rec, attack_setup, real: [variant(rec["user"])],
+    "prefill": lambda rec, attack_setup, real: ([variant(rec["user"], prefill=REAL_PREFILL)] if rec["kind"] == "harmful"
                                           else None),
-    "template": lambda rec, shared, real: [variant(t.format(prompt=rec["user"]), name=n)
+    "template": lambda rec, attack_setup, real: [variant(t.format(prompt=rec["user"]), name=n)
                                            for n, t in REAL_WRAPPERS.items()],
     # scored on the prompts outside the suffix's train split; the suffix goes in as the ids GCG fitted (decoding it
     # to text and encoding it again may give other tokens), its first token one that starts with a space
-    "suffix": lambda rec, shared, real: None if rec["id"] in shared["train_ids"] else [
-        dict(variant(rec["user"] + shared["suffix"]), splice=shared["suffix_ids"])],
-    "suppress": lambda rec, shared, real: [variant(rec["user"], ban=real.suppressed)],
+    "suffix": lambda rec, attack_setup, real: None if rec["id"] in attack_setup["train_ids"] else [
+        dict(variant(rec["user"] + attack_setup["suffix"]), splice=attack_setup["suffix_ids"])],
+    "suppress": lambda rec, attack_setup, real: [variant(rec["user"], ban=real.suppressed)],
 }
 
 
-def real_inputs(attack_names, recs, shared, real, chat_template, block_size, max_new_tokens):
+def real_inputs(attack_names, recs, attack_setup, real, chat_template, block_size, max_new_tokens):
     """{attack: [(set, record, variant, input ids)]}: the chat template around each variant, cut from the left
     (the end is the turn to answer) to leave max_new_tokens of the block."""
     inputs = {}
     for a in attack_names:
         items = []
         for s, r in recs:
-            for x in REAL_ATTACKS[a](r, shared, real) or []:
+            for x in REAL_ATTACKS[a](r, attack_setup, real) or []:
                 if "splice" in x:
                     pre, post, _ = real_parts(real.enc, r, chat_template, "")
                     ids = pre + x.pop("splice") + post

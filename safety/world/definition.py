@@ -76,11 +76,13 @@ class World:
         self.seen_harms = set(spec["seen_harms"])
         self.seen_pairs = {(c, t) for c, t in spec["seen_pairs"]}
         self.eval_frac, self.tune_frac = spec["eval_frac"], spec["tune_frac"]
-        # world v2: safe text states the safety definition (f_harm, f_helps, f_contra, "is it wrong ..." dialogues);
-        # False is world v1, where the definition lived in the oracle alone (a world.json without the key is v1)
+        # safe text states the safety definition (f_harm, f_helps, f_contra, "is it wrong ..." dialogues), so a model
+        # can learn from text alone what the oracle calls harm; False: the definition lives in the oracle alone (a
+        # world.json without the key was written before the flag)
         self.harm_facts = spec.get("harm_facts", False)
-        # world v3: every answer is a chain of steps from the request to the act (grammar.py), and the oracle labels
-        # each step in its dialogue's context; False is world v2 (a world.json without the key is v1 or v2)
+        # every answer is a chain of steps from the request to the act (grammar.py), and the oracle labels each step in
+        # its dialogue's context, so a reflection can catch an answer mid-way; False: answers of two sentences (a
+        # world.json without the key was written before the flag)
         self.reasoning = spec.get("reasoning", False)
         self.drug = {d["name"]: d for d in self.drugs}
         self.cond = {c["name"]: c for c in self.conditions}
