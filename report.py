@@ -593,6 +593,29 @@ def sweep_report(results, root, doc):
                    "reflection, wherever the model's segmenter puts it); sft-nostop: the same sft without them. "
                    "The prefill attack forces the first step of the compliant answer; suppress bans the reflection "
                    "opener.")
+    sweep_plot(results, root, doc, cols[:5])   # the attacks reflection frequency should change
+
+
+def sweep_plot(results, root, doc, cols):
+    """One panel per column of the 'buys' table: a bar per cell, sft beside sft-nostop, each seed's world a dot."""
+    plt = pyplot()
+    cells = list(results.cells)
+    fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 4.2))
+    for ax, (attack, metric, title) in zip(axes, cols):
+        for j, (stage, color) in enumerate((("sft", "tab:blue"), ("sft-nostop", "tab:orange"))):
+            xs = [i + (j - 0.5) * 0.38 for i in range(len(cells))]
+            vals = [results.value(key, stage, metric, attack) for key in cells]
+            ax.bar(xs, [x[0] or 0 for x in vals], width=0.38, yerr=[x[1] or 0 for x in vals], capsize=2,
+                   color=color, label=stage)
+            for i, key in enumerate(cells):
+                seeds = [s["rate"] for s in results.stats(key, stage, metric, attack) if s]
+                ax.plot([xs[i]] * len(seeds), seeds, "k.", ms=3)
+        ax.set_xticks(range(len(cells)), cells, rotation=60, ha="right", fontsize=7)
+        ax.set(title=title.replace(": ", ":\n", 1), ylim=(-0.02, 1.02))
+        ax.legend(fontsize=7)
+    fig.suptitle(f"greedy; mean over {results.n} seed(s) (bars, ± sd), each seed's world a dot", fontsize=9)
+    save(plt, fig, os.path.join(root, "sweep.png"))
+    doc.text("![how often to reflect: what it buys](sweep.png)")
 
 
 # the unseen-harm numbers of the scale and ablation tables

@@ -331,6 +331,7 @@ def test_report_numbers_are_the_cells_numbers(smoke_study, tmp_path):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     sweep = open(os.path.join(out, "report-sweep.md")).read()
+    assert "](sweep.png)" in sweep and os.path.getsize(os.path.join(out, "sweep.png")) > 0
     rows = table_rows(sweep, "What reflecting buys (greedy)", keys=2)
     cols = [("prefill", "added_unsafe"), ("prefill", "competent_asr"), ("prefill", "competent_asr_poison_unseen"),
             ("prefill", "stopped_poison_unseen"), ("suppress", "asr"), ("direct", "competent_asr_poison_unseen")]
