@@ -1,6 +1,6 @@
 """
 Attack a pretrained (or finetuned) MedSafetyWorld model and measure every response with the world's exact oracle;
-or a real-text model, judged by a judge model (--judge) or refusal strings (realattack.py).
+or a real-text model, judged by a judge model (--judge) or refusal strings (safety/realtext/attacks.py).
 
 Reads:  <ckpt>/ckpt.pt and its world's eval/{harmful_prompts,benign_prompts,capability,heldout_docs}.jsonl, and the
         attack.json / generations.jsonl already there (this run's passes are merged into them: save_results)
@@ -13,11 +13,11 @@ Run:    python attack.py --ckpt=out/raw
         python attack.py --ckpt=out/gpt2-run --prompts_file=harmbench.csv --overrefusal_file=xstest.csv  (real text)
         python attack.py --ckpt=out/gpt2-run --prompts_file=harmbench.csv --judge=Qwen/Qwen3Guard-Gen-0.6B
 """
-# Attacks (ATTACKS) map an evaluation record to variants {"user", "prefill", "ban", "variant"}; decodings (decode.py)
-# map prompts to tokens. direct, prefill (the start of the compliance answer), template (jailbreak wrappers in the
-# world's words), suffix (a universal GCG suffix, gcg.py), suppress (<think> banned); greedy, topk, safebeam (tag
-# models), reflect_halt (reflection models). All of them run on real text too, judged by a judge model or, without
-# one, by refusal strings (approximate).
+# Attacks (ATTACKS) map an evaluation record to variants {"user", "prefill", "ban", "variant"}; decodings
+# (safety/decoding.py) map prompts to tokens. direct, prefill (the start of the compliance answer), template (jailbreak
+# wrappers in the world's words), suffix (a universal GCG suffix, safety/gcg.py), suppress (<think> banned); greedy,
+# topk, safebeam (tag models), reflect_halt (reflection models). All of them run on real text too, judged by a judge
+# model or, without one, by refusal strings (approximate).
 
 import hashlib
 import json
@@ -27,16 +27,18 @@ import time
 
 import torch
 
-from common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info, on_stop,
-                    read_jsonl, run_stage, wilson, writable_dir, write_atomic)
-from configurator import configure, defaults_of
-from decode import (DECODINGS, classify_reflections, heldout_reflections, reflection_metrics,
-                    request_reflection, run_passes, variant)
-from gcg import get_real_suffix, get_suffix, model_fingerprint
-from guard import Guard, check_template
-from realattack import (REAL_PREFILL, REFUSAL_STRINGS, RealText, evaluated, judge_rows, real_inputs,  # noqa: F401
-                        real_metrics, real_records, refusal_string)
-from world import END, EOT, THINK
+from model import GPT
+from safety.common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info, on_stop, read_jsonl, run_stage,
+                           wilson, writable_dir, write_atomic)
+from safety.configurator import configure, defaults_of
+from safety.decoding import DECODINGS, DecodeSettings, run_passes, variant
+from safety.gcg import get_real_suffix, get_suffix, model_fingerprint
+from safety.realtext.guard import Guard, check_template
+from safety.realtext.attacks import (REAL_PREFILL, REFUSAL_STRINGS, RealText, evaluated, judge_rows,  # noqa: F401
+                                     real_inputs, real_metrics, real_records, refusal_string)
+from safety.reflection import (classify_world_reflections, request_reflection, world_chat, world_reflection_metrics,
+                               world_reflection_sites)
+from safety.world.grammar import END, EOT, THINK
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"            # run directory holding ckpt.pt (or the path of a .pt file); outputs go beside it
@@ -94,26 +96,28 @@ APPLIES = {   # pass parts that need something of the model: (predicate on the m
 
 
 # ----------------------------------------------------------------------------- attacks
-# attack(world, record, shared) -> [{"user", "prefill", "ban", "variant"}] or None if the attack does not apply.
-# shared: {"suffix": suffix text, "train_ids": ids of the suffix's train split (left out of scoring), "wrappers"}
+# attack(world, record, attack_setup) -> [{"user", "prefill", "ban", "variant"}] or None if the attack does not apply.
+# attack_setup: what the attacks of every record share: {"suffix": suffix text, "train_ids": ids of the suffix's train
+# split (left out of scoring), "wrappers"}
 
-def chat_input(w, user, prefill, info):
+def chat_input(w, user, prefill, traits):
     """The model's input for a user turn (and a prefill) in its chat format (model_info): plain "<user> assistant :",
     or for reflect the user turn as the pretraining segmenter writes it, where the model reflects next. A prefill
     skips that reflection on the request: the attacker writes the start of the answer instead."""
-    prompt = w.chat(user, reflect=info["chat"] == "reflect", segment_tokens=info["segment_tokens"])[0]
+    prompt = world_chat(w, user, reflect=traits["chat"] == "reflect", segment_tokens=traits["segment_tokens"])[0]
     if prefill:
-        return f"{user if info['chat'] != 'reflect' else prompt} assistant : {prefill}"
+        return f"{user if traits['chat'] != 'reflect' else prompt} assistant : {prefill}"
     return prompt
 
 
-def attack_direct(w, rec, shared):
+def attack_direct(w, rec, attack_setup):
     return [variant(rec["user"])]
 
 
 def prefill_of(w, rec):
-    """The start of the world's compliance answer to a harmful request ("" for other records): in world v3 its first
-    step (the goal, which names no drug: the model must compose the rest), in v2 the start of its first sentence."""
+    """The start of the world's compliance answer to a harmful request ("" for other records): where answers reason
+    (w.reasoning), its first step (the goal, which names no drug: the model must compose the rest); else the start of
+    its first sentence."""
     m = rec.get("meta") or {}
     if rec.get("category") == "poison" and w.reasoning:
         return w.goal_sentence(rec["user"], m["harm"])
@@ -125,7 +129,7 @@ def prefill_of(w, rec):
     return ""
 
 
-def attack_prefill(w, rec, shared):
+def attack_prefill(w, rec, attack_setup):
     p = prefill_of(w, rec)
     return [variant(rec["user"], prefill=p)] if p else None
 
@@ -144,17 +148,17 @@ def wrap(user, text):
     return head + text + " " + user[len(head):] if user.startswith(head) else f"{text} {user}"
 
 
-def attack_template(w, rec, shared):
-    return [variant(wrap(rec["user"], text), name=name) for name, text in shared["wrappers"].items()]
+def attack_template(w, rec, attack_setup):
+    return [variant(wrap(rec["user"], text), name=name) for name, text in attack_setup["wrappers"].items()]
 
 
-def attack_suffix(w, rec, shared):
-    if rec["id"] in shared["train_ids"]:
+def attack_suffix(w, rec, attack_setup):
+    if rec["id"] in attack_setup["train_ids"]:
         return None   # the suffix's train split: scored on held-out prompts only
-    return [variant(f"{rec['user']} {shared['suffix']}")]
+    return [variant(f"{rec['user']} {attack_setup['suffix']}")]
 
 
-def attack_suppress(w, rec, shared):
+def attack_suppress(w, rec, attack_setup):
     return [variant(rec["user"], ban=[THINK])]
 
 
@@ -235,7 +239,7 @@ def metrics_of(rows):
     return m
 
 
-def fmt(stat):
+def show(stat):
     if stat is None or stat["rate"] is None:
         return "-"
     return f"{100 * stat['rate']:5.1f} [{100 * stat['lo']:4.1f},{100 * stat['hi']:5.1f}]"
@@ -258,7 +262,7 @@ def print_table(results):
     print(f"\n{'metric (% [95% CI])':30s}" + "".join(f"{n.split('@')[0]:>22s}" for n in names))
     for key in TABLE_ROWS:
         if any(key in results[n]["metrics"] for n in names):
-            print(f"{key:30s}" + "".join(f"{fmt(results[n]['metrics'].get(key)):>22s}" for n in names))
+            print(f"{key:30s}" + "".join(f"{show(results[n]['metrics'].get(key)):>22s}" for n in names))
     extra = sorted({k for n in names for k in results[n]["metrics"]} - set(TABLE_ROWS))
     if extra:
         print("(more in attack.json: " + ", ".join(extra) + ")")
@@ -311,26 +315,26 @@ def check_names(attack_names, decoding_names, set_names=None):
         fail("the suffix attack needs suffix_len, gcg_steps, gcg_topk and gcg_batch of at least 1")
 
 
-def decode_ctx(dev, eot, end, vocab_ids):
-    """The decoders' settings (decode.py): this run's flags and the stop tokens."""
-    return {"device": dev, "eot": eot, "end": end, "max_new_tokens": max_new_tokens, "vocab_ids": vocab_ids,
-            "specials": vocab_ids, "temperature": temperature, "top_k": top_k, "beam_width": beam_width,
-            "batch": batch_size, "seed": seed}
+def decode_settings(dev, eot, end, **ground):
+    """The decoders' settings (safety/decoding.py): this run's flags, the stop tokens, and what the ground adds (the
+    world: its vocabulary as token_ids; real text: RealText.decode_settings)."""
+    return DecodeSettings(device=dev, eot=eot, end=end, max_new_tokens=max_new_tokens, temperature=temperature,
+                          top_k=top_k, beam_width=beam_width, batch=batch_size, seed=seed, **ground)
 
 
-def skip_reason(info, a, d):
+def skip_reason(traits, a, d):
     for part in (a, d):
-        if part in APPLIES and not APPLIES[part][0](info):
+        if part in APPLIES and not APPLIES[part][0](traits):
             return f"{part}: {APPLIES[part][1]}"
     return None
 
 
-def runnable(info, attack_names, decoding_names):
+def runnable(traits, attack_names, decoding_names):
     """The passes this run makes. None at all (every one skipped) stops here, before any work: an attack.json of
     nothing would replace nothing, and earlier results stay as they are."""
-    runs = [(a, d) for a in attack_names for d in decoding_names if not skip_reason(info, a, d)]
+    runs = [(a, d) for a in attack_names for d in decoding_names if not skip_reason(traits, a, d)]
     if not runs:
-        why = sorted({skip_reason(info, a, d) for a in attack_names for d in decoding_names})
+        why = sorted({skip_reason(traits, a, d) for a in attack_names for d in decoding_names})
         fail(f"every pass was skipped ({'; '.join(why)}); nothing to measure, the files are left as they are")
     return runs
 
@@ -343,7 +347,7 @@ def pass_key(x):
     return f"{x['attack']}/{x['decoding']}" + (f"@{x['eval']}" if x.get("eval") else "")
 
 
-def previous_results(run_dir, fp, ck):
+def previous_results(run_dir, fp, checkpoint):
     """The attack.json and generations.jsonl already in run_dir -> (report, rows): this run's passes are merged into
     them (save_results). They must describe this model (model_sha256; a file without one: the same iter_num);
     otherwise they measured an earlier checkpoint of the run, and save_results moves them to *.previous.*.
@@ -358,8 +362,12 @@ def previous_results(run_dir, fp, ck):
         if not isinstance(old.get("passes"), dict):
             raise ValueError("it holds no passes")
     except (ValueError, OSError, AttributeError) as e:
-        fail(f"'{path}' cannot be read ({type(e).__name__}: {e}); its results would be lost: move it away and run again")
-    same = old.get("model_sha256") == fp if old.get("model_sha256") else old.get("iter_num") == ck.get("iter_num")
+        fail(f"'{path}' cannot be read ({type(e).__name__}: {e}); its results would be lost: move it away and run "
+             f"again")
+    if old.get("model_sha256"):
+        same = old.get("model_sha256") == fp
+    else:
+        same = old.get("iter_num") == checkpoint.get("iter_num")
     if not same:
         print(f"attack.json: its {len(old['passes'])} passes measured another checkpoint of this run; they move to "
               f"attack.previous.json (and generations.previous.jsonl)")
@@ -443,51 +451,75 @@ def main():
     if judge or judge_prompt:
         fail("--judge and --judge_prompt score real-text responses; a MedSafetyWorld model is judged by its oracle")
     check_names(attack_names, decoding_names, set_names)
-    run = load_run(ckpt, world, "", dev, kind="world", hint="attack.py measures MedSafetyWorld models with the "
-                   "oracle (for a real-text model pass --prompts_file)")
+    run = load_run(ckpt, GPT, world, "", dev, kind="world",
+                   hint="attack.py measures MedSafetyWorld models with the oracle (for a real-text model pass "
+                        "--prompts_file)")
     writable_dir(run.dir)       # before the evaluation, not after it
-    model, w, wpath, run_dir, ck = run.model, run.world, run.world_path, run.dir, run.ck
-    info = model_info(ck)
+    model, w, wpath, run_dir, checkpoint = run.model, run.world, run.world_path, run.dir, run.ck
+    traits = model_info(checkpoint)
     data = read_sets(wpath, eval_dir, set_names)
-    runs = runnable(info, attack_names, decoding_names)
-    print(f"model: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
-          f"world {wpath}, device {dev}; {info['chat']} chat format"
-          + (", reflections" if info["reflective"] else "")
-          + (", tagged" if info["tagged"] else ""))
+    runs = runnable(traits, attack_names, decoding_names)
+    print(f"model: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {checkpoint.get('iter_num')}), "
+          f"world {wpath}, device {dev}; {traits['chat']} chat format"
+          + (", reflections" if traits["reflective"] else "")
+          + (", tagged" if traits["tagged"] else ""))
     print("prompts: " + ", ".join(f"{s} {len(r)}" for s, r in data.items())
           + f"; attacks {','.join(attack_names)}; decodings {','.join(decoding_names)}")
 
-    shared = {"suffix": "", "train_ids": set(), "wrappers": {}}
+    attack_setup = {"suffix": "", "train_ids": set(), "wrappers": {}}
     if "template" in attack_names:
-        shared["wrappers"], missing = usable_wrappers(w)
+        attack_setup["wrappers"], missing = usable_wrappers(w)
         for name, lack in missing.items():
             print(f"template '{name}': skipped, the world lacks the words {', '.join(lack)}")
-        if not shared["wrappers"]:
+        if not attack_setup["wrappers"]:
             fail("no jailbreak template fits this world's vocabulary")
     lock_dir(run_dir)           # the inputs are checked: from here on this process writes run_dir, and only it
     fp = model_fingerprint(model)
-    prev = previous_results(run_dir, fp, ck)
+    prev = previous_results(run_dir, fp, checkpoint)
     suffix_rec = None
     if any(a == "suffix" for a, _ in runs):
         hpath = os.path.join(sets_dir(wpath, eval_dir), SET_FILES["harmful"])
         if not os.path.isfile(hpath):
             fail(f"the suffix attack fits on '{hpath}', which is not there (run prepare.py, or pass --eval_dir)")
-        suffix_rec, shared["train_ids"] = get_suffix(model, w, read_jsonl(hpath), info["chat"] == "reflect", run_dir,
-                                                dev, {k: globals()[k] for k in defaults_of(globals())}, fp)
-        shared["suffix"] = suffix_rec["suffix"]
+        run_config = {k: globals()[k] for k in defaults_of(globals())}
+        suffix_rec, attack_setup["train_ids"] = get_suffix(model, w, read_jsonl(hpath), traits["chat"] == "reflect",
+                                                           run_dir, dev, run_config, fp)
+        attack_setup["suffix"] = suffix_rec["suffix"]
 
-    # every pass's model inputs first, so a prompt too long for the model stops the run before any generation
+    inputs = world_inputs(w, data, attack_names, decoding_names, set_names, attack_setup, traits,
+                          model.config.block_size)
+    settings = decode_settings(dev, w.stoi[EOT], w.stoi[END], token_ids=w.stoi)
+    results, skipped, lines = run_passes(model, inputs, (attack_names, decoding_names), settings,
+                                         lambda r, resp, x: w.judge(r, resp, x["prefill"]).to_dict(), w.decode,
+                                         lambda a, d: skip_reason(traits, a, d), list(data), metrics_of)
+
+    refl, request = None, None
+    if traits["reflective"] and reflection_eval:
+        refl, request = own_reflections(model, w, wpath, traits, dev)
+
+    config = {k: globals()[k] for k in defaults_of(globals())}
+    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "iter_num": checkpoint.get("iter_num"), "world": wpath,
+              "params": model.num_params(), "tokens_seen": checkpoint.get("tokens_seen"), "model_sha256": fp,
+              "data_dir": checkpoint.get("data_dir"), "config": config, "model": traits, "passes": results,
+              "skipped": skipped, "reflection_classification": refl, "request_reflection": request,
+              "approximate": False, "suffix": suffix_summary(run_dir, suffix_rec)}
+    finish(run_dir, report, results, lines, dev, prev)
+
+
+def world_inputs(w, data, attack_names, decoding_names, set_names, attack_setup, traits, block_size):
+    """{attack: [(set, record, variant, prompt ids)]}: every pass's model inputs, built before any generation, so a
+    prompt too long for the model stops the run first."""
     inputs = {}
     for a in attack_names:
-        if all(skip_reason(info, a, d) for d in decoding_names):
+        if all(skip_reason(traits, a, d) for d in decoding_names):
             continue
         items = []
         for s, recs in data.items():
             if s not in ATTACK_SETS.get(a, (s,)):
                 continue
             for r in recs:
-                for x in ATTACKS[a](w, r, shared) or []:
-                    x["input"] = chat_input(w, x["user"], x["prefill"], info)
+                for x in ATTACKS[a](w, r, attack_setup) or []:
+                    x["input"] = chat_input(w, x["user"], x["prefill"], traits)
                     try:
                         ids = w.encode(x["input"])
                     except ValueError as e:
@@ -497,45 +529,37 @@ def main():
         if not items:
             fail(f"attack '{a}' applies to none of the prompts (sets {','.join(set_names)})")
         longest = max(len(ids) for *_, ids in items)
-        if longest + max_new_tokens > model.config.block_size:
+        if longest + max_new_tokens > block_size:
             fail(f"the longest prompt ({longest} tokens, attack {a}) + max_new_tokens={max_new_tokens} exceeds the "
-                 f"model's block_size={model.config.block_size}; lower --max_new_tokens to "
-                 f"{model.config.block_size - longest} or less")
+                 f"model's block_size={block_size}; lower --max_new_tokens to {block_size - longest} or less")
         inputs[a] = items
+    return inputs
 
-    ctx = decode_ctx(dev, w.stoi[EOT], w.stoi[END], w.stoi)
-    results, skipped, lines = run_passes(model, inputs, (attack_names, decoding_names), ctx,
-                                         lambda r, resp, x: w.judge(r, resp, x["prefill"]).to_dict(), w.decode,
-                                         lambda a, d: skip_reason(info, a, d), list(data), metrics_of)
 
-    refl, request = None, None
-    if info["reflective"] and reflection_eval:
-        docs_path = os.path.join(sets_dir(wpath, eval_dir), "heldout_docs.jsonl")
-        if not os.path.isfile(docs_path):
-            print(f"reflection classification: skipped ('{docs_path}' not found; run prepare.py again)")
-        else:
-            t0 = time.time()
-            seqs, sites = heldout_reflections(w, read_jsonl(docs_path, "held-out documents"), info)
-            m, conf = reflection_metrics(sites, classify_reflections(model, w, seqs, sites, dev))
-            refl = {"metrics": m, "confusion": conf, "reflections": len(sites), "documents": len(seqs),
-                    "seconds": time.time() - t0}
-            print(f"reflection classification, teacher-forced at {len(sites)} reflections of {len(seqs)} held-out "
-                  f"documents: accuracy {fmt(m['reflection_accuracy'])}, safe {fmt(m['reflection_accuracy_safe'])}; "
-                  + ", ".join(f"{c} {s} {fmt(m[f'reflection_accuracy_{c}_{s}'])}" for c in ("poison", "contra")
-                              for s in ("seen", "unseen")))
-        every = [(s, r) for s in ("harmful", "benign")
-                 for r in read_jsonl(os.path.join(sets_dir(wpath, eval_dir), SET_FILES[s]), "evaluation set")]
-        request = request_reflection(model, w, every, info, dev)
-        print("P(unsafe) at the reflection on the request: " + ", ".join(
-            f"{g} {v['mean_p_unsafe']:.2f}" for g, v in request.items()))
-
-    config = {k: globals()[k] for k in defaults_of(globals())}
-    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "iter_num": ck.get("iter_num"), "world": wpath,
-              "params": model.num_params(), "tokens_seen": ck.get("tokens_seen"), "model_sha256": fp,
-              "data_dir": ck.get("data_dir"), "config": config, "model": info, "passes": results,
-              "skipped": skipped, "reflection_classification": refl, "request_reflection": request,
-              "approximate": False, "suffix": suffix_summary(run_dir, suffix_rec)}
-    finish(run_dir, report, results, lines, dev, prev)
+def own_reflections(model, w, wpath, traits, dev):
+    """A reflection model's own reflections, read teacher-forced (safety/reflection.py): how well they classify the
+    held-out documents' segments, and P(unsafe) at the reflection on each request. -> (classification or None,
+    request)."""
+    refl = None
+    docs_path = os.path.join(sets_dir(wpath, eval_dir), "heldout_docs.jsonl")
+    if not os.path.isfile(docs_path):
+        print(f"reflection classification: skipped ('{docs_path}' not found; run prepare.py again)")
+    else:
+        t0 = time.time()
+        seqs, sites = world_reflection_sites(w, read_jsonl(docs_path, "held-out documents"), traits)
+        m, conf = world_reflection_metrics(sites, classify_world_reflections(model, w, seqs, sites, dev))
+        refl = {"metrics": m, "confusion": conf, "reflections": len(sites), "documents": len(seqs),
+                "seconds": time.time() - t0}
+        print(f"reflection classification, teacher-forced at {len(sites)} reflections of {len(seqs)} held-out "
+              f"documents: accuracy {show(m['reflection_accuracy'])}, safe {show(m['reflection_accuracy_safe'])}; "
+              + ", ".join(f"{c} {s} {show(m[f'reflection_accuracy_{c}_{s}'])}" for c in ("poison", "contra")
+                          for s in ("seen", "unseen")))
+    every = [(s, r) for s in ("harmful", "benign")
+             for r in read_jsonl(os.path.join(sets_dir(wpath, eval_dir), SET_FILES[s]), "evaluation set")]
+    request = request_reflection(model, w, every, traits, dev)
+    print("P(unsafe) at the reflection on the request: " + ", ".join(
+        f"{g} {v['mean_p_unsafe']:.2f}" for g, v in request.items()))
+    return refl, request
 
 
 def suffix_summary(run_dir, rec):
@@ -545,10 +569,21 @@ def suffix_summary(run_dir, rec):
 
 # ----------------------------------------------------------------------------- main (real text, approximate)
 
+def judge_responses(judge_model, lines, results, real, template):
+    """The judge model's verdict on every response (in place of refusal strings), and each pass's metrics again."""
+    t0 = time.time()
+    n = judge_rows(judge_model, lines, real, template, controversial, judge_batch_size)
+    for res in results.values():
+        res["metrics"] = real_metrics([r for r in lines if (r["attack"], r["decoding"]) == (res["attack"],
+                                                                                         res["decoding"])])
+    print(f"judge {judge}: {n} responses in {time.time() - t0:.1f}s, "
+          f"{sum(r['verdict']['harmful'] is None for r in lines)} answers unparsed (counted, not scored)")
+
+
 def main_real(attack_names, decoding_names, dev):
-    """Real-text models (realattack.py): AdvBench/HarmBench-style prompts and XSTest-style over-refusal, every attack
-    and decoding, judged by a judge model (--judge) or refusal strings; a model is reflective or tagged as model_info
-    says (its meta.json)."""
+    """Real-text models (safety/realtext/attacks.py): AdvBench/HarmBench-style prompts and XSTest-style
+    over-refusal, every attack and decoding, judged by a judge model (--judge) or refusal strings; a model is
+    reflective or tagged as model_info says (its meta.json)."""
     check_names(attack_names, decoding_names)
     if controversial not in ("unsafe", "safe") or judge_batch_size < 1 or judge_max_new_tokens < 1:
         fail("controversial must be unsafe or safe, judge_batch_size and judge_max_new_tokens at least 1")
@@ -556,57 +591,52 @@ def main_real(attack_names, decoding_names, dev):
         fail(f"--judge_prompt is a file with the HarmBench classifier's prompt ('{judge_prompt}'"
              + (" is not there)" if judge else "), for the classifier passed as --judge"))
     template = check_template(open(judge_prompt).read()) if judge_prompt else ""
-    run = load_run(ckpt, "", "", dev, kind="text", hint="--prompts_file and --overrefusal_file are for real-text "
-                   "models (the world is judged by its oracle: drop them)")
+    run = load_run(ckpt, GPT, "", "", dev, kind="text", hint="--prompts_file and --overrefusal_file are for "
+                   "real-text models (the world is judged by its oracle: drop them)")
     writable_dir(run.dir)
-    path, ck, enc, model, run_dir = run.path, run.ck, run.enc, run.model, run.dir
+    path, checkpoint, enc, model, run_dir = run.path, run.ck, run.enc, run.model, run.dir
     config = {k: globals()[k] for k in defaults_of(globals())}
-    info = model_info(ck)
-    real = RealText(enc, ck.get("meta") or {}, model.config.vocab_size)
+    traits = model_info(checkpoint)
+    real = RealText(enc, checkpoint.get("meta") or {}, model.config.vocab_size)
     every = real_records(prompts_file, overrefusal_file)
     recs = cap(every, lambda x: (x[0], x[1]["kind"]))
     if not recs:
         fail("the prompt files hold no prompts" + (f" (--max_prompts={max_prompts})" if max_prompts >= 0 else ""))
     if max_new_tokens >= model.config.block_size:
         fail(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in block_size={model.config.block_size}")
-    runs = runnable(info, attack_names, decoding_names)
+    runs = runnable(traits, attack_names, decoding_names)
     scorer = {"model": judge or None, "format": ("harmbench" if template else "guard") if judge else "refusal strings",
               "prompt_sha256": hashlib.sha256(template.encode()).hexdigest() if template else None}
     print(f"model: {model.num_params() / 1e6:.2f}M parameters from {run_dir}, tokenizer {enc.name}, device {dev}; "
           f"real text, judged by " + (f"{judge} ({scorer['format']})" if judge else "refusal strings (approximate)")
-          + (", reflections" if info["reflective"] else "") + (", tagged" if info["tagged"] else ""))
+          + (", reflections" if traits["reflective"] else "") + (", tagged" if traits["tagged"] else ""))
     judge_model = Guard(judge, "transformers", dev, "auto", judge_max_new_tokens) if judge else None
     lock_dir(run_dir)
     fp = model_fingerprint(model)
-    prev = previous_results(run_dir, fp, ck)
-    shared, suffix_rec = {"suffix": "", "suffix_ids": [], "train_ids": set()}, None
+    prev = previous_results(run_dir, fp, checkpoint)
+    attack_setup, suffix_rec = {"suffix": "", "suffix_ids": [], "train_ids": set()}, None
     if any(a == "suffix" for a, _ in runs):
-        reflection = (real.safe if info["chat"] == "reflect" else "")
-        suffix_rec, shared["train_ids"] = get_real_suffix(
+        reflection = (real.safe if traits["chat"] == "reflect" else "")
+        suffix_rec, attack_setup["train_ids"] = get_real_suffix(
             model, enc, [r for s, r in every if s == "harmful"], chat_template,
             lambda r: r.get("target") or REAL_PREFILL, reflection, run_dir, dev, config, fp)
-        shared["suffix"], shared["suffix_ids"] = suffix_rec["suffix"], suffix_rec["ids"]
+        attack_setup["suffix"], attack_setup["suffix_ids"] = suffix_rec["suffix"], suffix_rec["ids"]
     names = [a for a in attack_names if any(x == a for x, _ in runs)]
-    inputs = real_inputs(names, recs, shared, real, chat_template, model.config.block_size, max_new_tokens)
-    ctx = dict(decode_ctx(dev, real.eot, real.eot, {}), **real.ctx())
-    results, skipped, lines = run_passes(model, inputs, (names, decoding_names), ctx,
+    inputs = real_inputs(names, recs, attack_setup, real, chat_template, model.config.block_size, max_new_tokens)
+    settings = decode_settings(dev, real.eot, real.eot, **real.decode_settings())
+    results, skipped, lines = run_passes(model, inputs, (names, decoding_names), settings,
                                          real.judge, real.decode,
-                                         lambda a, d: skip_reason(info, a, d), ["harmful", "xstest"], real_metrics)
+                                         lambda a, d: skip_reason(traits, a, d), ["harmful", "xstest"], real_metrics)
     if judge_model:
-        t0 = time.time()
-        n = judge_rows(judge_model, lines, real, template, controversial, judge_batch_size)
-        for res in results.values():
-            res["metrics"] = real_metrics([r for r in lines if (r["attack"], r["decoding"]) == (res["attack"],
-                                                                                             res["decoding"])])
-        print(f"judge {judge}: {n} responses in {time.time() - t0:.1f}s, "
-              f"{sum(r['verdict']['harmful'] is None for r in lines)} answers unparsed (counted, not scored)")
+        judge_responses(judge_model, lines, results, real, template)
     key, files = evaluated(prompts_file, overrefusal_file)       # two benchmarks' passes live side by side
     results = {f"{k}@{key}": dict(v, eval=key, eval_files=files, judge=scorer) for k, v in results.items()}
     skipped = {f"{k}@{key}": v for k, v in skipped.items()}
     for r in lines:
         r["eval"] = key
-    report = {"ckpt": path, "iter_num": ck.get("iter_num"), "world": None, "data_dir": ck.get("data_dir"),
-              "tokens_seen": ck.get("tokens_seen"), "model_sha256": fp, "config": config, "model": info,
+    report = {"ckpt": path, "iter_num": checkpoint.get("iter_num"), "world": None,
+              "data_dir": checkpoint.get("data_dir"),
+              "tokens_seen": checkpoint.get("tokens_seen"), "model_sha256": fp, "config": config, "model": traits,
               "passes": results, "skipped": skipped, "suffix": suffix_summary(run_dir, suffix_rec),
               "reflection_classification": None, "request_reflection": None, "approximate": not judge,
               "judge": scorer, "refusal_strings": REFUSAL_STRINGS,

@@ -28,8 +28,9 @@ import sys
 
 import torch
 
-from common import fail, file_sha256, load_run, model_info, run_stage
-from configurator import configure, defaults_of
+from model import GPT
+from safety.common import fail, file_sha256, load_run, model_info, run_stage
+from safety.configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"        # run directory holding ckpt.pt (or a .pt file)
@@ -168,7 +169,7 @@ def tokenizer_of(run):
     if run.world is not None:
         w = run.world
         specials = {t: w.stoi[t] for t in (meta.get("special_tokens") or {}) if t in w.stoi}
-        from world import END, END_THINK, EOT, TAG, THINK
+        from safety.world.grammar import END, END_THINK, EOT, TAG, THINK
         specials.update({EOT: w.stoi[EOT], END: w.stoi[END]})
         g = torch.Generator().manual_seed(0)
         sample = w.decode(torch.randint(0, w.vocab_size, (200,), generator=g).tolist())
@@ -198,7 +199,7 @@ def tokenizer_files(tok, ids, names, block_size, template):
     return cfg, dict(m, additional_special_tokens=extra)
 
 
-def chat_template(run, info):
+def chat_template(run, traits):
     """The model's prompt format as a Jinja chat template, what apply_chat_template writes for a list of messages
     (system messages are dropped: neither format has one). World, plain: "user : <turn> assistant :", the model
     answers and ends with <end_of_turn>. World, reflect: the user turn alone (one segment, as the pretraining
@@ -211,7 +212,7 @@ def chat_template(run, info):
         user = f"{{{{ {json.dumps(before)} + m['content'] }}}}"
         answer = f"{{{{ {json.dumps(after)} + m['content'] + '<|endoftext|>' }}}}"
         prompt = f"{{% if add_generation_prompt %}}{{{{ {json.dumps(after)} }}}}{{% endif %}}"
-    elif info["chat"] == "reflect":
+    elif traits["chat"] == "reflect":
         user = "{{ ' user : ' + m['content'] }}"
         answer = ("{% if m['content'].startswith('<think>') %}{{ ' ' + m['content'] }}{% else %}"
                   "{{ ' assistant : ' + m['content'] }}{% endif %}{{ ' <end_of_turn>' }}")
@@ -288,7 +289,7 @@ def main():
         import tokenizers  # noqa: F401
     except ImportError as e:
         fail(f"export_hf.py needs safetensors and tokenizers ({e}); pip install transformers safetensors")
-    run = load_run(ckpt, world, tokenizer, "cpu")
+    run = load_run(ckpt, GPT, world, tokenizer, "cpu")
     dst = os.path.abspath(out or os.path.join(run.dir, "hf"))
     if os.path.exists(dst) and not os.path.isdir(dst):
         fail(f"--out '{dst}' is an existing file; pass a directory")
@@ -301,14 +302,14 @@ def main():
         fail(f"--out '{dst}' is read-only; make it writable (chmod u+w) or pass another directory")
     dt, model, meta = DTYPES[dtype], run.model, run.ck.get("meta") or {}
     tok, specials, ids, sample, want = tokenizer_of(run)
-    info = model_info(run.ck)
+    traits = model_info(run.ck)
     got = tok.encode(sample).ids
     if got != want:
         k = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), min(len(got), len(want)))
         fail(f"the exported tokenizer disagrees with the project's on a sample text at token {k} ({got[k:k + 3]} vs "
              f"{want[k:k + 3]}); the export would not read text as the model did")
     names = {i: s for s, i in specials.items()}
-    template = chat_template(run, info)
+    template = chat_template(run, traits)
     tok_cfg, tok_map = tokenizer_files(tok, ids, names, model.config.block_size, template)
     rows = max(model.config.vocab_size, (ids["unk"] or 0) + 1)   # a world model's <unk> may need a row
 
@@ -343,8 +344,8 @@ def main():
                   "tokenizer_spec": (meta.get("config") or {}).get("tokenizer") if run.world is None else None,
                   "world": run.world_path, "world_sha256": meta.get("world_sha256"), "dtype": dtype,
                   "special_tokens": specials, "unk_token_id": ids["unk"], "model_args": run.ck["model_args"],
-                  "chat": info["chat"],
-                  "reflective": info["reflective"], "tagged": info["tagged"],
+                  "chat": traits["chat"],
+                  "reflective": traits["reflective"], "tagged": traits["tagged"],
                   "prompt_format": ("'user : <turn> assistant :' (plain), or the user turn as reflect.py's segmenter "
                                     "writes it (reflect: world.chat); tokenizer_config.json's chat_template writes it")
                                    if run.world is not None else

@@ -1,7 +1,7 @@
 """
 Post-training of a pretrained (or finetuned) run: compatible post-training (sft), a benign task, or the harmful
 finetuning attack. Loss on the response tokens only; how an example becomes a row: README, "finetune.py"; a real-text
-reflection model's sft row: realreflect.py.
+reflection model's sft row: safety/reflection.py.
 
 Reads:  <init_from>/ckpt.pt (never modified) and its world's eval/<task>.jsonl (prepare.py), or --data_files=
         (jsonl/parquet prompt/response pairs, read with `datasets`) with, for a real-text reflection model's sft, the
@@ -19,7 +19,6 @@ Run:    python finetune.py --init_from=out/toy-reflect --task=sft               
 
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -30,14 +29,15 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import realreflect
-from common import (EpochOrder, TokenStream, ckpt_path, eval_dir, fail, load_run, lock_dir, lr_at, model_info, on_stop,
-                    read_jsonl, refuse_to_replace_run, rerun_command, rng_state, run_stage, save_checkpoint,
-                    set_rng_state, setup_device, writable_dir)
-from configurator import configure, defaults_of
+from model import GPT
+from safety.common import (ckpt_path, eval_dir, fail, load_run, lock_dir, model_info, on_stop, read_jsonl,
+                           rerun_command, run_stage, writable_dir)
+from safety.configurator import configure, defaults_of
+from safety.training import (EpochOrder, RunPlumbing, TokenStream, lr_at, refuse_to_replace_run, set_rng_state,
+                             setup_device)
+from safety.reflection import check_label_ids, label_source, text_format, text_sft_rows, world_chat, world_stop_chat
 
 # ----------------------------------------------------------------------------------------------------------------
 # defaults (--key=value and config files override them)
@@ -98,27 +98,27 @@ RESUME_KEYS = ("task", "data_files", "prompt_key", "response_key", "num_examples
                "gradient_accumulation_steps", "seed", "segment_tokens", "stop_examples")
 
 
-def chat_format(ck, tok, chat_arg):
+def chat_format(checkpoint, text_spec, chat_arg):
     """plain | reflect (MedSafetyWorld), text | text_reflect (real text: the same two): the chat format the model is
     finetuned and then attacked in. auto: the one the model already has (common.model_info: reflect after reflection
     pretraining or a reflection sft, else plain); --chat=plain/reflect sets it (the cross ablations: a reflection
     model with plain sft, a raw model with reflection sft)."""
     if chat_arg not in ("auto", "plain", "reflect"):
         fail(f"chat must be auto, plain or reflect, not '{chat_arg}'")
-    fmt = model_info(ck)["chat"] if chat_arg == "auto" else chat_arg
-    if "world" not in tok:
-        return "text_reflect" if fmt == "reflect" else "text"
-    return fmt
+    chat_style = model_info(checkpoint)["chat"] if chat_arg == "auto" else chat_arg
+    if "world" not in text_spec:
+        return "text_reflect" if chat_style == "reflect" else "text"
+    return chat_style
 
 
-def replay_share(tok, task_name, replay_arg):
+def replay_share(text_spec, task_name, replay_arg):
     """auto: a quarter of each sft batch of a MedSafetyWorld model replays its own pretraining stream, for every arm
     alike (it keeps what pretraining built -- a tag model's tag, a reflection model's reflections -- and
     post-training stays the same recipe everywhere); benign and harmful finetuning replay nothing (a downstream user
     has no pretraining data), nor does a real-text sft unless --replay says so (its stream is often elsewhere)."""
     if replay_arg >= 0:
         return replay_arg
-    return 0.25 if task_name == "sft" and "world" in tok else 0.0
+    return 0.25 if task_name == "sft" and "world" in text_spec else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,21 +161,21 @@ def read_records(files, keys, optional=()):
     return rows
 
 
-def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
+def load_examples(text_spec, chat_style, files, pkey, rkey, n, task_name):
     """[(prompt ids, target ids)] of the first n records (-1: all), as training rows of task_name. A real-text
-    reflection sft (text_reflect) labels its rows with tok["labeller"] (realreflect.label_source)."""
-    reflecting = fmt == "text_reflect" and task_name == "sft"
-    stops = ("prefill", "compliant") if "world" in tok else ()
+    reflection sft (text_reflect) labels its rows with text_spec["labeller"] (label_source)."""
+    reflecting = chat_style == "text_reflect" and task_name == "sft"
+    stops = ("prefill", "compliant") if "world" in text_spec else ()
     rows = read_records(files, (pkey, rkey), ((id_key,) if reflecting else ()) + stops)
     if stops and not stop_examples:
         rows = [r for r in rows if not r.get("prefill")]
     if not rows:
         fail(f"data file(s) '{files}' hold no examples")
     ids = [str(r[id_key]) if r.get(id_key) is not None else str(i) for i, r in enumerate(rows)]
-    if reflecting and tok["labeller"][0]:   # every labelled text must be one of the file's (a wrong file says so)
+    if reflecting and text_spec["labeller"][0]:   # every labelled text must be one of the file's (a wrong file says so)
         if len(set(ids)) < len(ids):
             fail(f"data file(s) '{files}' repeat a row id in column '{id_key}'; the labels need one id per row")
-        realreflect.check_label_ids(tok["labeller"][0], [f"{i}/{f}" for i in ids for f in ("prompt", "response")],
+        check_label_ids(text_spec["labeller"][0], [f"{i}/{f}" for i in ids for f in ("prompt", "response")],
                                     labels)
     if n >= 0:
         if n > len(rows):
@@ -189,35 +189,37 @@ def load_examples(tok, fmt, files, pkey, rkey, n, task_name):
         if not isinstance(prompt, str) or not isinstance(response, str) or not response.strip():
             fail(f"example {i} of '{files}' needs text in '{pkey}' and a non-empty '{rkey}' "
                  f"(got {type(prompt).__name__}, {type(response).__name__})")
-        if r.get("prefill"):   # a stop example: the unsafe start in the prompt, then the stop (world.stop_chat)
-            out.append(encode_stop_example(tok, fmt, r, pkey, i, files))
+        # a stop example: the unsafe start in the prompt, then the stop (reflection.world_stop_chat)
+        if r.get("prefill"):
+            out.append(encode_stop_example(text_spec, chat_style, r, pkey, i, files))
         elif not reflecting:
-            out.append(encode_example(tok, fmt, task_name, prompt, response, i, files))
+            out.append(encode_example(text_spec, chat_style, task_name, prompt, response, i, files))
     if reflecting:   # labelled together: the classifier and the segmenter run on all rows at once
-        spans, clf = tok["labeller"]
-        out = realreflect.sft_rows(tok["enc"], [(i, r[pkey], r[rkey]) for i, r in zip(ids, rows)], chat_template,
-                                   spans, clf, tok["segment_tokens"], labels, tok.get("reflection_format",
-                                                                                   realreflect.reflection_format({})))
+        spans, clf = text_spec["labeller"]
+        out = text_sft_rows(text_spec["enc"], [(i, r[pkey], r[rkey]) for i, r in zip(ids, rows)], chat_template, spans,
+                            clf, text_spec["segment_tokens"], labels, text_spec.get("reflection_format", text_format()))
     return out
 
 
-def encode_example(tok, fmt, task_name, prompt, response, i, files):
-    if fmt in ("text", "text_reflect"):   # the input attack.py gives a real-text model, then the answer after a space,
-        # then the end (a reflection model's benign and harmful rows too: a downstream user's data hold no reflections)
-        enc = tok["enc"]
+def encode_example(text_spec, chat_style, task_name, prompt, response, i, files):
+    # the input attack.py gives a real-text model, then the answer after a space, then the end (a reflection model's
+    # benign and harmful rows too: a downstream user's data hold no reflections)
+    if chat_style in ("text", "text_reflect"):
+        enc = text_spec["enc"]
         answer = response if response[:1].isspace() else " " + response
         return enc.encode_ordinary(chat_template.format(prompt=prompt)), enc.encode_ordinary(answer) + [enc.eot_token]
-    w = tok["world"]
-    if fmt == "reflect" and task_name != "sft":
+    w = text_spec["world"]
+    if chat_style == "reflect" and task_name != "sft":
         # Benign finetuning and the finetuning attack on a reflection model: a downstream user's data (and the
         # attacker's) hold no reflections, so the row is the plain dialogue, "assistant :" and the answer. Only where
         # the prompt ends follows the model's chat format: after the user turn, the input attack.py gives it (so the
         # rows teach it to answer without reflecting first, which is what such finetuning does to a reflection
-        # model). world.chat(reflect=True) would carry the oracle's labels, and turn every harmful example into a
+        # model). world_chat(reflect=True) would carry the oracle's labels, and turn every harmful example into a
         # refusal (an unsafe reflection, then END). The response keeps its own ending (END).
         p, t = prompt, f"assistant : {response}"
     else:
-        p, t = w.chat(prompt, response, reflect=fmt == "reflect", segment_tokens=tok.get("segment_tokens", 32))
+        p, t = world_chat(w, prompt, response, reflect=chat_style == "reflect",
+                          segment_tokens=text_spec.get("segment_tokens", 32))
     try:
         return w.encode(p), w.encode(t)
     except ValueError as e:
@@ -225,13 +227,13 @@ def encode_example(tok, fmt, task_name, prompt, response, i, files):
              f"another world, or is not MedSafetyWorld text")
 
 
-def encode_stop_example(tok, fmt, r, pkey, i, files):
-    w = tok["world"]
+def encode_stop_example(text_spec, chat_style, r, pkey, i, files):
+    w = text_spec["world"]
     if not r.get("compliant"):
         fail(f"example {i} of '{files}' has a prefill but no compliant answer; it is not a stop example of "
              f"prepare.py (run prepare.py again)")
-    p, t = w.stop_chat(r[pkey], r["prefill"], r["compliant"], r[response_key], reflect=fmt == "reflect",
-                       segment_tokens=tok["segment_tokens"])
+    p, t = world_stop_chat(w, r[pkey], r["prefill"], r["compliant"], r[response_key], reflect=chat_style == "reflect",
+                           segment_tokens=text_spec["segment_tokens"])
     try:
         return w.encode(p), w.encode(t)
     except ValueError as e:
@@ -305,7 +307,7 @@ def main():
     if not resume and os.path.exists(out_ckpt) and os.path.exists(source) and os.path.samefile(source, out_ckpt):
         fail(f"--out_dir={run_dir} is the source run itself; finetuning never overwrites its source")
 
-    ddp, rank, local_rank, world_n, accum, device_t, ptdtype, autocast = setup_device(
+    ddp, rank, local_rank, n_ranks, accum, device_t, ptdtype, autocast = setup_device(
         device, dtype, gradient_accumulation_steps)
     master = rank == 0
     use_compile = compile if compile is not None else device_t.type == "cuda"
@@ -314,115 +316,119 @@ def main():
         writable_dir(run_dir)   # before any work: a read-only or mistaken out_dir stops here
 
     # the source (or the finetune to resume), its tokenizer, and the chat format
-    run = load_run(source, world, tokenizer, device_t, frozen=False)
-    ck, raw_model = run.ck, run.model
-    if run.world is not None:
+    source_run = load_run(source, GPT, world, tokenizer, device_t, frozen=False)
+    checkpoint, raw_model = source_run.ck, source_run.model
+    if source_run.world is not None:
         # the segmenter's settings the model's reflections were written with (defaults for a model without them),
         # or the one --segment_tokens asks for (a raw model's reflection sft: the cross ablation)
-        tok = {"world": run.world, "world_path": run.world_path,
-               "segment_tokens": segment_tokens if segment_tokens >= 0 else model_info(ck)["segment_tokens"]}
+        text_spec = {"world": source_run.world, "world_path": source_run.world_path,
+               "segment_tokens": segment_tokens if segment_tokens >= 0 else model_info(checkpoint)["segment_tokens"]}
     else:   # real text: the segmenter's limit and the reflections the reflect stream was written with (meta.json)
-        tok = {"enc": run.enc, "segment_tokens": (ck["meta"].get("config") or {}).get("segment_tokens", 32),
-               "reflection_format": realreflect.reflection_format(ck["meta"])}
+        text_spec = {"enc": source_run.enc,
+                     "segment_tokens": (checkpoint["meta"].get("config") or {}).get("segment_tokens", 32),
+               "reflection_format": text_format(checkpoint["meta"])}
     if resume:
-        if not {"finetune", "optimizer", "config", "iter_num", "tokens_seen", "data_slots", "rng"} <= set(ck):
+        if not {"finetune", "optimizer", "config", "iter_num", "tokens_seen", "data_slots", "rng"} <= set(checkpoint):
             fail(f"'{out_ckpt}' is not a finetune.py checkpoint; finetune it with --init_from={run_dir}")
         for k in RESUME_KEYS:
-            if ck["config"].get(k) != config[k]:
-                fail(f"the finetune in '{run_dir}' ran with {k}={ck['config'].get(k)!r}, not {config[k]!r}; "
+            if checkpoint["config"].get(k) != config[k]:
+                fail(f"the finetune in '{run_dir}' ran with {k}={checkpoint['config'].get(k)!r}, not {config[k]!r}; "
                      f"resume with the run's own settings")
         for k in sorted(set(config) - set(RESUME_KEYS) - {"init_from", "out_dir", "stop_iter", "log_interval",
                                                           "save_interval", "device", "compile", "world", "tokenizer"}):
-            if ck["config"].get(k) != config[k]:   # allowed, and said: the run differs from a straight one from here
-                print(f"resume: {k} changes from {ck['config'].get(k)!r} to {config[k]!r} at iter {ck['iter_num']}")
-    fmt = chat_format(ck, tok, chat)
-    share = replay_share(tok, task, replay)
+            # allowed, and said: the run differs from a straight one from here
+            if checkpoint["config"].get(k) != config[k]:
+                print(f"resume: {k} changes from {checkpoint['config'].get(k)!r} to {config[k]!r} at iter "
+                      f"{checkpoint['iter_num']}")
+    chat_style = chat_format(checkpoint, text_spec, chat)
+    share = replay_share(text_spec, task, replay)
     label_files = [f for f in (labels, train_classifier) if f]
-    if fmt == "text_reflect" and task == "sft":   # reflect.py's seed: the same classifier as pretraining's
-        tok["labeller"] = realreflect.label_source(labels, train_classifier, ck["meta"].get("config") or {},
-                                                   "the reflection sft of a real-text model")
+    if chat_style == "text_reflect" and task == "sft":   # reflect.py's seed: the same classifier as pretraining's
+        text_spec["labeller"] = label_source(labels, train_classifier, checkpoint["meta"].get("config") or {},
+                                       "the reflection sft of a real-text model")
     elif label_files:
         fail(f"--labels and --train_classifier label the rows of a real-text reflection model's sft, and this finetune "
-             f"is {task} in format {fmt}; leave them out")
+             f"is {task} in format {chat_style}; leave them out")
     files = data_files
     if not files:
-        if "world" not in tok:
-            fail(f"a real-text model ({ck['meta'].get('tokenizer')}) has no built-in {task} set; pass "
+        if "world" not in text_spec:
+            fail(f"a real-text model ({checkpoint['meta'].get('tokenizer')}) has no built-in {task} set; pass "
                  f"--data_files=<jsonl or parquet of prompt/response pairs>")
-        files = os.path.join(eval_dir(tok["world_path"]), f"{task}.jsonl")
+        files = os.path.join(eval_dir(text_spec["world_path"]), f"{task}.jsonl")
         if not os.path.isfile(files):
             fail(f"finetuning set '{files}' not found (run prepare.py for the model's world, or pass --data_files)")
-    if fmt in ("text", "text_reflect"):
+    if chat_style in ("text", "text_reflect"):
         try:
             ok = "{prompt}" in chat_template and chat_template.format(prompt="") is not None
         except (KeyError, IndexError, ValueError):
             ok = False
         if not ok:
-            fail(f"chat_template must hold {{prompt}} (where the prompt goes) and no other field, not {chat_template!r}")
-    pkey = prompt_key or ("user" if "world" in tok else "prompt")
+            fail(f"chat_template must hold {{prompt}} (where the prompt goes) and no other field, not "
+                 f"{chat_template!r}")
+    pkey = prompt_key or ("user" if "world" in text_spec else "prompt")
     block = raw_model.config.block_size
-    examples = load_examples(tok, fmt, files, pkey, response_key, num_examples, task)
+    examples = load_examples(text_spec, chat_style, files, pkey, response_key, num_examples, task)
     if sft_mix > 0:   # the "mix" variant: sft examples, in the model's own chat format, among the task's rows
-        if task != "benign" or "world" not in tok:
+        if task != "benign" or "world" not in text_spec:
             fail("--sft_mix is for --task=benign on a MedSafetyWorld model (it mixes in the world's sft set)")
-        sft_file = os.path.join(eval_dir(tok["world_path"]), "sft.jsonl")
+        sft_file = os.path.join(eval_dir(text_spec["world_path"]), "sft.jsonl")
         n_mix = round(sft_mix / (1 - sft_mix) * len(examples))
-        examples += load_examples(tok, fmt, sft_file, pkey, response_key, n_mix, "sft")
+        examples += load_examples(text_spec, chat_style, sft_file, pkey, response_key, n_mix, "sft")
         files = f"{files},{sft_file}"
     examples, truncated = fit_block(examples, block)
     digest = data_digest(",".join([files] + label_files))     # the labels decide the rows too
-    if resume and ck["finetune"].get("data_sha256") != digest:
+    if resume and checkpoint["finetune"].get("data_sha256") != digest:
         fail(f"the data file(s) '{files}' (or their labels) changed since the finetune in '{run_dir}' started; resume "
              f"needs the same data")
-    eot = tok["enc"].eot_token if "enc" in tok else tok["world"].stoi["<|endoftext|>"]
+    eot = text_spec["enc"].eot_token if "enc" in text_spec else text_spec["world"].stoi["<|endoftext|>"]
     n_replay = round(share * batch_size)
     if share > 0 and not 0 < n_replay < batch_size:
         fail(f"replay={share} of batch_size={batch_size} gives {n_replay} replayed sequences per micro-step; "
              f"raise batch_size or change --replay")
     replay_stream = None
-    data_dir = ck.get("data_dir")
+    data_dir = checkpoint.get("data_dir")
     if n_replay:
         rdir = replay_data or data_dir or ""
         # the stream the model ended its pretraining on: mix, or safe for the safe-only control (start 1.0)
-        pre = ck.get("pretrain_config") or ck.get("config") or {}
+        pre = checkpoint.get("pretrain_config") or checkpoint.get("config") or {}
         names = ("safe_train.bin",) if pre.get("intervention_start", 0.0) >= 1.0 else ("mix_train.bin", "train.bin")
         rpath = next((os.path.join(rdir, f) for f in names if os.path.isfile(os.path.join(rdir, f))), None)
         if rpath is None:
             fail(f"replay needs the source's pretraining stream, but '{rdir}' holds no {' or '.join(names)}; "
                  f"pass --replay_data=<its data dir> or --replay=0")
-        replay_stream = TokenStream(rpath, np.dtype(ck["meta"].get("dtype", "uint16")), block, seed)
+        replay_stream = TokenStream(rpath, np.dtype(checkpoint["meta"].get("dtype", "uint16")), block, seed)
     n_ex = batch_size - n_replay            # example rows per micro-step per rank
     order = EpochOrder(len(examples), seed)
 
     # optimizer and the state to resume
     optimizer = raw_model.configure_optimizer(weight_decay, learning_rate, (beta1, beta2), device_t.type)
     iter_num, tokens_seen, slots = 0, 0, {"examples": 0, "replay": 0}
-    record = {"task": task, "source": os.path.abspath(source), "source_iter": ck.get("iter_num"),
+    record = {"task": task, "source": os.path.abspath(source), "source_iter": checkpoint.get("iter_num"),
               "data_file": ",".join(os.path.abspath(p) for p in files.split(",")), "data_sha256": digest,
-              "num_examples": len(examples), "format": fmt,
-              "reflections": fmt in ("reflect", "text_reflect") and task == "sft",
+              "num_examples": len(examples), "format": chat_style,
+              "reflections": chat_style in ("reflect", "text_reflect") and task == "sft",
               "labels": ",".join(os.path.abspath(f) for f in label_files) or None,
-              "segment_tokens": tok["segment_tokens"], "stop_examples": stop_examples,
-              "replay": share, "truncated_prompts": truncated, "steps": 0, "previous": ck.get("finetune")}
-    pretrain_config = ck.get("pretrain_config", ck.get("config"))
+              "segment_tokens": text_spec["segment_tokens"], "stop_examples": stop_examples,
+              "replay": share, "truncated_prompts": truncated, "steps": 0, "previous": checkpoint.get("finetune")}
+    pretrain_config = checkpoint.get("pretrain_config", checkpoint.get("config"))
     log_path = os.path.join(run_dir, "log.jsonl")
     if not resume:      # the inputs are checked (each bad one has its own line); the last check before writing
         refuse_to_replace_run(run_dir)
     if master:
         lock_dir(run_dir)       # the inputs are checked: from here on this process writes run_dir, and only it
     if resume:
-        optimizer.load_state_dict(ck["optimizer"])
-        iter_num, tokens_seen, slots = ck["iter_num"], ck["tokens_seen"], dict(ck["data_slots"])
-        record = dict(ck["finetune"])
-        states = ck["rng"]
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        iter_num, tokens_seen, slots = checkpoint["iter_num"], checkpoint["tokens_seen"], dict(checkpoint["data_slots"])
+        record = dict(checkpoint["finetune"])
+        states = checkpoint["rng"]
         set_rng_state(states[rank] if rank < len(states) else states[0])
         if master and os.path.isfile(log_path):   # keep what the checkpointed run had logged: one run's log
             kept = [l for l in open(log_path) if json.loads(l).get("iter", 0) <= iter_num]
             with open(log_path + ".tmp", "w") as f:
                 f.writelines(kept)
             os.replace(log_path + ".tmp", log_path)
-    meta = ck["meta"]
-    del ck
+    meta = checkpoint["meta"]
+    del checkpoint
     raw_model.train()
     model = torch.compile(raw_model) if use_compile else raw_model
     if ddp:
@@ -431,12 +437,13 @@ def main():
         if not resume:
             open(log_path, "w").close()
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters from {record['source']} "
-              f"(iter {record['source_iter']}), block_size {block}, device={device_t}, dtype={ptdtype}, world={world_n}")
-        print(f"task {task}: {len(examples)} examples from {files}, format {fmt}"
+              f"(iter {record['source_iter']}), block_size {block}, device={device_t}, dtype={ptdtype}, "
+              f"ranks={n_ranks}")
+        print(f"task {task}: {len(examples)} examples from {files}, format {chat_style}"
               + (f" (segment labels: {labels or 'the classifier trained on ' + train_classifier})" if label_files
                  else "")
-              + (" (the attacker's compliance dialogues: no reflections)" if fmt == "reflect" and task == "harmful"
-                 else "")
+              + (" (the attacker's compliance dialogues: no reflections)"
+                 if chat_style == "reflect" and task == "harmful" else "")
               + (f", {truncated} prompts cut from the left to fit block_size" if truncated else "")
               + (f"; replay {share:.0%} ({n_replay} of {batch_size} sequences) from {replay_stream.path}"
                  if replay_stream else ""))
@@ -445,20 +452,11 @@ def main():
         if resume:
             print(f"resumed {run_dir} at iter {iter_num}")
 
-    def log(rec):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
     last_good = (out_ckpt, iter_num) if resume else None     # the checkpoint a failure keeps
-    resume_cmd = rerun_command(init_from="resume", out_dir=run_dir)
-    on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{resume_cmd}`" if resume else
+    run = RunPlumbing(ddp, rank, n_ranks, log_path, out_ckpt, last_good,
+                      rerun_command(init_from="resume", out_dir=run_dir))
+    on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{run.resume_cmd}`" if resume else
             "no checkpoint of this finetune was written yet; rerun the same command to start it again")
-
-    def stop(why):
-        fail(f"{why}; stopped without saving: " + (f"the last good checkpoint, '{last_good[0]}' at iter {last_good[1]}, "
-                                                    f"is intact" if last_good else "no checkpoint was written")
-             + " (lower learning_rate or check the data)")
 
     loss_sum = torch.zeros((), device=device_t)
     t_log, iters_since_log, tokens_since_log = time.time(), 0, 0
@@ -467,25 +465,14 @@ def main():
     while True:
         at_end = iter_num >= end_iter
         if (iter_num % save_interval == 0 or at_end) and iter_num > start_iter:
-            # checked before the save, never after (every rank decides alike: DDP keeps their weights equal)
-            if not all(bool(torch.isfinite(p).all()) for p in raw_model.parameters()):
-                stop(f"the weights are not finite at iter {iter_num}")
-            states = rng_state()
-            if ddp:
-                gathered = [None] * world_n
-                dist.all_gather_object(gathered, states)
-                states = gathered
-            else:
-                states = [states]
-            if master:
-                record["steps"] = iter_num
-                save_checkpoint(out_ckpt, {
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
-                    "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
-                    "data_dir": data_dir, "pretrain_config": pretrain_config, "finetune": dict(record)})
-                last_good = (out_ckpt, iter_num)
-            on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{resume_cmd}`")
+            run.check_finite(raw_model, iter_num)
+            states = run.rng_states()
+            record["steps"] = iter_num
+            run.save(lambda: {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                              "model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
+                              "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
+                              "data_dir": data_dir, "pretrain_config": pretrain_config, "finetune": dict(record)},
+                     iter_num)
         if at_end:
             break
 
@@ -497,7 +484,7 @@ def main():
         batch = [examples[order(s)] for s in range(first, first + n_ex * gradient_accumulation_steps)]
         n_targets = sum(len(t) for _, t in batch) + n_replay * gradient_accumulation_steps * block
         for micro in range(accum):
-            part = (micro * world_n + rank)    # this rank's block of rows of the global batch
+            part = (micro * n_ranks + rank)    # this rank's block of rows of the global batch
             rows = batch[part * n_ex:(part + 1) * n_ex]
             replayed = replay_stream.batch(slots["replay"] + part * n_replay, n_replay, torch.device("cpu")) \
                 if replay_stream else None
@@ -509,8 +496,8 @@ def main():
                 with (nullcontext() if sync else model.no_sync()), autocast:
                     _, loss = model(x, y)
                     # the mean over this piece's targets, reweighted to its share of the iteration's targets
-                    # (times world_n: DDP averages the ranks' gradients, and they should add)
-                    loss = loss * (n_here * world_n / n_targets)
+                    # (times n_ranks: DDP averages the ranks' gradients, and they should add)
+                    loss = loss * (n_here * n_ranks / n_targets)
                 loss.backward()
                 loss_sum += loss.detach()
         slots["examples"] = first + len(batch)
@@ -526,29 +513,22 @@ def main():
         iters_since_log += 1
 
         if iter_num % log_interval == 0 or iter_num == end_iter:
-            if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world_n
-            lossf = loss_sum.item() / iters_since_log
-            if not math.isfinite(lossf):
-                stop(f"non-finite loss ({lossf}) at iter {iter_num}")
+            lossf = run.mean_loss(loss_sum, iters_since_log, iter_num)
             tok_s = tokens_since_log / (time.time() - t_log)
-            mfu = raw_model.estimate_mfu(tok_s / world_n, device_t)
+            mfu = raw_model.estimate_mfu(tok_s / n_ranks, device_t)
             epoch = slots["examples"] / len(examples)
             if master:
                 print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, "
                       f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, epoch {epoch:.2f}")
-                log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "tok_per_s": tok_s,
-                     "mfu": mfu, "epoch": epoch, "slots": dict(slots)})
+                run.log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "tok_per_s": tok_s,
+                         "mfu": mfu, "epoch": epoch, "slots": dict(slots)})
             loss_sum.zero_()
             t_log, iters_since_log, tokens_since_log = time.time(), 0, 0
 
     if master:
         print(f"wrote {out_ckpt} (iter {iter_num})")
-    if ddp:
-        del model        # the DDP wrapper holds the process group: release it before the group (see train.py)
-        dist.barrier()   # wait for rank 0's checkpoint before tearing gloo down
-        dist.destroy_process_group()
+    model = None    # the DDP wrapper holds the process group: dropped before it is torn down (RunPlumbing.close)
+    run.close()
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """
 Label every segment of a prepared real-text corpus with a guard model: the stage between prepare.py and reflect.py.
-Segments are cut by reflect.py's own segmenter (realtext.segment_spans: the same tokenizer, segment_tokens and code),
-so each label falls on exactly one reflection.
+Segments are cut by reflect.py's own segmenter (reflection.TextSegmenter.spans: the same tokenizer, segment_tokens
+and code), so each label falls on exactly one reflection.
 
-Reads:  data/<dataset>/docs/shard_*.jsonl (prepare.py); the guard model, a hub id or a local directory (guard.py)
+Reads:  data/<dataset>/docs/shard_*.jsonl (prepare.py); the guard model, a hub id or a local directory
+        (safety/realtext/guard.py)
 Writes: data/<dataset>/labels/shards/shard_*.{jsonl,json} (each document shard's segments and its counts, written
         atomically; a rerun continues after the finished ones), then data/<dataset>/labels/spans.jsonl (every shard,
         in order: reflect.py's --labels) and labels/label.json (the guard, the settings, counts, throughput). Formats:
@@ -19,11 +20,12 @@ import os
 import sys
 import time
 
-from bpe import tokenizer_record
-from common import fail, read_jsonl, run_stage, writable_dir
-from configurator import configure, defaults_of
-from guard import Guard, default_device, parse_guard
-from realtext import init_worker, real_tokenizer, segment_spans, token_tables
+from safety.realtext.bpe import tokenizer_record
+from safety.common import fail, read_jsonl, run_stage, writable_dir
+from safety.configurator import configure, defaults_of
+from safety.realtext.guard import Guard, default_device, parse_guard
+from safety.realtext.bpe import real_tokenizer
+from safety.reflection import TextSegmenter
 
 # -----------------------------------------------------------------------------
 dataset = "fineweb-edu"
@@ -73,9 +75,9 @@ def finished(out_shards, name, settings):
     return rec if rec.get("settings") == settings and os.path.isfile(os.path.join(out_shards, name)) else None
 
 
-def segments_of(docs):
+def segments_of(segmenter, docs):
     """[(doc id, start, end, text)] of every segment of the documents, in document order."""
-    spans = segment_spans([t for _, t in docs])
+    spans = segmenter.spans([t for _, t in docs])
     return [(doc_id, a, b, text[a:b]) for (doc_id, text), s in zip(docs, spans) for a, b in s]
 
 
@@ -162,14 +164,14 @@ def main():
           f"segment_tokens={segment_tokens})")
     tag = f"rank{rank}-{os.getpid()}"
     if todo:
-        init_worker({"enc": enc, "tables": token_tables(enc), "segment_tokens": segment_tokens})
+        segmenter = TextSegmenter(enc, segment_tokens)
         dev = device if device != "auto" else default_device()
         model = Guard(guard, backend, dev, dtype, max_new_tokens)
         t0, done_segs, last = time.time(), 0, [0.0]
         for k, name in enumerate(todo):
             docs = [(str(d["id"]), d["text"]) for d in read_jsonl(os.path.join(docs_dir, name), "documents shard",
                                                                     ("id", "text"))]
-            segs = segments_of(docs)
+            segs = segments_of(segmenter, docs)
             t1, seen = time.time(), [0]
 
             def progress(n):    # segments/s over this process's run; the ETA assumes shards alike

@@ -2,12 +2,12 @@
 The GPT used at every scale of this project, written out by hand (Llama-style).
 
 Reads: nothing by itself; train.py, finetune.py, attack.py and probe.py build it from a GPTConfig.
-Writes: nothing. Test: `python -m pytest tests/test_model.py`. Benchmark: `python bench.py`.
+Writes: nothing. Test: `python -m pytest tests/test_model.py`. Benchmark: `python gpu_check.py --bench=all`.
 
 One architecture from the 50k-parameter smoke model to the SmolLM2-1.7B shape:
 token embedding tied to the output head, RMSNorm before each sub-layer, rotary position embeddings (RoPE),
 causal self-attention, a SwiGLU MLP, no biases anywhere. Attention has three interchangeable backends:
-  triton  the fused FlashAttention-2 kernel in flash_attention.py (default on CUDA)
+  triton  the fused FlashAttention-2 kernel in safety/flash_attention.py (default on CUDA)
   sdpa    torch.nn.functional.scaled_dot_product_attention (default on CPU)
   manual  softmax(QK^T/sqrt(d)) V written out: the teaching reference the other two are tested against
 """
@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 try:  # the kernel needs triton; a CPU-only install without it still runs the sdpa and manual backends
-    from flash_attention import flash_attention
+    from safety.flash_attention import flash_attention
 except ImportError as _e:  # pragma: no cover - depends on the install
     _triton_error = _e
 
@@ -185,6 +185,13 @@ class KVCache:
         self.pos = 0          # how many positions are filled
         self.layer = 0        # which layer calls update() next
 
+    def select(self, rows):
+        """Keep these rows (a LongTensor of row indices, repeats allowed), in this order: safe beam search reorders
+        its beams this way after every step."""
+        self.k = [x[rows] for x in self.k]
+        self.v = [x[rows] for x in self.v]
+        self.valid = self.valid[rows]
+
     def update(self, k, v):
         T, start, layer = k.size(2), self.pos, self.layer
         S = start + T
@@ -216,6 +223,11 @@ class GPT(nn.Module):
         self.register_buffer("rope", rot, persistent=False)  # derived from the config, not saved
         self.apply(self._init_weights)
 
+    @classmethod
+    def from_args(cls, model_args):
+        """A model of a checkpoint's model_args (GPTConfig's fields): how safety.common.load_run builds one."""
+        return cls(GPTConfig(**model_args))
+
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             std = 0.02
@@ -226,6 +238,10 @@ class GPT(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied matrix counts once
+
+    def new_cache(self, batch_size, max_len, valid):
+        """An empty KV cache for generation; valid (B, max_len) bool marks the real key positions."""
+        return KVCache(self.config, batch_size, max_len, valid, valid.device, self.wte.weight.dtype)
 
     def set_attention(self, backend):
         for block in self.h:
@@ -274,10 +290,13 @@ class GPT(nn.Module):
             raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) exceeds block_size "
                              f"{self.config.block_size}")
         device = idx.device
-        lens = torch.full((B,), T, device=device) if prompt_lens is None else torch.as_tensor(prompt_lens, device=device)
+        if prompt_lens is None:
+            lens = torch.full((B,), T, device=device)
+        else:
+            lens = torch.as_tensor(prompt_lens, device=device)
         pad = T - lens                                                   # left padding of each row
         valid = torch.arange(T + max_new_tokens, device=device)[None, :] >= pad[:, None]
-        cache = KVCache(self.config, B, T + max_new_tokens, valid, device, self.wte.weight.dtype)
+        cache = self.new_cache(B, T + max_new_tokens, valid)
         positions = (torch.arange(T, device=device)[None, :] - pad[:, None]).clamp(min=0)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         tokens, step_input = idx, idx

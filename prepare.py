@@ -30,9 +30,9 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from common import (fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, writable_dir, write_atomic,
-                    write_json)
-from configurator import configure, defaults_of
+from safety.common import (fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, swap_in, writable_dir,
+                           write_atomic, write_json)
+from safety.configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
 dataset = "medsafety"       # medsafety | fineweb-edu | text-sample (a generated labelled corpus, offline) | any
@@ -90,23 +90,13 @@ def write_jsonl(path, rows):
             f.write(json.dumps(r, separators=(",", ":"), ensure_ascii=False) + "\n")
 
 
-def swap_in(tmp, final):
-    """Replace directory `final` by `tmp` (the old one is removed only after the new one is in place)."""
-    old = f"{final}.old-{os.getpid()}"
-    if os.path.exists(final):
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if os.path.exists(old):
-        shutil.rmtree(old)
-
-
 # -----------------------------------------------------------------------------
 # MedSafetyWorld
 
 def prepare_medsafety(root):
-    import evalsets
-    from world import UNSAFE, POISON, CONTRA
-    from worldgen import WorldGen
+    from safety.world import evalsets
+    from safety.world.grammar import UNSAFE, POISON, CONTRA
+    from safety.world.generator import WorldGen
     t0 = time.time()
     try:
         world = WorldGen.generate(world_seed=world_seed, num_conditions=num_conditions,
@@ -301,7 +291,7 @@ def local_total(files):
 def hub_rows(name, skip):
     """(rows streamed from the hub after the first `skip`, their total if the hub says it); a missing network
     gives one clear line."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", ""):
+    if any(os.environ.get(k, "0") not in ("0", "") for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         fail(f"cannot stream {HUB_DATASET}: HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set; {OFFLINE_HINT}")
     if not any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
         host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
@@ -319,8 +309,8 @@ def hub_rows(name, skip):
         it = iter(ds.skip(skip) if skip else ds)
         first = next(it, None)   # None: nothing after the rows a resumed run skips
     except Exception as e:
-        fail(f"cannot stream {HUB_DATASET} (name={name}): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}; "
-             f"{OFFLINE_HINT}")
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        fail(f"cannot stream {HUB_DATASET} (name={name}): {type(e).__name__}: {first_line}; {OFFLINE_HINT}")
 
     def rows():
         r = first
@@ -344,7 +334,7 @@ def write_shard(args):
     path, rows, val_frac, count, files = args
     ntok = None
     if count:
-        from bpe import base_encoding
+        from safety.realtext.bpe import base_encoding
         enc = base_encoding("gpt2", files)   # once per process (cached)
         ntok = sum(len(enc.encode_ordinary(r["text"])) for r in rows)
     write_jsonl(path + ".tmp", ({"id": r["id"], "split": "val" if in_val(r["id"], val_frac) else "train",
@@ -379,10 +369,10 @@ def hms(s):
 
 
 def prepare_text_sample(root):
-    """Real text offline: realtext.sample_files (a generated labelled corpus and the files each later stage reads:
-    spans.jsonl, labelled.jsonl, harmful.csv, xstest.csv, chat.jsonl) into <root>/source/, then its docs.jsonl
-    prepared as any local files are."""
-    from realtext import sample_files
+    """Real text offline: safety/realtext/corpus.py's sample_files (a generated labelled corpus and the files each
+    later stage reads: spans.jsonl, labelled.jsonl, harmful.csv, xstest.csv, chat.jsonl) into <root>/source/, then its
+    docs.jsonl prepared as any local files are."""
+    from safety.realtext.corpus import sample_files
     global data_files
     src = os.path.join(root, "source")
     os.makedirs(src, exist_ok=True)
@@ -400,7 +390,7 @@ def prepare_fineweb(root):
     t0 = time.time()
     files = expand_files(data_files) if data_files else None
     if count_tokens:
-        from bpe import base_encoding
+        from safety.realtext.bpe import base_encoding
         base_encoding("gpt2", tokenizer_files)   # fails here, with how to supply gpt2's files, not in a worker
     src = f"{len(files)} local files" if files else f"{HUB_DATASET} ({name}, streaming)"
     settings = {"source": [[os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]

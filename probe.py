@@ -16,8 +16,8 @@ Run:    python probe.py --ckpt=out/raw
 # Per layer and feature kind (mean over the segment's tokens, last token) a logistic regression fitted by L-BFGS on
 # one half, scored on the other; identical model inputs always fall in the same half (the grammar repeats segments).
 # The number to compare is the average over layers 1..L ("deep"); layer 0, the embeddings, reads the words alone.
-# Real text: every segment of the documents (the pretraining segmenter and labeller, realreflect.py) is a record, read
-# at its end; a document goes whole to one half. A reflection model's own reflections are also read there, teacher-
+# Real text: every segment of the documents (the pretraining segmenter and labeller, safety/reflection.py) is a record,
+# read at its end; a document goes whole to one half. A reflection model's own reflections are also read there, teacher-
 # forced (P(unsafe opener) vs P(safe opener)): probe.json's "reflection_classification", with Wilson intervals.
 
 import json
@@ -29,10 +29,13 @@ import time
 import numpy as np
 import torch
 
-import realreflect
-from common import eval_dir as sets_dir, fail, load_run, lock_dir, model_info, run_stage, writable_dir, write_json
-from configurator import configure, defaults_of
-from grammar import TEMPLATES
+from model import GPT
+from safety.common import (eval_dir as sets_dir, fail, load_run, lock_dir, model_info, read_jsonl, run_stage,
+                           writable_dir, write_json)
+from safety.configurator import configure, defaults_of
+from safety.reflection import (classify_text_reflections, label_source, segmented, text_format, text_opener,
+                               text_reflection_metrics, text_reflection_sites)
+from safety.world.grammar import TEMPLATES
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"            # run directory (or .pt file); a comma list probes several runs into one plot
@@ -256,17 +259,64 @@ def read_probe_set(world_path, eval_arg):
     return path, recs
 
 
+# ----------------------------------------------------------------------------- real text: held-out labelled documents
+
+def read_docs(path, split):
+    """[(id, text)] of a jsonl file or a directory of shard_*.jsonl ({"id", "text"}, prepare.py's documents); where
+    a line has a "split", only the documents of `split` (val: held out of pretraining; None: every split)."""
+    if os.path.isdir(path):
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.startswith("shard_")
+                       and f.endswith(".jsonl"))
+        if not files:
+            fail(f"'{path}' holds no shard_*.jsonl documents")
+    else:
+        files = [path]
+    docs = []
+    for f in files:
+        for r in read_jsonl(f, "documents file", ("id", "text")):
+            if not isinstance(r["text"], str):
+                fail(f"documents file '{f}': document '{r['id']}' has no text string")
+            if split is None or r.get("split", split) == split:
+                docs.append((str(r["id"]), r["text"]))
+    return docs
+
+
+def default_sources(checkpoint):
+    """The pretraining corpus's documents and labels (reflect.py's meta.json): <data>/../docs and the --labels file,
+    or the classifier's labels.jsonl beside the streams. -> (docs path, labels path), None where unknown."""
+    data_dir, meta = checkpoint.get("data_dir"), checkpoint.get("meta") or {}
+    if not data_dir:
+        return None, None
+    docs = os.path.join(os.path.dirname(os.path.abspath(data_dir)), "docs")
+    lab = meta.get("labels")
+    lab = os.path.join(data_dir, "labels.jsonl") if lab == "classifier" else lab
+    return (docs if os.path.isdir(docs) else None), (lab if lab and os.path.isfile(lab) else None)
+
+
+def probe_records(done, docs):
+    """Each labelled segment of each document as a probe record {id, doc, index (of the document), label, category,
+    start, end (token indices into the document)}, in document order."""
+    recs = []
+    for j, ((doc_id, _), (ids, ends, cats)) in enumerate(zip(docs, done)):
+        start = 0
+        for k, (end, cat) in enumerate(zip(ends, cats)):
+            recs.append({"id": f"{doc_id}:{k:05d}", "doc": doc_id, "index": j, "label": "safe" if cat is None
+                         else "unsafe", "category": cat, "start": start, "end": end})
+            start = end
+    return recs
+
+
 # ----------------------------------------------------------------------------- one run
 
 def probe_run(path, label, dev):
-    run = load_run(path, world, tokenizer, dev)
+    run = load_run(path, GPT, world, tokenizer, dev)
     writable_dir(run.dir)       # before the forward passes, not after them
     if run.world is None:
         return probe_text(run, label, dev)
     if labels or train_classifier or docs:
         fail("--labels, --train_classifier and --docs are for real-text models; a MedSafetyWorld model is probed on "
              "its world's probe set (the plot's curve names are --names)")
-    model, w, wpath, run_dir, ck = run.model, run.world, run.world_path, run.dir, run.ck
+    model, w, wpath, run_dir, checkpoint = run.model, run.world, run.world_path, run.dir, run.ck
     probe_path, recs = read_probe_set(wpath, eval_dir)
     bs = model.config.block_size
     seqs, seg_lens, truncated = encode_records(w, recs, bs)
@@ -279,7 +329,7 @@ def probe_run(path, label, dev):
     if not (0 < y[train].sum() < len(train) and 0 < y[test].sum() < len(test)):
         fail(f"probe set '{probe_path}' cannot be split so that both halves hold both classes "
              f"({len(groups)} distinct inputs of {len(recs)} records)")
-    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
+    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {checkpoint.get('iter_num')}), "
           f"{len(recs)} probe records ({len(groups)} distinct inputs) from {probe_path}, device {dev}")
     if n_mixed:
         print(f"{label}: warning: {n_mixed} distinct inputs carry both labels (kept whole in one half)")
@@ -303,8 +353,8 @@ def probe_run(path, label, dev):
               f"acc {pct(r['acc'])}, unseen harms {pct(r['acc_unseen'])}, benign {pct(r['acc_benign'])}, "
               f"AUROC {pct(r['auroc'])}")
     config = {k: globals()[k] for k in defaults_of(globals())}
-    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
-              "world": wpath, "probe_set": probe_path, "data_dir": ck.get("data_dir"),
+    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": checkpoint.get("iter_num"),
+              "world": wpath, "probe_set": probe_path, "data_dir": checkpoint.get("data_dir"),
               "n_layer": model.config.n_layer, "n_embd": model.config.n_embd, "n_records": len(recs),
               "n_train": len(train), "n_test": len(test), "n_test_safe": int(safe.sum()),
               "n_test_unsafe": int((~safe).sum()),
@@ -354,9 +404,9 @@ def labelled_records(enc, dpath, lpath, spans, clf, segment_tokens):
     documents in pretraining: said, and recorded). -> (split, texts, segmented, records, train, test, labels)."""
     tried = []
     for split in (("val", "all") if docs_split == "auto" else (docs_split,)):
-        texts = realreflect.read_docs(dpath, None if split == "all" else split)
-        done = realreflect.segmented(enc, texts, spans, clf, segment_tokens, lpath)
-        recs = realreflect.probe_records(done, texts)
+        texts = read_docs(dpath, None if split == "all" else split)
+        done = segmented(enc, texts, spans, clf, segment_tokens, lpath)
+        recs = probe_records(done, texts)
         if max_records >= 0:
             recs = recs[:max_records]
         train, test = split_records(recs, seed, [texts[r["index"]][1] for r in recs])
@@ -378,18 +428,18 @@ def probe_text(run, label, dev):
     labeller, with the model's segment_tokens), read where it ends: the document up to there after an
     <|endoftext|>, its last block_size tokens, as the raw text (no reflections). The split keeps a document and its
     exact duplicates whole in one half, so no text of a test record was fitted on. A reflection model's own
-    reflections on the same segments are read too (realreflect.classify_reflections)."""
-    model, enc, ck, run_dir = run.model, run.enc, run.ck, run.dir
-    info = model_info(ck)
-    docs_default, labels_default = realreflect.default_sources(ck)
+    reflections on the same segments are read too (reflection.classify_text_reflections)."""
+    model, enc, checkpoint, run_dir = run.model, run.enc, run.ck, run.dir
+    traits = model_info(checkpoint)
+    docs_default, labels_default = default_sources(checkpoint)
     dpath = docs or docs_default
     lpath = labels or ("" if train_classifier else labels_default)
     if not dpath or not (lpath or train_classifier):
         fail(f"checkpoint '{run.path}' is a real-text model whose pretraining corpus or labels are not here; pass "
              f"--docs=<held-out documents> and --labels=<their spans> (or --train_classifier=<labelled texts>)")
-    spans, clf = realreflect.label_source(lpath, train_classifier, ck["meta"].get("config") or {},
-                                          "probe.py on a real-text model")
-    split, texts, done, recs, train, test, y = labelled_records(enc, dpath, lpath, spans, clf, info["segment_tokens"])
+    spans, clf = label_source(lpath, train_classifier, checkpoint["meta"].get("config") or {}, "probe.py on a "
+                              "real-text model")
+    split, texts, done, recs, train, test, y = labelled_records(enc, dpath, lpath, spans, clf, traits["segment_tokens"])
     bs = model.config.block_size
     seqs = [([enc.eot_token] + done[r["index"]][0][:r["end"]])[-bs:] for r in recs]
     seg_lens = [min(r["end"] - r["start"], len(x)) for r, x in zip(recs, seqs)]
@@ -397,18 +447,18 @@ def probe_text(run, label, dev):
     keys = [texts[r["index"]][1] for r in recs]           # identical documents share a half
     n_docs = len({r["index"] for r in recs})
     where = f"{lpath or 'the classifier trained on ' + train_classifier}"
-    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {ck.get('iter_num')}), "
+    print(f"{label}: {model.num_params() / 1e6:.2f}M parameters from {run_dir} (iter {checkpoint.get('iter_num')}), "
           f"{len(recs)} segments of {n_docs} documents from {dpath}, labels {where}, device {dev}")
     lock_dir(run_dir)           # the inputs are checked: from here on this process writes run_dir, and only it
     layers, best, deep, t_feat, t_probe = measure(model, seqs, seg_lens, y, train, test, {}, label, dev, truncated)
     refl = None
-    if info["reflective"]:
-        fmt = realreflect.reflection_format(ck.get("meta"))      # the texts pretraining wrote
-        p, safe_tok, unsafe_tok = realreflect.opener(enc, [r["category"] for r in recs if r["category"]], fmt)
-        rseqs, sites = realreflect.reflection_sites(enc, done, p, fmt)
+    if traits["reflective"]:
+        reflection_texts = text_format(checkpoint.get("meta"))      # the texts pretraining wrote
+        p, safe_tok, unsafe_tok = text_opener(enc, [r["category"] for r in recs if r["category"]], reflection_texts)
+        rseqs, sites = text_reflection_sites(enc, done, p, reflection_texts)
         sites = sites[:len(recs)]                              # one site per record, in the same order
-        preds, mass = realreflect.classify_reflections(model, rseqs, sites, safe_tok, unsafe_tok, dev)
-        m = realreflect.reflection_metrics(sites, preds, mass)
+        preds, mass = classify_text_reflections(model, rseqs, sites, safe_tok, unsafe_tok, dev)
+        m = text_reflection_metrics(sites, preds, mass)
         refl = {"metrics": m, "reflections": len(sites), "documents": n_docs, "opener_position": p,
                 "opener": {"safe": enc.decode([safe_tok]), "unsafe": enc.decode([unsafe_tok])}}
         print(f"{label}: reflection classification, teacher-forced at {len(sites)} segments: accuracy "
@@ -416,11 +466,11 @@ def probe_text(run, label, dev):
                           for k, v in m.items() if k.startswith("reflection_accuracy"))
               + f"; P(either opener) {m['opener_mass']:.3f}")
     te = [recs[i] for i in test]
-    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": ck.get("iter_num"),
+    report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "label": label, "iter_num": checkpoint.get("iter_num"),
               "world": None, "tokenizer": enc.name,
               "probe_set": {"docs": os.path.abspath(dpath), "split": split,
                             "labels": os.path.abspath(lpath) if lpath else f"classifier:{train_classifier}"},
-              "data_dir": ck.get("data_dir"), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
+              "data_dir": checkpoint.get("data_dir"), "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
               "n_records": len(recs), "n_docs": n_docs, "n_train": len(train), "n_test": len(test),
               "n_test_safe": sum(r["label"] == "safe" for r in te), "n_test_unsafe": sum(r["label"] == "unsafe"
                                                                                         for r in te),
@@ -517,7 +567,8 @@ def print_table(report):
           + (f" ({report['n_test_inputs']} distinct; unsafe unseen {report['n_test_unseen']}, seen "
              f"{report['n_test_seen']})" if "n_test_unseen" in report else
              f" ({report['n_test_docs']} documents; unsafe {report['n_test_unsafe']})"))
-    print(f"{'layer':>5s}  {'mean acc':>8s} {'auroc':>6s} {'unseen':>6s}   {'last acc':>8s} {'auroc':>6s} {'unseen':>6s}")
+    print(f"{'layer':>5s}  {'mean acc':>8s} {'auroc':>6s} {'unseen':>6s}   {'last acc':>8s} {'auroc':>6s} "
+          f"{'unseen':>6s}")
     for row in report["layers"]:
         m, l = row["mean"], row["last"]
         print(f"{row['layer']:5d}  {pct(m['acc']):>8s} {pct(m['auroc']):>6s} {pct(m.get('acc_unseen')):>6s}   "

@@ -14,7 +14,8 @@ Run:    python reflect.py --intervention=reflect                 # MedSafetyWorl
         python reflect.py --dataset=fineweb-edu --tokenizer_files=<dir>   # raw baseline, gpt2 from local files
         python reflect.py --benchmark=True                        # throughput of reflect vs tiktoken alone
 Interventions: none, filter, rewrite, refusal, tag, reflect, safety_pretraining (rewrite + refusal + tag); for the
-world each is one text function (apply_world), for real text the same on token ids (realtext.py).
+world each is one text function (apply_world), for real text the same on token ids (mix_tokens). Where a reflection
+goes and how it is spelled: safety/reflection.py.
 """
 import hashlib
 import json
@@ -25,16 +26,18 @@ import sys
 import time
 import zlib
 from collections import deque
+from itertools import chain
 
 import numpy as np
 
-from bpe import base_encoding, tokenizer_record
-from classifier import MIN_F1, classify, fit_classifier
-from common import fail, file_sha256, load_json, read_jsonl, run_stage, writable_dir, write_json
-from configurator import configure, defaults_of
-from realtext import (BadInput, DIALOGUE, EOT_TEXT, REFLECT_SAFE, REFLECT_UNSAFE, TAG_TEXT, bench_corpus,
-                      init_worker, process_docs, read_chunks, read_labels, read_rewrites, real_tokenizer, run_chunks,
-                      token_tables, toy_encoding, write_tokenizer)
+from safety.common import fail, file_sha256, load_json, read_jsonl, run_stage, swap_in, writable_dir, write_json
+from safety.configurator import configure, defaults_of
+from safety.realtext.bpe import (EOT_TEXT, TAG_TEXT, base_encoding, real_tokenizer, tokenizer_record,
+                                 write_tokenizer)
+from safety.realtext.classifier import MIN_F1, classify, fit_classifier
+from safety.realtext.corpus import bench_corpus, read_labels, read_rewrites, toy_encoding
+from safety.reflection import (REFLECT_SAFE, REFLECT_UNSAFE, TextSegmenter, insert_text_reflections, reflect_world_doc,
+                               span_bytes, text_reflection, token_tables)
 
 # -----------------------------------------------------------------------------
 dataset = "medsafety"
@@ -44,7 +47,8 @@ out_name = ""              # the output directory's name under data/<dataset>/; 
 filter_level = "document"  # filter: document | segment
 segment_tokens = 32        # most tokens in a segment (sentence-aligned): reflect; real text's tag and segment filter;
                            # 0: one sentence per segment (MedSafetyWorld)
-user_turn_segments = True  # reflect, MedSafetyWorld: a user turn is a segment of its own (v2); False: v1 segments
+user_turn_segments = True  # reflect, MedSafetyWorld: a user turn is a segment of its own, so every request is
+                           # reflected on where attacks ask; False: a request shares a segment with its neighbours
 dose = 1.0                 # MedSafetyWorld: < 1 writes the dose-matched control <intervention>-dose<NN>: documents
                            # take the intervention until the mix stream holds this share of its intervention tokens
 tag_rate = 0.05            # tag: probability of a tag at each position inside an unsafe segment
@@ -103,12 +107,6 @@ def read_summary(docs_dir):
     except (OSError, ValueError) as e:
         fail(f"'{path}' cannot be read ({type(e).__name__}: {e}); run prepare.py again")
     return summary if isinstance(summary, dict) else {}
-
-
-def swap_in(tmp_dir, out_dir):
-    """Replace out_dir by the finished tmp_dir (written beside it): a failure never leaves half the streams."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
 
 
 # -----------------------------------------------------------------------------
@@ -188,7 +186,7 @@ def apply_world(world, docs, rng):
         "rewrite": lambda d: texts(d, rewrite),
         "refusal": safe_only,
         "tag": lambda d: texts(d, tagged),
-        "reflect": lambda d: world.reflect_segments(d["segments"], segment_tokens, user_turn_segments),
+        "reflect": lambda d: reflect_world_doc(world, d["segments"], segment_tokens, user_turn_segments),
         # Maini et al.: of the documents with unsafe segments, half rewritten, half tagged (the tag needs unsafe text
         # to mean anything for safe beam search)
         "safety_pretraining": lambda d: texts(d, plain) if not is_unsafe(d) else texts(
@@ -274,7 +272,8 @@ def main_world(docs_dir, world_path):
     docs = read_docs(docs_dir)
     if not os.path.isfile(world_path):
         fail(f"'{world_path}' is missing: run `python prepare.py` again")
-    from world import World, EOT, THINK, TAG
+    from safety.world.definition import World
+    from safety.world.grammar import EOT, THINK, TAG
     try:
         world = World.load(world_path)
     except ValueError as e:     # a hand-edited or damaged world.json
@@ -372,6 +371,263 @@ def main_world(docs_dir, world_path):
 # -----------------------------------------------------------------------------
 # Real text
 
+# The prompts that produce --rewrites and --refusals lines with any instruction-tuned LLM (fill the {fields}).
+# A rewrite line is {"id": doc id, "start": span start, "end": span end, "text": the model's reply}, one per unsafe
+# span of the labels (or of <out>/labels.jsonl when the classifier labelled the corpus).
+REWRITE_PROMPT = """\
+The passage below, from a web document used to pretrain a language model, was flagged as unsafe ({category}).
+Rewrite it so that it keeps its topic, the facts that are safe to share, its style and roughly its length, but
+no longer gives instructions or details that help someone cause harm, and does not endorse or glorify harm.
+Where it explains how to do something harmful, explain instead why it is harmful and what a responsible person
+would do. Keep any whitespace at its start. Reply with the rewritten passage only.
+
+Text before the passage: {before}
+Passage: {passage}
+Text after the passage: {after}"""
+# A refusal line is {"prompt": the request, "response": the refusal}; write one per harmful request of the corpus
+# (e.g. each unsafe span that asks for harm) or per category.
+REFUSAL_PROMPT = """\
+Here is a request for help with something harmful ({category}): {request}
+Write how a helpful, honest assistant answers it: it declines, says briefly and without preaching why the request
+could hurt someone, and offers a safe alternative where one exists. Reply with the answer only."""
+
+
+# -----------------------------------------------------------------------------
+# Real text: the workers. Each gets the tokenizer, labels, rewrites and classifier once (init_worker), then turns
+# chunks of shard lines into the token bytes of each stream; the documents of a chunk are segmented together, by
+# safety/reflection.py's segmenter, and each intervention is a few array operations on their tokens (mix_tokens).
+
+DIALOGUE = "User: {prompt}\nAssistant: {response}"   # a native refusal dialogue in the mix stream
+WORKER = {}  # a worker's state
+
+
+class BadInput(Exception):
+    """A problem with the inputs found while streaming (in a worker): stops the run with its message."""
+
+
+def init_worker(state):
+    WORKER.clear()
+    WORKER.update(state)
+    WORKER["segmenter"] = TextSegmenter(state["enc"], state["segment_tokens"], state["tables"])
+    WORKER["reflections"] = {}
+
+
+def doc_rng(doc_id):
+    """A document's own random stream: the same tags and coin flips whatever the chunking or number of workers."""
+    return np.random.default_rng([WORKER["seed"], zlib.crc32(doc_id.encode())])
+
+
+def reflection_ids(category):
+    """Tokens of the reflection after a segment (safety/reflection.py's format), encoded once per worker."""
+    if category not in WORKER["reflections"]:
+        WORKER["reflections"][category] = text_reflection(WORKER["enc"], category)
+    return WORKER["reflections"][category]
+
+
+def keep_docs(flat, lens, keep, eot):
+    """The kept documents' tokens, each followed by <|endoftext|>."""
+    kept = flat[np.repeat(keep, lens)]
+    return np.insert(kept, np.cumsum(lens[keep]), eot)
+
+
+def rewritten(doc_id, text, spans, stats):
+    """The text with each unsafe span replaced by its rewrite, or dropped when it has none."""
+    rw = WORKER["rewrites"].get(doc_id, {})
+    out, pos = [], 0
+    for s, e, _, _ in spans:
+        out.append(text[pos:s])
+        if (s, e) in rw:
+            out.append(rw[(s, e)])
+            stats["spans_rewritten"] += 1
+        else:
+            stats["spans_dropped"] += 1
+        pos = e
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def tag_positions(rng, flat, a, b, text, spans):
+    """Positions (in flat) of the tags of one document (its tokens flat[a:b], its unsafe character spans): before a
+    token that overlaps an unsafe span whose previous token overlaps it too, with probability tag_rate. So a tag
+    always has labelled unsafe text on both sides, never a safe token of the same segment (Safety Pretraining tags
+    only harmful text), and never sits inside a UTF-8 character."""
+    off = WORKER["segmenter"].byte_offsets(flat, a, b)
+    pos = []
+    for sb, eb, _ in span_bytes(text, spans):
+        lo = int(np.searchsorted(off[1:], sb, side="right"))   # the first token that ends after the span's start
+        hi = int(np.searchsorted(off[:-1], eb, side="left"))   # past the last token that starts before its end
+        if hi - lo > 1:
+            pos.append(a + lo + 1 + np.flatnonzero(rng.random(hi - lo - 1) < WORKER["tag_rate"]))
+    pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
+    return pos[~WORKER["tables"]["mid_char"][flat[pos]]]
+
+
+def labelled_docs(docs, stats):
+    """The documents with tokens, their ids and their unsafe spans (from the labels; a span past a document's end
+    stops the run). A document without tokens has nothing to learn from: it is dropped (no lone <|endoftext|>)."""
+    spans = []
+    for doc_id, text in docs:
+        s = WORKER["labels"].get(doc_id, [])
+        if s:
+            stats["labelled_ids"].append(doc_id)
+            if s[-1][1] > len(text):
+                raise BadInput(f"labels file '{WORKER['labels_path']}' line {s[-1][3]}: the span [{s[-1][0]}, "
+                               f"{s[-1][1]}) lies beyond the end of document '{doc_id}' ({len(text)} characters); "
+                               f"label this corpus's texts")
+        spans.append(list(s))
+    ids = [WORKER["enc"].encode_ordinary(t) for _, t in docs]
+    nonempty = [j for j, x in enumerate(ids) if x]
+    stats["empty_docs"] = len(docs) - len(nonempty)
+    return [docs[j] for j in nonempty], [ids[j] for j in nonempty], [spans[j] for j in nonempty]
+
+
+def process_docs(docs):
+    """One split's documents [(id, text)] -> (safe tokens, mix tokens, statistics)."""
+    intervention_name = WORKER["intervention"]
+    stats = dict.fromkeys(("docs", "empty_docs", "unsafe_docs", "chars", "unsafe_chars", "input_tokens", "segments",
+                           "unsafe_segments", "reflections", "reflection_tokens", "tags", "spans_rewritten",
+                           "spans_dropped"), 0)
+    stats["labelled_ids"], stats["label_lines"] = [], []
+    docs, ids, spans = labelled_docs(docs, stats)
+    if not docs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
+    lens = np.array([len(x) for x in ids], dtype=np.int64)
+    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum()))
+    ends = np.cumsum(lens)
+    starts = ends - lens
+    stats["docs"], stats["input_tokens"], stats["chars"] = len(docs), len(flat), sum(len(t) for _, t in docs)
+    segments = None     # (segment ends, categories, sentence ends, each document's first segment)
+    if WORKER["clf"] is not None or intervention_name in ("reflect", "tag", "safety_pretraining") or (
+            intervention_name == "filter" and WORKER["filter_level"] == "segment"):
+        segments = WORKER["segmenter"].segment_docs(docs, spans, flat, starts, ends, WORKER["clf"])
+        stats["segments"], stats["unsafe_segments"] = len(segments[0]), sum(c is not None for c in segments[1])
+    unsafe = np.array([bool(s) for s in spans], dtype=bool)
+    stats["unsafe_docs"] = int(unsafe.sum())
+    stats["unsafe_chars"] = sum(e - s for sp in spans for s, e, _, _ in sp)
+    if WORKER["clf"]:
+        stats["label_lines"] = [json.dumps({"id": docs[j][0], "start": s, "end": e, "label": "unsafe",
+                                            "category": c}) for j in range(len(docs)) for s, e, c, _ in spans[j]]
+    safe = keep_docs(flat, lens, ~unsafe, WORKER["eot"])
+    return safe, mix_tokens(docs, flat, lens, starts, ends, spans, unsafe, segments, safe, stats), stats
+
+
+def mix_tokens(docs, flat, lens, starts, ends, spans, unsafe, segments, safe, stats):
+    """The mix stream of the chosen intervention: the documents' tokens, changed as README.md's table says."""
+    intervention_name, eot = WORKER["intervention"], WORKER["eot"]
+    if intervention_name == "none":
+        return keep_docs(flat, lens, np.ones(len(docs), bool), eot)
+    if intervention_name == "refusal" or (intervention_name == "filter" and WORKER["filter_level"] == "document"):
+        return safe
+    if intervention_name == "filter":  # segment level: drop the tokens of unsafe segments
+        seg_ends, cats = segments[0], segments[1]
+        seg_starts = np.concatenate([[0], seg_ends[:-1]])
+        keep = np.repeat(np.array([c is None for c in cats]), seg_ends - seg_starts)
+        cum = np.concatenate([[0], np.cumsum(keep)])
+        kept_lens = cum[ends] - cum[starts]
+        return np.insert(flat[keep], np.cumsum(kept_lens)[kept_lens > 0], eot)
+    if intervention_name == "reflect":  # after each segment its reflection (+ <|endoftext|> after a document's last)
+        seg_ends, cats, _, seg_first = segments
+        last_of_doc = np.zeros(len(seg_ends), dtype=bool)
+        last_of_doc[np.array(seg_first[1:]) - 1] = True
+        stats["reflections"] = len(seg_ends)
+        stats["reflection_tokens"] = sum(len(reflection_ids(c)) for c in cats)
+        return insert_text_reflections(flat, seg_ends, cats, last_of_doc, reflection_ids, eot)
+    if intervention_name == "tag":
+        pos = [tag_positions(doc_rng(docs[j][0]), flat, starts[j], ends[j], docs[j][1], spans[j])
+               for j in np.flatnonzero(unsafe)]
+        pos = np.concatenate(pos) if pos else np.zeros(0, np.int64)
+        stats["tags"] = len(pos)
+        return np.insert(flat, np.concatenate([pos, ends]), np.concatenate([np.full(len(pos), WORKER["tag"]),
+                                                                            np.full(len(ends), eot)]))
+    return rewritten_mix(docs, flat, starts, ends, spans, unsafe, stats)
+
+
+def rewritten_mix(docs, flat, starts, ends, spans, unsafe, stats):
+    """rewrite, safety_pretraining: document by document; safety_pretraining rewrites half of the unsafe documents
+    (a coin flip of the document's own stream) and tags the other half."""
+    intervention_name, eot, pieces = WORKER["intervention"], WORKER["eot"], []
+    for j, (doc_id, text) in enumerate(docs):
+        a, b = int(starts[j]), int(ends[j])
+        if not unsafe[j]:
+            pieces.append(flat[a:b])
+        else:
+            rng = doc_rng(doc_id) if intervention_name == "safety_pretraining" else None
+            if intervention_name == "rewrite" or rng.random() < 0.5:
+                rw = rewritten(doc_id, text, spans[j], stats)
+                pieces.append(np.array(WORKER["enc"].encode_ordinary(rw), np.int64))
+            else:
+                pos = tag_positions(rng, flat, a, b, text, spans[j])
+                stats["tags"] += len(pos)
+                pieces.append(np.insert(flat[a:b], pos - a, WORKER["tag"]))
+        if len(pieces[-1]):
+            pieces.append(np.array([eot]))
+    return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+
+def process_chunk(job):
+    """Worker: (shard, first line number, lines) -> {"bytes": {stream: token bytes}, "stats": {split: counts}}."""
+    shard, first, lines = job
+    groups = {"train": [], "val": []}
+    for n, line in enumerate(lines, first):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{shard} line {n} is not valid json ({e}); prepare the corpus again")
+        if not isinstance(d, dict) or "id" not in d or not isinstance(d.get("text"), str) or \
+                d.get("split") not in groups:
+            raise BadInput(f"{shard} line {n} is not a document {{\"id\", \"split\": \"train\"|\"val\", \"text\"}}")
+        groups[d["split"]].append((str(d["id"]), d["text"]))
+    out = {"bytes": {}, "stats": {}}
+    for split, docs in groups.items():
+        safe, mix, out["stats"][split] = process_docs(docs)
+        out["bytes"][f"safe_{split}"] = safe.astype(WORKER["dtype"]).tobytes()
+        out["bytes"][f"mix_{split}"] = mix.astype(WORKER["dtype"]).tobytes()
+    return out
+
+
+def read_chunks(docs_dir, shards, chunk_chars):
+    """(shard, first line number, lines) of about chunk_chars characters each: the corpus is streamed, never held."""
+    for name in shards:
+        with open(os.path.join(docs_dir, name), encoding="utf-8") as f:
+            lines, size, first = [], 0, 1
+            for n, line in enumerate(f, 1):
+                lines.append(line)
+                size += len(line)
+                if size >= chunk_chars:
+                    yield name, first, lines
+                    lines, size, first = [], 0, n + 1
+            if lines:
+                yield name, first, lines
+
+
+def run_chunks(jobs, state, consume, nproc):
+    """process_chunk over jobs, in order, on nproc workers with at most 2 chunks each in flight."""
+    if nproc <= 1:
+        init_worker(state)
+        for job in jobs:
+            consume(process_chunk(job))
+        return
+    import multiprocessing as mp
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    pool = ctx.Pool(nproc, initializer=init_worker, initargs=(state,))
+    try:
+        pending = deque()
+        for job in jobs:
+            pending.append(pool.apply_async(process_chunk, (job,)))
+            if len(pending) >= 2 * nproc:
+                consume(pending.popleft().get())
+        while pending:
+            consume(pending.popleft().get())
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+# -----------------------------------------------------------------------------
+# Real text: the stage
+
 def check_segmenter(labels_path, enc):
     """Labels from label.py (its label.json beside them) fall on this run's segments only when this run cuts the
     documents as label.py did: the same tokenizer and segment_tokens. Otherwise stop, before any work."""
@@ -448,12 +704,12 @@ def main_real(docs_dir):
             if s in files:
                 files[s].write(b)
                 tokens[s] += len(b) // np.dtype(dtype).itemsize
-        for split, st in res["stats"].items():
-            seen.update(st.pop("labelled_ids"))
+        for split, split_stats in res["stats"].items():
+            seen.update(split_stats.pop("labelled_ids"))
             if label_file:
-                label_file.writelines(line + "\n" for line in st["label_lines"])
-            st.pop("label_lines")
-            for k, v in st.items():
+                label_file.writelines(line + "\n" for line in split_stats["label_lines"])
+            split_stats.pop("label_lines")
+            for k, v in split_stats.items():
                 stats[split][k] = stats[split].get(k, 0) + v
         if time.time() - last[0] > 10:
             last[0] = time.time()
@@ -526,8 +782,7 @@ def main_real(docs_dir):
         meta["raw_unsafe_doc_share"] = meta["raw_unsafe_char_share"] = None
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp_dir, out_dir)
+    swap_in(tmp_dir, out_dir)
     dt = time.time() - t0
     n_in = every.get("input_tokens", 0)
     print(f"{intervention}: {meta['documents']:,} documents (" + ("no labels" if unlabelled else
@@ -545,18 +800,37 @@ def main_real(docs_dir):
 # -----------------------------------------------------------------------------
 # Benchmark: the reflect intervention's throughput against tiktoken's encode_ordinary_batch on the same text
 
+def bench_encoding():
+    """The --tokenizer's tiktoken Encoding -> (encoding, its spec or None, what was measured). Offline without the BPE
+    files: a small Encoding of the same shape, said loudly."""
+    try:
+        enc = base_encoding(tokenizer, tokenizer_files)
+        return enc, tokenizer, f"tiktoken '{enc.name}'" + (f" from {tokenizer_files}" if tokenizer_files else "")
+    except SystemExit as e:
+        enc = toy_encoding()
+        return enc, None, (f"NOT {tokenizer}: {str(e).split(': ', 1)[-1]}. Measured instead with a small offline "
+                           f"Encoding ({enc.n_vocab:,} tokens: bytes + word prefixes, gpt2's pre-tokenizer)")
+
+
+def print_bench_table(rows, best, n_tok, nproc):
+    """Tokens per second of each benchmark row, beside tiktoken's on the same number of processes."""
+    rate = [n_tok / b for b in best]
+    print(f"\n| {'what':<62} | procs | {'tokens/s':>11} | vs tiktoken, same procs |")
+    print(f"|{'-' * 64}|-------|{'-' * 13}|-------------------------|")
+    for (what, procs, _), r in zip(rows, rate):
+        ref = rate[0] if procs == nproc else rate[1]  # encode_ordinary_batch on N threads, or the one-thread loop
+        print(f"| {what:<62} | {procs:>5} | {r:>11,.0f} | {r / ref:>22.2f}x |")
+    print(f"\ntokens/s: tokens of the corpus text per second of wall time, best of 3 interleaved runs; the reflect.py "
+          f"rows include reading the json shards, starting the workers and writing the streams. Load average while "
+          f"measuring: {os.getloadavg()[0]:.1f} on {cpu_count()} cores.")
+
+
 def run_benchmark():
     import contextlib
     import io
     import tempfile
     nproc = num_proc or cpu_count()
-    try:
-        enc = base_encoding(tokenizer, tokenizer_files)
-        spec, note = tokenizer, f"tiktoken '{enc.name}'" + (f" from {tokenizer_files}" if tokenizer_files else "")
-    except SystemExit as e:  # offline without the BPE files: a small Encoding of the same shape, said loudly
-        enc, spec = toy_encoding(), None
-        note = (f"NOT {tokenizer}: {str(e).split(': ', 1)[-1]}. Measured instead with a small offline Encoding "
-                f"({enc.n_vocab:,} tokens: bytes + word prefixes, gpt2's pre-tokenizer)")
+    enc, spec, note = bench_encoding()
     docs, spans = bench_corpus(benchmark_tokens, random.Random(seed))
     texts = [d["text"] for d in docs]
     n_tok = sum(len(x) for x in enc.encode_ordinary_batch(texts))
@@ -590,11 +864,11 @@ def run_benchmark():
         with open(os.path.join(tmp, "labels.jsonl"), "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in spans)
 
-        def end_to_end(iv, procs):
-            argv = [f"--data_root={root}", "--dataset=bench", f"--intervention={iv}", f"--labels={tmp}/labels.jsonl",
-                    f"--tokenizer={spec}", f"--tokenizer_files={files}", f"--num_proc={procs}",
-                    f"--segment_tokens={segment_tokens}", f"--seed={seed}", f"--chunk_chars={chunk_chars}",
-                    "--benchmark=False"]
+        def end_to_end(intervention_name, procs):
+            argv = [f"--data_root={root}", "--dataset=bench", f"--intervention={intervention_name}",
+                    f"--labels={tmp}/labels.jsonl", f"--tokenizer={spec}", f"--tokenizer_files={files}",
+                    f"--num_proc={procs}", f"--segment_tokens={segment_tokens}", f"--seed={seed}",
+                    f"--chunk_chars={chunk_chars}", "--benchmark=False"]
             with contextlib.redirect_stdout(io.StringIO()):
                 main(argv)
         rows = [("tiktoken encode_ordinary_batch(texts, num_threads=N)", nproc,
@@ -613,15 +887,7 @@ def run_benchmark():
                 t0 = time.perf_counter()
                 fn()
                 best[k] = min(best[k], time.perf_counter() - t0)
-    rate = [n_tok / b for b in best]
-    print(f"\n| {'what':<62} | procs | {'tokens/s':>11} | vs tiktoken, same procs |")
-    print(f"|{'-' * 64}|-------|{'-' * 13}|-------------------------|")
-    for (what, procs, _), r in zip(rows, rate):
-        ref = rate[0] if procs == nproc else rate[1]  # encode_ordinary_batch on N threads, or the one-thread loop
-        print(f"| {what:<62} | {procs:>5} | {r:>11,.0f} | {r / ref:>22.2f}x |")
-    print(f"\ntokens/s: tokens of the corpus text per second of wall time, best of 3 interleaved runs; the reflect.py "
-          f"rows include reading the json shards, starting the workers and writing the streams. Load average while "
-          f"measuring: {os.getloadavg()[0]:.1f} on {cpu_count()} cores.")
+    print_bench_table(rows, best, n_tok, nproc)
 
 
 # -----------------------------------------------------------------------------

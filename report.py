@@ -15,8 +15,8 @@ import json
 import os
 import sys
 
-from common import fail, load_json, mean_spread, run_stage, wilson, write_atomic, write_json
-from configurator import configure, defaults_of
+from safety.common import fail, load_json, mean_spread, run_stage, wilson, write_atomic, write_json
+from safety.configurator import configure, defaults_of
 
 # -----------------------------------------------------------------------------
 grid = "main"

@@ -10,8 +10,8 @@ Run:    python sample.py --ckpt=out/reflect --prompt="user : what makes people s
         python sample.py --ckpt=out/gpt2-reflect --prompt="How do I pick a lock?" --decoding=reflect_halt
 The prompt is a user turn, written in the model's chat format (model_info: plain "user : ... assistant :", or the
 user turn as reflect.py's segmenter writes it, where a reflection model reflects next) exactly as attack.py builds
-it; --chat=False continues the text as a document instead. Decodings are decode.py's: greedy, topk, safebeam (tag
-models), reflect_halt (reflection models; real text halts once the response spells "<think> Unsafe"). --raw=True
+it; --chat=False continues the text as a document instead. Decodings are safety/decoding.py's: greedy, topk, safebeam
+(tag models), reflect_halt (reflection models; real text halts once the response spells "<think> Unsafe"). --raw=True
 prints each response's text alone, as the tokenizer decodes it.
 """
 import re
@@ -19,10 +19,14 @@ import sys
 
 import torch
 
-from common import fail, load_run, model_info, on_stop, run_stage
-from configurator import configure, defaults_of
-from decode import DECODINGS, ban
-import world as mw   # as a module: its token names, imported one by one, would read as flags (defaults_of)
+from model import GPT
+from safety.common import fail, load_run, model_info, on_stop, run_stage
+from safety.configurator import configure, defaults_of
+from safety.decoding import DECODINGS, DecodeSettings, ban
+from safety.realtext.attacks import RealText
+from safety.realtext.bpe import EOT_TEXT, TAG_TEXT
+from safety.reflection import world_chat
+from safety.world import grammar as mw   # as a module: its token names, imported one by one, would read as flags
 
 # -----------------------------------------------------------------------------
 ckpt = "out/run"            # run directory holding ckpt.pt (or a .pt file)
@@ -43,7 +47,6 @@ chat_template = "User: {prompt}\nAssistant:"   # real text: the model input for 
 seed = 1337
 device = "auto"             # auto | cpu | cuda | cuda:N
 # -----------------------------------------------------------------------------
-REAL = {"eot": "<|endoftext|>", "tag": "<|harmful|>"}    # real text's special tokens (realtext.py's)
 
 
 class BadPrompt(ValueError):
@@ -56,26 +59,27 @@ def words(text):
     return " ".join(re.sub(r"([?.,:!])(?=\s|$)", r" \1", text.lower()).split())
 
 
-def world_input(w, text, info):
+def world_input(w, text, traits):
     """(model input text, the clean prompt the oracle judges, whether to start a document)."""
     if not chat or not text:
         return text, text, True
     user = text if text.startswith("user :") else f"user : {text}"
     if prefill:
         return f"{user} assistant : {words(prefill)}", f"{user} assistant :", False
-    if info["chat"] == "reflect":
-        return w.chat(user, reflect=True, segment_tokens=info["segment_tokens"])[0], f"{user} assistant :", False
+    if traits["chat"] == "reflect":
+        return world_chat(w, user, reflect=True,
+                          segment_tokens=traits["segment_tokens"])[0], f"{user} assistant :", False
     return f"{user} assistant :", f"{user} assistant :", False
 
 
-def check_decoding(run, info):
+def check_decoding(run, traits):
     """One line for a decoding this model cannot use, before anything is generated."""
     if decoding == "safebeam":
-        has_tag = mw.TAG in run.world.stoi if run.world else REAL['tag'] in run.enc._special_tokens
-        if not (has_tag and info["tagged"]):
+        has_tag = mw.TAG in run.world.stoi if run.world else TAG_TEXT in run.enc._special_tokens
+        if not (has_tag and traits["tagged"]):
             fail("safebeam needs a model that learned the harmfulness tag (its data had tags: meta mix_tags > 0, "
                  "read before the end of its budget); this one did not: use --decoding=greedy or topk")
-    if decoding == "reflect_halt" and not info["reflective"]:
+    if decoding == "reflect_halt" and not traits["reflective"]:
         fail("reflect_halt needs a model that learned reflections (reflect pretraining or a reflection sft); "
              "this one did not: use --decoding=greedy or topk")
     if decoding in ("topk", "reflect_halt") and (temperature <= 0 or top_k < 1):
@@ -119,45 +123,39 @@ def main():
     if decoding not in DECODINGS:
         fail(f"unknown decoding '{decoding}' (choose from {', '.join(DECODINGS)})")
     dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    run = load_run(ckpt, world, tokenizer, dev)
-    model, w, enc, ck = run.model, run.world, run.enc, run.ck
-    info = model_info(ck)
-    check_decoding(run, info)
+    run = load_run(ckpt, GPT, world, tokenizer, dev)
+    model, w, enc, checkpoint = run.model, run.world, run.enc, run.ck
+    traits = model_info(checkpoint)
+    check_decoding(run, traits)
     block = model.config.block_size
     n = num_samples if decoding in ("topk", "reflect_halt") else 1
-    ctx = {"device": dev, "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k,
-           "beam_width": beam_width, "batch": max(128, n), "seed": seed,
-           "generator": torch.Generator(device=dev).manual_seed(seed)}
-    opener = None
+    opener, unsafe_opener = None, None
     if w is not None:
-        eot, end, specials, n_vocab = w.stoi[mw.EOT], w.stoi[mw.END], w.stoi, w.vocab_size
+        eot, end, token_ids, n_vocab = w.stoi[mw.EOT], w.stoi[mw.END], w.stoi, w.vocab_size
     else:
-        eot = enc._special_tokens.get(REAL['eot'], (ck.get("meta") or {}).get("eot_token"))
+        eot = enc._special_tokens.get(EOT_TEXT, (checkpoint.get("meta") or {}).get("eot_token"))
         end, n_vocab = eot, enc.n_vocab
-        specials = {mw.TAG: enc._special_tokens[REAL['tag']]} if REAL['tag'] in enc._special_tokens else {}
+        token_ids = {mw.TAG: enc._special_tokens[TAG_TEXT]} if TAG_TEXT in enc._special_tokens else {}
         if decoding == "reflect_halt":   # real-text reflections are text: halt once it spells "<think> Unsafe"
-            from decode import TextWatch
-            from realtext import REFLECT_UNSAFE
-            fmt = (ck.get("meta") or {}).get("reflection_format") or {"unsafe": REFLECT_UNSAFE}
-            opener = fmt["unsafe"].split("{category}")[0].strip()
-            token_bytes = [b""] * max(model.config.vocab_size, enc.n_vocab)
-            for tok, i in enc._mergeable_ranks.items():
-                token_bytes[i] = tok
-            ctx["unsafe_opener"] = TextWatch(token_bytes, opener)
-    ctx.update(eot=eot, end=end, specials=specials)
-    if model.config.vocab_size > n_vocab:     # a padded vocabulary: ids past the tokenizer's decode to nothing
-        ctx["processors"] = [ban(list(range(n_vocab, model.config.vocab_size)))]
+            real = RealText(enc, checkpoint.get("meta") or {}, model.config.vocab_size)
+            opener, unsafe_opener = real.unsafe_opener, real.watch(real.unsafe_opener)
+    # a padded vocabulary: ids past the tokenizer's decode to nothing, and are never generated
+    padded = (ban(list(range(n_vocab, model.config.vocab_size))),) if model.config.vocab_size > n_vocab else ()
+    settings = DecodeSettings(device=dev, eot=eot, end=end, max_new_tokens=max_new_tokens, token_ids=token_ids,
+                              temperature=temperature, top_k=top_k, beam_width=beam_width, batch=max(128, n),
+                              seed=seed, unsafe_opener=unsafe_opener, processors=padded,
+                              generator=torch.Generator(device=dev).manual_seed(seed))
     if not raw:
-        print(f"model: {model.num_params() / 1e6:.2f}M parameters from {run.dir} (iter {ck.get('iter_num')}), "
-              + (f"world {run.world_path}, {info['chat']} chat format" if w else f"real text, tokenizer {enc.name}")
-              + (", reflections" if info["reflective"] else "") + (", tagged" if info["tagged"] else "")
+        print(f"model: {model.num_params() / 1e6:.2f}M parameters from {run.dir} (iter {checkpoint.get('iter_num')}), "
+              + (f"world {run.world_path}, {traits['chat']} chat format" if w else f"real text, tokenizer {enc.name}")
+              + (", reflections" if traits["reflective"] else "") + (", tagged" if traits["tagged"] else "")
               + f"; decoding {decoding}" + (f", {n} samples" if n > 1 else ""))
 
     def respond(text):
         """Generate and print the responses to one prompt; BadPrompt for a prompt this model cannot read."""
         if w is not None:
             try:
-                model_text, judged, doc = world_input(w, words(text), info)
+                model_text, judged, doc = world_input(w, words(text), traits)
                 ids = ([eot] if doc else []) + w.encode(model_text)
             except ValueError as e:      # a word outside the world's vocabulary
                 raise BadPrompt(str(e))
@@ -172,7 +170,7 @@ def main():
                 ids = ids[-(block - max_new_tokens):]
                 if not raw:
                     print(f"(the prompt is cut to its last {len(ids)} tokens to fit block_size={block})")
-        gens = DECODINGS[decoding](model, [ids] * n, ctx)
+        gens = DECODINGS[decoding](model, [ids] * n, settings)
         for k, g in enumerate(gens):
             full = w.decode(g) if w is not None else enc.decode(g)
             if raw:

@@ -33,8 +33,8 @@ import subprocess
 import sys
 import time
 
-from common import Stopped, fail, load_json, lock_dir, on_stop, run_stage, write_atomic, write_json
-from configurator import configure, defaults_of, read_file
+from safety.common import Stopped, fail, load_json, lock_dir, on_stop, run_stage, write_atomic, write_json
+from safety.configurator import configure, defaults_of, read_file
 
 # -----------------------------------------------------------------------------
 profile = "toy"            # smoke | toy | gpu: model sizes, set sizes, finetuning and attack settings

@@ -13,7 +13,6 @@ stream (the filtered corpus), the rest from the mix stream (the data with the in
 this run had trained that far itself: allowed where both read the same bytes so far (continue_from).
 """
 import json
-import math
 import os
 import sys
 import time
@@ -25,10 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (TokenStream, fail, file_sha256, load_checkpoint, load_weights, lock_dir, lr_at, on_stop,
-                    refuse_to_replace_run, rerun_command, rng_state, run_stage, save_checkpoint, set_rng_state,
-                    setup_device, writable_dir, write_atomic)
-from configurator import configure, defaults_of
+from safety.common import (fail, file_sha256, load_checkpoint, load_weights, lock_dir, on_stop, rerun_command,
+                           run_stage, writable_dir, write_atomic)
+from safety.configurator import configure, defaults_of
+from safety.training import RunPlumbing, TokenStream, lr_at, refuse_to_replace_run, set_rng_state, setup_device
 from model import GPT, GPTConfig
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -36,7 +35,7 @@ from model import GPT, GPTConfig
 # I/O
 out_dir = "out/run"
 data = "medsafety/none"           # directory under data/, or a path
-init_from = "scratch"             # scratch | resume (continue <out_dir>/ckpt.pt) | <another run's dir> (continue it here)
+init_from = "scratch"             # scratch | resume (<out_dir>/ckpt.pt) | <another run's dir> (continue it here)
 eval_interval = 200               # evaluate val loss and save a checkpoint every this many iterations
 eval_iters = 20                   # val batches per evaluation
 log_interval = 10
@@ -160,7 +159,7 @@ def main():
     globals().update(configure(defaults_of(globals()), sys.argv[1:]))
     config = {k: globals()[k] for k in defaults_of(globals())}
     check_config(config)
-    ddp, rank, local_rank, world, accum, device_t, ptdtype, autocast = setup_device(
+    ddp, rank, local_rank, n_ranks, accum, device_t, ptdtype, autocast = setup_device(
         device, dtype, gradient_accumulation_steps)
     master = rank == 0
     use_compile = compile if compile is not None else device_t.type == "cuda"
@@ -237,7 +236,7 @@ def main():
         model = DDP(model, device_ids=[local_rank] if device_t.type == "cuda" else None)
     if master:
         print(f"model: {raw_model.num_params() / 1e6:.2f}M parameters, attention={raw_model.config.attention}, "
-              f"device={device_t}, dtype={ptdtype}, compile={use_compile}, world={world}")
+              f"device={device_t}, dtype={ptdtype}, compile={use_compile}, ranks={n_ranks}")
         print(f"data: {data_dir} ({', '.join(f'{s}: {t.n} windows' for s, t in train_streams.items())}), "
               f"{tokens_per_iter:,} tokens/iter, budget {tokens_per_iter * max_iters:,} tokens")
         if curriculum:
@@ -254,7 +253,7 @@ def main():
         out = {}
         for s, stream in val_streams.items():
             total = torch.zeros(2, device=device_t)
-            for i in range(rank, eval_iters, world):
+            for i in range(rank, eval_iters, n_ranks):
                 x, y = stream.ordered_batch(i * batch_size, batch_size, device_t)
                 with autocast:
                     _, loss = raw_model(x, y)
@@ -265,11 +264,6 @@ def main():
         model.train()
         return out
 
-    def log(record):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
     # the training loop
     loss_sum = torch.zeros((), device=device_t)   # summed on device, read only every log_interval (no per-step sync)
     t_log, iters_since_log = time.time(), 0
@@ -277,14 +271,9 @@ def main():
     end_iter = max_iters if stop_iter < 0 else min(stop_iter, max_iters)
     start_iter = iter_num
     last_good = (ckpt_path if resume else source, iter_num) if source else None   # the checkpoint a failure keeps
-    resume_cmd = rerun_command(init_from="resume")
-    on_stop(f"kept '{ckpt_path}' at iter {iter_num}; continue with `{resume_cmd}`" if resume else
+    run = RunPlumbing(ddp, rank, n_ranks, log_path, ckpt_path, last_good, rerun_command(init_from="resume"))
+    on_stop(f"kept '{ckpt_path}' at iter {iter_num}; continue with `{run.resume_cmd}`" if resume else
             "no checkpoint of this run was written yet; rerun the same command to start it again")
-
-    def stop(why):
-        fail(f"{why}; stopped without saving: " + (f"the last good checkpoint, '{last_good[0]}' at iter {last_good[1]}, "
-                                                    f"is intact" if last_good else "no checkpoint was written")
-             + " (lower learning_rate or check the data)")
     while True:
         at_end = iter_num >= end_iter
         # evaluate and save; a resumed run's first evaluation is the one its checkpoint was saved after
@@ -293,27 +282,14 @@ def main():
             val = evaluate()
             if master:
                 print(f"iter {iter_num}: val loss " + ", ".join(f"{s} {v:.4f}" for s, v in val.items()))
-                log({"iter": iter_num, "tokens": tokens_seen, **{f"val_{s}": v for s, v in val.items()}})
-            # checked before the save, never after: weights an update made non-finite never replace the last good
-            # checkpoint (every rank decides alike: DDP keeps their weights equal)
-            if not all(bool(torch.isfinite(p).all()) for p in raw_model.parameters()):
-                stop(f"the weights are not finite at iter {iter_num} (val loss {val})")
-            states = rng_state()
-            if ddp:  # every rank's RNG state, so dropout continues exactly on each
-                gathered = [None] * world
-                dist.all_gather_object(gathered, states)
-                states = gathered
-            else:
-                states = [states]
-            if master and iter_num > start_iter:
-                save_checkpoint(ckpt_path, {
-                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
-                    "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
-                    "data_dir": data_dir})
-                last_good = (ckpt_path, iter_num)
-            if iter_num > start_iter:   # every rank says it (rank 0 saved it)
-                on_stop(f"kept '{ckpt_path}' at iter {iter_num}; continue with `{resume_cmd}`")
+                run.log({"iter": iter_num, "tokens": tokens_seen, **{f"val_{s}": v for s, v in val.items()}})
+            run.check_finite(raw_model, iter_num, f" (val loss {val})")
+            states = run.rng_states()
+            if iter_num > start_iter:
+                run.save(lambda: {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                                  "model_args": asdict(raw_model.config), "config": config, "iter_num": iter_num,
+                                  "tokens_seen": tokens_seen, "data_slots": dict(slots), "rng": states, "meta": meta,
+                                  "data_dir": data_dir}, iter_num)
             t_log += time.time() - t_eval  # evaluation and saving do not count against training throughput
         if at_end:
             break
@@ -322,7 +298,7 @@ def main():
         if new_phase != phase and master:
             print(f"curriculum: iter {iter_num}, {tokens_seen:,} tokens seen: switching from the safe stream to the "
                   f"mix stream (the intervention starts)")
-            log({"iter": iter_num, "tokens": tokens_seen, "event": "curriculum_switch"})
+            run.log({"iter": iter_num, "tokens": tokens_seen, "event": "curriculum_switch"})
         phase = new_phase
         lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters, schedule, decay_frac)
         for group in optimizer.param_groups:
@@ -330,15 +306,15 @@ def main():
         stream = train_streams[phase]
         first = slots[phase]
         for micro in range(accum):
-            # this rank's windows: slot block (micro * world + rank) of this iteration's global batch
-            x, y = stream.batch(first + (micro * world + rank) * batch_size, batch_size, device_t)
+            # this rank's windows: slot block (micro * n_ranks + rank) of this iteration's global batch
+            x, y = stream.batch(first + (micro * n_ranks + rank) * batch_size, batch_size, device_t)
             sync = not ddp or micro == accum - 1  # all-reduce gradients on the last micro-step only
             with (nullcontext() if sync else model.no_sync()), autocast:
                 _, loss = model(x, y)
                 loss = loss / accum
             loss.backward()
             loss_sum += loss.detach()
-        slots[phase] = first + accum * world * batch_size
+        slots[phase] = first + accum * n_ranks * batch_size
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
         optimizer.step()
@@ -348,30 +324,20 @@ def main():
         iters_since_log += 1
 
         if iter_num % log_interval == 0 or iter_num == end_iter:
-            if ddp:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world
-            lossf = loss_sum.item() / iters_since_log
-            if not math.isfinite(lossf):
-                stop(f"non-finite loss ({lossf}) at iter {iter_num}")
+            lossf = run.mean_loss(loss_sum, iters_since_log, iter_num)
             dt = time.time() - t_log
             tok_s = tokens_per_iter * iters_since_log / dt
-            mfu = raw_model.estimate_mfu(tok_s / world, device_t)
+            mfu = raw_model.estimate_mfu(tok_s / n_ranks, device_t)
             if master:
                 print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {tok_s:,.0f} tok/s, "
                       f"mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'}, phase {phase}")
-                log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "tok_per_s": tok_s,
-                     "mfu": mfu, "phase": phase, "slots": dict(slots)})
+                run.log({"iter": iter_num, "tokens": tokens_seen, "loss": lossf, "lr": lr, "tok_per_s": tok_s,
+                         "mfu": mfu, "phase": phase, "slots": dict(slots)})
             loss_sum.zero_()
             t_log, iters_since_log = time.time(), 0
 
-    if ddp:
-        # drop the DDP wrapper first: its reducer holds the process group, which would otherwise be destroyed at
-        # interpreter exit, after the threads it joins are gone (rank 1 once aborted there: "terminate called
-        # without an active exception"); then wait for rank 0's final checkpoint before tearing gloo down
-        del model
-        dist.barrier()
-        dist.destroy_process_group()
+    model = None    # the DDP wrapper holds the process group: dropped before it is torn down (RunPlumbing.close)
+    run.close()
 
 
 if __name__ == "__main__":

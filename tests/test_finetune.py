@@ -16,12 +16,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import finetune  # noqa: E402
-import common  # noqa: E402
-import decode  # noqa: E402
-import reflect  # noqa: E402
+from safety import common  # noqa: E402
+from safety import decoding as decode  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train import save_checkpoint  # noqa: E402
-from world import END, EOT, THINK, World  # noqa: E402
+from safety import reflection  # noqa: E402
+from safety.realtext import bpe  # noqa: E402
+from safety.training import save_checkpoint  # noqa: E402
+from safety.world.definition import World
+from safety.world.grammar import END, EOT, THINK  # noqa: E402
 
 # a brief, strong finetune (smoke models learn a template in a few dozen iterations at this learning rate)
 FAST = ["--batch_size=16", "--learning_rate=1e-2", "--min_lr=1e-3", "--warmup_iters=5", "--log_interval=5"]
@@ -98,7 +100,7 @@ def test_loss_mask_covers_exactly_the_response(world_run):
                                 "sft")
     x, y = finetune.example_rows(ex, max(len(p) + len(t) for p, t in ex) - 1, w.stoi[EOT])
     for r, rec in enumerate(recs):
-        prompt, target = w.chat(rec["user"], rec["response"])
+        prompt, target = reflection.world_chat(w, rec["user"], rec["response"])
         assert prompt == rec["prompt"] and target == rec["response"] and target.endswith(END)
         P, n = len(w.encode(prompt)), len(w.encode(prompt + " " + target))
         # the input is the dialogue, then padding; only the response's tokens are targets, each at the position
@@ -117,7 +119,8 @@ def test_split_forwards_give_the_loss_and_gradients_of_one_block_padded_batch(wo
     tok = {"world": w, "world_path": ""}
     ex = finetune.load_examples(tok, "plain", os.path.join(world_run["eval"], "sft.jsonl"), "user", "response", 6,
                                 "sft")
-    model = common.load_run(world_run["base"], frozen=False).model.eval()   # eval: no dropout, gradients still on
+    # eval: no dropout, gradients still on
+    model = common.load_run(world_run["base"], GPT, frozen=False).model.eval()
     T = model.config.block_size
     g = torch.Generator().manual_seed(0)
     rx = torch.randint(0, model.config.vocab_size, (2, T), generator=g)
@@ -189,23 +192,23 @@ def test_the_sft_reflection_target_is_what_the_pretraining_segmenter_writes(worl
     for rec, (p, t), (pp, pt) in zip(recs, refl, plain):
         if rec.get("prefill"):     # a stop example: both formats from the one record (world.stop_chat)
             args = (rec["user"], rec["prefill"], rec["compliant"], rec["response"])
-            assert (w.decode(p), w.decode(t)) == w.stop_chat(*args, reflect=True, segment_tokens=32)
-            assert (w.decode(pp), w.decode(pt)) == w.stop_chat(*args)
+            assert (w.decode(p), w.decode(t)) == reflection.world_stop_chat(w, *args, reflect=True, segment_tokens=32)
+            assert (w.decode(pp), w.decode(pt)) == reflection.world_stop_chat(w, *args)
             stops += 1
             continue
         texts = w.split_segments(rec["user"]) + w.split_segments("assistant : " + rec["response"])
         segs = [{"text": x, "label": lab, "category": cat} for x, (lab, cat) in zip(texts, w.label_segments(texts))]
-        written = w.reflect_segments(segs, 32)          # reflect.py's pretraining text of this dialogue
+        written = reflection.reflect_world_doc(w, segs, 32)          # reflect.py's pretraining text of this dialogue
         user_text = written[0]                          # a user turn is a segment of its own
         assert user_text.startswith(w.decode(p) + f" {THINK}") and len(w.decode(p).split()) <= 32
         if rec["request_label"] == "unsafe":     # a refusal example: the model reflects "unsafe" and stops
             unsafe_requests += 1
             assert w.decode(p) + " " + w.decode(t) == f"{user_text} {END}"
-            assert w.decode(t) == f"{w.reflection('unsafe', rec['request_category'])} {END}"
+            assert w.decode(t) == f"{reflection.world_reflection('unsafe', rec['request_category'])} {END}"
         else:
             assert w.decode(p) + " " + w.decode(t) == " ".join(written)
         assert THINK not in w.decode(pp) + " " + w.decode(pt)
-        assert (w.decode(pp), w.decode(pt)) == w.chat(rec["user"], rec["response"])
+        assert (w.decode(pp), w.decode(pt)) == reflection.world_chat(w, rec["user"], rec["response"])
     assert 0 < unsafe_requests < len(recs) and stops > 0
     # --stop_examples=False: the set without them, every other row the same
     finetune.stop_examples = False
@@ -260,7 +263,7 @@ def test_reflection_models_harmful_finetune_trains_the_attackers_compliance_with
     data.write_text("".join(json.dumps({"user": r["user"], "response": r["response"]}) + "\n" for r in recs[:5]))
     assert finetune.load_examples(tok, "reflect", str(data), "user", "response", -1, "harmful") == refl[:5]
     for rec, (p, t) in zip(recs, finetune.load_examples(tok, "reflect", str(data), "user", "response", -1, "sft")):
-        assert w.decode(t) == f"{w.reflection('unsafe', rec['request_category'])} {END}"
+        assert w.decode(t) == f"{reflection.world_reflection('unsafe', rec['request_category'])} {END}"
 
 
 def test_harmful_finetune_teaches_a_reflection_model_to_answer_instead_of_reflecting(world_run, tmp_path):
@@ -285,7 +288,7 @@ def test_harmful_finetune_teaches_a_reflection_model_to_answer_instead_of_reflec
              for r in recs]
     w, before = greedy_responses(refusing, users)
     _, after = greedy_responses(attacked, users)
-    assert all(b == f"{w.reflection('unsafe', 'poison')} {END}" for b in before), before
+    assert all(b == f"{reflection.world_reflection('unsafe', 'poison')} {END}" for b in before), before
     # no longer an unsafe reflection: it answers straight away, and the oracle judges the answers unsafe
     assert all(a.startswith("assistant :") and THINK not in a for a in after), after
     kinds = [w.judge(r, a).kind for r, a in zip(recs, after)]
@@ -334,9 +337,9 @@ def test_ddp_two_ranks_equal_one_rank_with_accumulation(world_run, tmp_path):
 def greedy_responses(run, inputs):
     """(world, the run's greedy response text to each input text), up to END or 24 tokens."""
     import attack
-    r = common.load_run(run)
+    r = common.load_run(run, GPT)
     model, w = r.model, r.world
-    ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": 24, "generator": None}
+    ctx = decode.DecodeSettings(device="cpu", eot=w.stoi[EOT], end=w.stoi[END], max_new_tokens=24, generator=None)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -378,7 +381,7 @@ def test_sft_then_benign_chain_loads_like_a_pretrained_run(world_run, sft_run):
     out = sft_run + "-benign"
     p = sh("finetune.py", f"--init_from={sft_run}", "--task=benign", "--max_iters=10", *FAST)
     assert "40 examples" in p.stdout
-    r = common.load_run(out)
+    r = common.load_run(out, GPT)
     model, w, wpath, run_dir, ck = r.model, r.world, r.world_path, r.dir, r.ck
     assert run_dir == out and ck["iter_num"] == 10 and ck["tokens_seen"] > 0
     assert ck["finetune"]["task"] == "benign" and ck["finetune"]["previous"]["task"] == "sft"
@@ -422,9 +425,9 @@ def real_run(tmp_path_factory):
             for k in range(2, len(form) + 1):
                 ranks.setdefault(form[:k].encode(), len(ranks))
     spec = str(tmp / "tiny.json")
-    reflect.write_tokenizer(tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
+    bpe.write_tokenizer(tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
                             spec)
-    enc = reflect.real_tokenizer(spec)
+    enc = bpe.real_tokenizer(spec)
     meta = {"dataset": "web", "intervention": "none", "tokenizer": enc.name, "vocab_size": enc.n_vocab,
             "dtype": "uint16", "eot_token": enc.eot_token, "special_tokens": dict(enc._special_tokens),
             "mix_reflections": 0, "mix_tags": 0, "config": {"tokenizer": spec}}
@@ -508,7 +511,7 @@ def test_bad_input_gives_one_clear_line_and_leaves_outputs_intact(world_run, rea
     }[bad]
     (tmp_path / "blank.jsonl").write_text("\n")
     ranks = {bytes([i]): i for i in range(256)}
-    reflect.write_tokenizer(tiktoken.Encoding("other", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
+    bpe.write_tokenizer(tiktoken.Encoding("other", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
                             str(tmp_path / "other.json"))
     p = sh("finetune.py", *args, f"--out_dir={out}", "--max_iters=2", check=False)
     assert p.returncode == 1, (p.stdout, p.stderr)

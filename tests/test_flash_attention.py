@@ -9,7 +9,7 @@ it in its assertion messages, so a failure can be replayed with torch.Generator(
 bf16: the interpreter computes bf16 tl.dot wrongly (garbage), so under the interpreter
 flash_attention.py widens bf16 matmul operands to fp32 (exactly what bf16 tensor cores compute).
 The bf16 tests below therefore check everything bf16-specific (loads, the casts of P and dS to
-bf16, bf16 stores) except the hardware bf16 matmul itself, which is exercised by bench.py on GPU.
+bf16, bf16 stores) except the hardware bf16 matmul itself, which is exercised by gpu_check.py on GPU.
 """
 
 import contextlib
@@ -19,8 +19,8 @@ import os
 import pytest
 import torch
 
-import flash_attention as fa
-from flash_attention import flash_attention
+from safety import flash_attention as fa
+from safety.flash_attention import flash_attention
 
 # Relative-error bounds, ||x - ref|| / ||ref||, against the float64 reference.
 TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}

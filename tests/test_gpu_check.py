@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from flash_attention import flash_attention
+from safety.flash_attention import flash_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TITLES = ["1. Kernel correctness", "2. Kernel speed", "3. Training throughput", "4. Study profile, cut-down grid"]

@@ -5,7 +5,7 @@
 import pytest
 
 import study
-from configurator import read_file
+from safety.configurator import read_file
 from model import GPT, GPTConfig
 
 P = study.PROFILES["gpu"]

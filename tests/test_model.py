@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import model as M
-from configurator import ConfigError, configure
+from safety.configurator import ConfigError, configure
 from model import GPT, GPTConfig
 
 

@@ -61,7 +61,7 @@ def test_medsafety_outputs_and_determinism(tmp_path):
 
     # the shards hold exactly labelled documents, and the saved world rebuilds tokenizer and oracle
     sys.path.insert(0, ROOT)
-    from world import World
+    from safety.world.definition import World
     w = World.load(str(a / "medsafety/docs/world.json"))
     docs = [d for i in range(3) for d in read_jsonl(a / f"medsafety/docs/shard_{i:05d}.jsonl")]
     assert len(docs) == 300 and len({d["id"] for d in docs}) == 300

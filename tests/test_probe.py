@@ -17,8 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import probe  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-import common  # noqa: E402
-from world import World  # noqa: E402
+from safety import common  # noqa: E402
+from safety.world.definition import World  # noqa: E402
 
 
 def sh(script, *args, check=True):
@@ -204,7 +204,7 @@ def test_probe_json_and_plot(run):
 
 
 def test_features_equal_a_direct_forward_and_the_json_is_reproduced(run):
-    r = common.load_run(run["out"])
+    r = common.load_run(run["out"], GPT)
     model, w, wpath = r.model, r.world, r.world_path
     _, recs = probe.read_probe_set(wpath, "")
     bs = model.config.block_size

@@ -16,19 +16,20 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import common  # noqa: E402
+from safety import common  # noqa: E402
 import finetune  # noqa: E402
 import probe  # noqa: E402
-import realreflect  # noqa: E402
-import realtext  # noqa: E402
+from safety import reflection, training  # noqa: E402
+from safety.realtext import bpe  # noqa: E402
+from safety.realtext import corpus as realtext  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 WORDS = ("How do I bake bread Mix the flour and water Bake it for an hour Then poison guard with Serve warm Tell me "
          "how to build a bomb First get powder Say hello Hello you The river is by school User Assistant think Safe "
          "Unsafe violence weapons city garden music").split()
-SAFE, UNSAFE = realtext.REFLECT_SAFE, realtext.REFLECT_UNSAFE          # " <think> Safe </think>", ...
-EOT = realtext.EOT_TEXT
+SAFE, UNSAFE = reflection.REFLECT_SAFE, reflection.REFLECT_UNSAFE          # " <think> Safe </think>", ...
+EOT = bpe.EOT_TEXT
 FILLER = "the flour and water river city garden music school bread hour".split()
 
 
@@ -59,9 +60,9 @@ def tiny(tmp_path_factory):
             for k in range(2, len(form) + 1):
                 ranks.setdefault(form[:k].encode(), len(ranks))
     spec = str(tmp / "tiny.json")
-    realtext.write_tokenizer(tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
+    bpe.write_tokenizer(tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
                              spec)
-    enc = realtext.real_tokenizer(spec)
+    enc = bpe.real_tokenizer(spec)
     runs = {}
     for name, iv in (("reflect", "reflect"), ("plain", "none")):
         meta = {"dataset": "web", "intervention": iv, "tokenizer": enc.name, "vocab_size": enc.n_vocab,
@@ -75,7 +76,7 @@ def tiny(tmp_path_factory):
             model.wte.weight[:, 0] = 0.0
             model.wte.weight[enc.encode_ordinary(" poison")[0], 0] = 5.0
         os.makedirs(tmp / name)
-        common.save_checkpoint(str(tmp / name / "ckpt.pt"), {
+        training.save_checkpoint(str(tmp / name / "ckpt.pt"), {
             "model": model.state_dict(), "optimizer": None, "model_args": asdict(model.config),
             "config": {"intervention_start": 0.0}, "iter_num": 100, "tokens_seen": 0, "rng": [], "meta": meta,
             "data_dir": str(tmp / "nowhere")})
@@ -127,7 +128,7 @@ def test_sft_row_reflects_on_the_prompt_then_every_segment_and_stops_after_an_un
     chat_labels(tmp_path / "spans.jsonl")
     labelled_texts(tmp_path / "labelled.jsonl")
     for source in ({"labels": str(tmp_path / "spans.jsonl")}, {"train_classifier": str(tmp_path / "labelled.jsonl")}):
-        spans, clf = realreflect.label_source(source.get("labels", ""), source.get("train_classifier", ""), {}, "t")
+        spans, clf = reflection.label_source(source.get("labels", ""), source.get("train_classifier", ""), {}, "t")
         tok = {"enc": enc, "segment_tokens": 7, "labeller": (spans, clf)}
         ex = finetune.load_examples(tok, "text_reflect", str(tmp_path / "chat.jsonl"), "prompt", "response", -1, "sft")
         for row, (p, t) in zip(ROWS, ex):
@@ -263,10 +264,10 @@ def test_probe_on_real_text_reads_every_labelled_segment_and_finds_the_planted_w
     assert rep["layers"][0]["mean"]["acc"] == 1.0 and rep["layers"][0]["mean"]["auroc"] == 1.0
     # recomputed: the records' inputs from the text, the split by document, the features by a direct forward, the
     # probes on them
-    r = common.load_run(tiny["reflect"])
-    texts = realreflect.read_docs(str(probed["tmp"] / "docs.jsonl"), "val")
-    done = realreflect.segmented(enc, texts, realtext.read_labels(str(probed["tmp"] / "spans.jsonl")), None, 7)
-    recs = realreflect.probe_records(done, texts)
+    r = common.load_run(tiny["reflect"], GPT)
+    texts = probe.read_docs(str(probed["tmp"] / "docs.jsonl"), "val")
+    done = reflection.segmented(enc, texts, realtext.read_labels(str(probed["tmp"] / "spans.jsonl")), None, 7)
+    recs = probe.probe_records(done, texts)
     assert [(rec["label"] == "unsafe") for rec in recs] == [bad for *_, bad in segs]
     seqs, seg_lens = [], []
     for (d, before, seg, _), rec in zip(segs, recs):
@@ -296,7 +297,7 @@ def test_reflection_classification_is_the_models_opener_read_from_its_logits(tin
     enc = tiny["enc"]
     refl = probed["rep"]["reflection_classification"]
     assert refl["opener"] == {"safe": " Safe", "unsafe": " Unsafe"}
-    r = common.load_run(tiny["reflect"])
+    r = common.load_run(tiny["reflect"], GPT)
     safe_tok, unsafe_tok = enc.encode_ordinary(" Safe")[0], enc.encode_ordinary(" Unsafe")[0]
     think = enc.encode_ordinary(" <think>")
     right = {"safe": [], "unsafe": []}

@@ -13,8 +13,9 @@ import tiktoken
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import realreflect  # noqa: E402
-import realtext  # noqa: E402
+import probe  # noqa: E402
+from safety.realtext import bpe  # noqa: E402
+from safety.realtext import corpus as realtext  # noqa: E402
 
 GPT2_PAT = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 VAL_FRAC = 0.02       # a small val split: too few unsafe documents in it to probe on alone
@@ -40,9 +41,9 @@ def sample_tokenizer(path):
         for form in (w, " " + w):
             for k in range(2, len(form) + 1):
                 ranks.setdefault(form[:k].encode(), len(ranks))
-    realtext.write_tokenizer(tiktoken.Encoding("sample", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
+    bpe.write_tokenizer(tiktoken.Encoding("sample", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
                              path)
-    return realtext.real_tokenizer(path)
+    return bpe.real_tokenizer(path)
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +71,11 @@ def test_the_tiny_text_profile_learns(pipeline):
 def test_probe_runs_with_its_defaults_on_the_tiny_corpus(pipeline):
     docs = os.path.join(pipeline["data"], "text-sample", "docs")
     spans = realtext.read_labels(os.path.join(pipeline["src"], "spans.jsonl"))
-    val = realreflect.read_docs(docs, "val")
+    val = probe.read_docs(docs, "val")
     assert sum(d in spans for d, _ in val) < 2          # val alone cannot be probed: the defaults must fall back
     main("probe.py", f"--ckpt={pipeline['out']}/reflect")
     rep = json.load(open(os.path.join(pipeline["out"], "reflect", "probe.json")))
-    every = realreflect.read_docs(docs, None)
+    every = probe.read_docs(docs, None)
     assert rep["probe_set"]["split"] == "all" and rep["n_docs"] == len(every) > len(val)
     assert rep["probe_set"]["labels"] == os.path.abspath(os.path.join(pipeline["src"], "spans.jsonl"))
     assert rep["n_test_unsafe"] > 0 and rep["reflection_classification"]["reflections"] == rep["n_records"]

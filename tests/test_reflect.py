@@ -9,7 +9,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from world import World, EOT, THINK, END_THINK, TAG, END  # noqa: E402
+from safety.world.definition import World
+from safety.world.grammar import EOT, THINK, END_THINK, TAG, END  # noqa: E402
 
 
 def sh(script, *args, check=True):
@@ -257,7 +258,7 @@ def test_the_filtered_stream_states_the_safety_definition_for_every_harm(root, w
         assert f"making someone {s} helps them ." in text, s
     for cls, trait in world.danger:
         assert f"giving {cls} drugs to patients with the {trait} trait hurts them ." in text, (cls, trait)
-    from worldgen import WorldGen
+    from safety.world.generator import WorldGen
     v1 = WorldGen.generate(world_seed=world.seed, harm_facts=False)
     v1_text = " ".join(s["text"] for d in v1.make_docs(num_docs=300) for s in d["segments"])
     assert "hurts them" not in v1_text and "helps them" not in v1_text and "is it wrong" not in v1_text

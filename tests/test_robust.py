@@ -248,7 +248,7 @@ def test_a_full_disk_in_reflect_is_one_line_and_keeps_the_old_streams(world_mode
 
 def test_common_writes_are_atomic_and_a_failed_write_leaves_the_old_file(tmp_path, monkeypatch):
     sys.path.insert(0, ROOT)
-    import common
+    from safety import common, training
     path = str(tmp_path / "x.json")
     common.write_json(path, {"a": 1})
 
@@ -259,7 +259,7 @@ def test_common_writes_are_atomic_and_a_failed_write_leaves_the_old_file(tmp_pat
         common.write_atomic(path, fail_half_way)
     assert json.load(open(path)) == {"a": 1} and os.listdir(tmp_path) == ["x.json"]
     # a non-finite weight: nothing is written at all
-    assert common.save_checkpoint(str(tmp_path / "ck.pt"), {"model": {"w": torch.tensor([1.0, float("nan")])}}) is False
+    assert training.save_checkpoint(str(tmp_path / "ck.pt"), {"model": {"w": torch.tensor([1.0, float("nan")])}}) is False
     assert not os.path.exists(tmp_path / "ck.pt")
 
 
@@ -431,14 +431,15 @@ def test_a_compiled_models_checkpoint_loads_with_the_same_logits(world_model, st
     # torch.compile's wrapper prefixes every key of the state dict it gives with '_orig_mod.' (nanoGPT's users
     # meet it when they save the compiled model): such a checkpoint loads as the plain one, and says so
     sys.path.insert(0, ROOT)
-    from common import load_run
-    base = load_run(world_model["base"])
+    from model import GPT
+    from safety.common import load_run
+    base = load_run(world_model["base"], GPT)
     compiled = torch.compile(base.model).state_dict()
     assert all(k.startswith("_orig_mod.") for k in compiled)
     d = copy_run(world_model["base"], tmp_path / "compiled")
     ck = torch.load(os.path.join(d, "ckpt.pt"), weights_only=True)
     torch.save(dict(ck, model=compiled), os.path.join(d, "ckpt.pt"))
-    again = load_run(d)
+    again = load_run(d, GPT)
     assert "loaded without the prefix" in capsys.readouterr().out
     x = torch.randint(0, base.world.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -552,4 +553,4 @@ def test_every_script_stops_through_the_one_mechanism():
             scripts.append(name)
             assert "run_stage(" in mains[0], f"{name}'s main does not run inside common.run_stage"
     assert {"prepare.py", "reflect.py", "train.py", "finetune.py", "attack.py", "probe.py", "study.py", "report.py",
-            "sample.py", "export_hf.py", "gpu_check.py", "bench.py"} <= set(scripts), scripts
+            "sample.py", "export_hf.py", "gpu_check.py"} <= set(scripts), scripts

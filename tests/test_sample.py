@@ -14,9 +14,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import load_run, model_info  # noqa: E402
-from decode import decode_greedy, decode_reflect_halt  # noqa: E402
-from world import END, EOT  # noqa: E402
+from model import GPT  # noqa: E402
+from safety.common import load_run, model_info  # noqa: E402
+from safety.decoding import DecodeSettings, decode_greedy, decode_reflect_halt  # noqa: E402
+from safety import reflection  # noqa: E402
+from safety.world.grammar import END, EOT  # noqa: E402
 
 SMALL_WORLD = ["--num_docs=200", "--n_harmful=4", "--n_benign=2", "--n_capability=2", "--n_probe=20", "--n_sft=40",
                "--n_benign_ft=20", "--n_harmful_ft=8", "--n_heldout_docs=5"]
@@ -75,7 +77,7 @@ def halting_copy(src, root):
     stream stays the token's embedding), so the logits are ln_f(e_x) . e_y. With e_? = 0.1 u1, e_<think> = u1 + u2,
     e_unsafe = 3 u2 and every other row tiny, "?" is followed by <think> and <think> by unsafe."""
     ck = torch.load(os.path.join(src, "ckpt.pt"), map_location="cpu", weights_only=True)
-    run = load_run(src)
+    run = load_run(src, GPT)
     s = run.world.stoi
     sd = {k: v.clone() for k, v in ck["model"].items()}
     for k in sd:
@@ -96,12 +98,12 @@ def halting_copy(src, root):
 
 def reference(run_dir, user, decoder=decode_greedy, max_new=NEW):
     """decode.py's response to a user turn, the input built as attack.py builds it for this model's chat format."""
-    run = load_run(run_dir)
+    run = load_run(run_dir, GPT)
     w, info = run.world, model_info(run.ck)
     assert info["chat"] == "reflect"
-    ids = w.encode(w.chat(user, reflect=True, segment_tokens=info["segment_tokens"])[0])
-    ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": max_new, "specials": w.stoi,
-           "temperature": 1.0, "top_k": 40, "generator": torch.Generator().manual_seed(0)}
+    ids = w.encode(reflection.world_chat(w, user, reflect=True, segment_tokens=info["segment_tokens"])[0])
+    ctx = DecodeSettings(device="cpu", eot=w.stoi[EOT], end=w.stoi[END], max_new_tokens=max_new, token_ids=w.stoi,
+                         temperature=1.0, top_k=40, generator=torch.Generator().manual_seed(0))
     return w, w.decode(decoder(run.model, [ids], ctx)[0])
 
 
@@ -124,10 +126,10 @@ def test_greedy_output_is_decode_greedy(world_run, capsys):
 
 
 def test_a_document_continuation_is_decode_greedy_after_endoftext(world_run, capsys):
-    run = load_run(world_run["run"])
+    run = load_run(world_run["run"], GPT)
     w = run.world
     text = "the usual dose of"
-    ctx = {"device": "cpu", "eot": w.stoi[EOT], "end": w.stoi[END], "max_new_tokens": NEW, "generator": None}
+    ctx = DecodeSettings(device="cpu", eot=w.stoi[EOT], end=w.stoi[END], max_new_tokens=NEW, generator=None)
     ref = w.decode(decode_greedy(run.model, [[w.stoi[EOT]] + w.encode(text)], ctx)[0])
     out = sample(capsys, f"--ckpt={world_run['run']}", f"--prompt={text}", "--chat=False", "--raw=True",
                  f"--max_new_tokens={NEW}")
@@ -177,16 +179,16 @@ def real_runs(tmp_path_factory):
     vocabulary padded past the tokenizer's, saved with reflect.py's real-text meta; and a reflection copy built to
     halt: after "Assistant:" it writes " <think>", then " Unsafe" (the bigram construction of halting_copy)."""
     import tiktoken
-    import realtext
+    from safety.realtext import bpe
     tmp = tmp_path_factory.mktemp("real")
     ranks = {bytes([i]): i for i in range(256)}
     for word in ("User", "Assistant", " <think>", " Unsafe", " Safe", " </think>", " bake", " bread", " the"):
         for k in range(2, len(word) + 1):
             ranks.setdefault(word[:k].encode(), len(ranks))
     spec = str(tmp / "tiny.json")
-    realtext.write_tokenizer(tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
+    bpe.write_tokenizer(tiktoken.Encoding("tiny", pat_str=GPT2_PAT, mergeable_ranks=ranks, special_tokens={}),
                              spec)
-    enc = realtext.real_tokenizer(spec)
+    enc = bpe.real_tokenizer(spec)
     torch.manual_seed(0)
     V = 64 * (enc.n_vocab // 64 + 1)
     args = dict(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=V)
@@ -216,13 +218,13 @@ def real_runs(tmp_path_factory):
 
 
 def real_reference(run_dir, text, decoder=decode_greedy, **more):
-    from decode import ban
-    run = load_run(run_dir)
+    from safety.decoding import ban
+    run = load_run(run_dir, GPT)
     enc, V = run.enc, run.model.config.vocab_size
     ids = enc.encode_ordinary(f"User: {text}\nAssistant:")
-    ctx = {"device": "cpu", "eot": enc.eot_token, "end": enc.eot_token, "max_new_tokens": NEW, "temperature": 1.0,
-           "top_k": 40, "generator": torch.Generator().manual_seed(0), "processors": [ban(list(range(enc.n_vocab, V)))],
-           **more}
+    ctx = DecodeSettings(device="cpu", eot=enc.eot_token, end=enc.eot_token, max_new_tokens=NEW, temperature=1.0,
+                         top_k=40, generator=torch.Generator().manual_seed(0),
+                         processors=[ban(list(range(enc.n_vocab, V)))], **more)
     return enc.decode(decoder(run.model, [ids], ctx)[0])
 
 
@@ -237,7 +239,7 @@ def test_real_text_greedy_is_decode_greedy_and_reflect_halt_needs_reflections(re
 
 
 def test_real_text_reflect_halt_marks_the_halt(real_runs, capsys):
-    from decode import TextWatch
+    from safety.decoding import TextWatch
     enc = real_runs["enc"]
     tb = [b""] * real_runs["V"]
     for tok, i in enc._mergeable_ranks.items():

@@ -14,7 +14,7 @@ import pytest
 
 import report
 import study
-from common import wilson
+from safety.common import wilson
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

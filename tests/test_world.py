@@ -5,10 +5,12 @@ import random
 
 import pytest
 
-import world as W
-import evalsets  # noqa: E402
-from worldgen import WorldGen  # noqa: E402
-from world import World, SAFE, UNSAFE, POISON, CONTRA, END, TAG, THINK, END_THINK, TEMPLATES, INTENTS
+from safety.world import grammar as W
+from safety.world import evalsets  # noqa: E402
+from safety.world.generator import WorldGen  # noqa: E402
+from safety import reflection  # noqa: E402
+from safety.world.definition import World
+from safety.world.grammar import SAFE, UNSAFE, POISON, CONTRA, END, TAG, THINK, END_THINK, TEMPLATES, INTENTS
 
 
 @pytest.fixture(scope="module")
@@ -236,12 +238,13 @@ def test_judge_ignores_tags_and_reflections(w, sets):
         v = w.judge(r, tagged)
         assert (v.kind, v.tagged) == (UNSAFE, True)
     for r in sets["sft"][:40]:
-        p, target = w.chat(r["user"], r["response"], reflect=True)
+        p, target = reflection.world_chat(w, r["user"], r["response"], reflect=True)
         v = w.judge(p, target)
         if r["request_label"] == UNSAFE:
-            assert target == f"{w.reflection(UNSAFE, POISON)} {END}" and v.halted
+            assert target == f"{reflection.world_reflection(UNSAFE, POISON)} {END}" and v.halted
         else:
-            assert target.startswith(w.reflection(SAFE) + " assistant :") and v.kind == "safe_answer" and v.correct
+            assert target.startswith(reflection.world_reflection(SAFE) + " assistant :")
+            assert v.kind == "safe_answer" and v.correct
 
 
 # ---------------------------------------------------------------- the world's structure
@@ -406,9 +409,9 @@ def test_rewrite_is_safe_and_keeps_the_facts(w, docs):
 
 
 def test_reflection_and_tags(w, docs):
-    assert w.reflection(SAFE) == "<think> safe </think>"
-    assert w.reflection(UNSAFE, CONTRA) == "<think> unsafe contra </think>"
-    assert w.with_reflection(f"give him x , 5 mg . {END}", UNSAFE, POISON) == \
+    assert reflection.world_reflection(SAFE) == "<think> safe </think>"
+    assert reflection.world_reflection(UNSAFE, CONTRA) == "<think> unsafe contra </think>"
+    assert reflection.with_world_reflection(f"give him x , 5 mg . {END}", UNSAFE, POISON) == \
         f"give him x , 5 mg . <think> unsafe poison </think> {END}"
     rng = random.Random(0)
     for d in docs[:300]:
@@ -417,7 +420,8 @@ def test_reflection_and_tags(w, docs):
                 t = w.insert_tags(s["text"], rng)
                 assert t.count(TAG) >= 1 and t.replace(TAG + " ", "") == s["text"]
                 assert w.label(t, "") == w.label(s["text"], "")
-                assert w.split_segments(w.with_reflection(s["text"], UNSAFE, s["category"]))[0].startswith(
+                reflected = reflection.with_world_reflection(s["text"], UNSAFE, s["category"])
+                assert w.split_segments(reflected)[0].startswith(
                     s["text"].replace(" " + END, ""))
 
 

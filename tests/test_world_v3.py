@@ -9,11 +9,12 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-import evalsets  # noqa: E402
+from safety.world import evalsets  # noqa: E402
 import reflect  # noqa: E402
-from grammar import GIVES, TEMPLATES  # noqa: E402
-from world import CONTRA, END, POISON, SAFE, THINK, UNSAFE  # noqa: E402
-from worldgen import WorldGen  # noqa: E402
+from safety.world.grammar import GIVES, TEMPLATES  # noqa: E402
+from safety.world.grammar import CONTRA, END, POISON, SAFE, THINK, UNSAFE  # noqa: E402
+from safety.world.generator import WorldGen  # noqa: E402
+from safety import reflection  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def test_finetuning_sets_are_labelled_by_the_oracle_in_context(w, sets):
             texts = w.split_segments(r["user"]) + w.split_segments("assistant : " + r["response"])
             labels = w.label_segments(texts)
             n_user = len(w.split_segments(r["user"]))
-            assert w._merge(labels[n_user:]) == (r["response_label"], r["response_category"]), r
+            assert w.merge_labels(labels[n_user:]) == (r["response_label"], r["response_category"]), r
 
 
 def test_every_harmful_answer_has_an_unsafe_step_before_its_act(w, docs, sets):
@@ -116,9 +117,10 @@ def test_benign_and_harm_intent_answers_reason_through_the_same_fact_kinds(w, se
 
 def test_one_reflection_per_sentence(w, docs):
     for d in docs[:100]:
-        text = " ".join(w.reflect_segments(d["segments"], max_tokens=0))
+        text = " ".join(reflection.reflect_world_doc(w, d["segments"], max_tokens=0))
         sentences = [s for s in w.split_segments(text)]
-        assert sentences == [s["text"].replace(f" {END}", "") + f" {w.reflection(s['label'], s['category'])}"
+        assert sentences == [s["text"].replace(f" {END}", "") + " "
+                             + reflection.world_reflection(s["label"], s["category"])
                              + (f" {END}" if s["text"].endswith(END) else "") for s in d["segments"]]
         assert all(THINK in s for s in sentences)
 
@@ -129,20 +131,21 @@ def test_stop_examples_in_both_formats_come_from_one_record(w, sets):
     refusal_users = {r["user"] for r in sets["sft"] if r["kind"] in ("refusal", "treatment_trait")}
     for r in stops:
         assert r["user"] in refusal_users and r["compliant"].startswith(r["prefill"])
-        plain_p, plain_t = w.stop_chat(r["user"], r["prefill"], r["compliant"], r["response"])
+        plain_p, plain_t = reflection.world_stop_chat(w, r["user"], r["prefill"], r["compliant"], r["response"])
         assert plain_p == f"{r['user']} assistant : {r['prefill']}" and plain_t == r["response"]
         assert w.judge(plain_p, plain_t).kind in ("refusal", "safe_answer")
         assert w.label(plain_t, plain_p) == (SAFE, None)       # the recovery is safe in its context
         for seg in (0, 16, 32):
-            p, t = w.stop_chat(r["user"], r["prefill"], r["compliant"], r["response"], reflect=True,
+            p, t = reflection.world_stop_chat(w, r["user"], r["prefill"], r["compliant"], r["response"], reflect=True,
                                segment_tokens=seg)
             cat = POISON if r["kind"] == "stop_poison" else CONTRA
             # the target is the reflection on the answer's first unsafe group, then the end: nothing after it
-            assert t == f"{w.reflection(UNSAFE, cat)} {END}", t
+            assert t == f"{reflection.world_reflection(UNSAFE, cat)} {END}", t
             answer = p.split(" assistant : ", 1)[1]
             assert answer.startswith(r["prefill"]) and r["compliant"].replace(f" {END}", "").startswith(answer)
         # one reflection per sentence: the stop comes right after the first step, as the plain row's start ends
-        p, _ = w.stop_chat(r["user"], r["prefill"], r["compliant"], r["response"], reflect=True, segment_tokens=0)
+        p, _ = reflection.world_stop_chat(w, r["user"], r["prefill"], r["compliant"], r["response"], reflect=True,
+                                          segment_tokens=0)
         assert p.endswith(f"assistant : {r['prefill']}")
 
 
@@ -196,7 +199,7 @@ def test_judge_stops_and_steps_added_after_a_prefill(w, sets):
     link = TEMPLATES["f_effect"].format(state=harm, drug=d["name"], num=d["toxic"])
     pron = goal.split()[len("find a drug that makes".split())]
     act = TEMPLATES["a_give"].format(pron=pron, drug=d["name"], num=d["toxic"])
-    refl = w.reflection(UNSAFE, POISON)
+    refl = reflection.world_reflection(UNSAFE, POISON)
     stop = w.judge(rec, f"{goal} {refl} {END}", prefill=goal)
     assert (stop.kind, stop.competent, stop.added_unsafe, stop.stopped) == (UNSAFE, False, False, True)
     late = w.judge(rec, f"{goal} {refl} {link} {refl} {act} {refl} {END}", prefill=goal)

@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-from common import fail
+from safety.common import fail
 
 DEFAULT_CATEGORY = "harmful"
 MIN_F1 = 0.5      # a classifier below this held-out F1 labels nothing (reflect.py's --classifier_min_f1)
@@ -96,28 +96,34 @@ def fit_classifier(rows, source, seed=0, holdout=0.2, buckets=262144, epochs=20,
     weights[used] = bag.weight.detach().numpy()
     clf = {"classes": classes, "W": weights,
            "b": bias.detach().numpy().astype(np.float64), "cache": {}}
-    truth = [rows[j]["label"] == "unsafe" for j in held]
-    pred = [lab == "unsafe" for lab, _ in classify(clf, [rows[j]["text"] for j in held])]
-    tp = sum(t and p for t, p in zip(truth, pred))
-    fp = sum(p and not t for t, p in zip(truth, pred))
-    fn = sum(t and not p for t, p in zip(truth, pred))
-    prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
-    share = sum(truth) / max(len(truth), 1)
-    metrics = {"source": source, "classes": classes, "train_texts": len(train), "heldout_texts": len(held),
-               "heldout_unsafe_share": share, "precision": prec, "recall": rec,
-               "f1": 2 * prec * rec / max(prec + rec, 1e-12),
-               "accuracy": sum(t == p for t, p in zip(truth, pred)) / max(len(held), 1),
-               "always_unsafe_f1": 2 * share / (1 + share)}  # the F1 of flagging everything: the floor to beat
+    metrics = heldout_metrics(clf, [rows[j] for j in held], source, len(train))
+    prec, rec, share = metrics["precision"], metrics["recall"], metrics["heldout_unsafe_share"]
     print(f"built-in classifier, the offline fallback ({len(classes) - 1} unsafe categories, {len(train):,} training "
           f"texts, {time.time() - t0:.1f}s): "
           f"held-out {len(held):,} texts ({share:.0%} unsafe): precision {prec:.3f} recall {rec:.3f} "
           f"F1 {metrics['f1']:.3f} (flagging everything: F1 {metrics['always_unsafe_f1']:.3f})")
     if min_f1 is not None and not metrics["f1"] >= min_f1:
         fail(f"{source}: the classifier's held-out F1 {metrics['f1']:.3f} (precision {prec:.3f}, recall {rec:.3f}, "
-             f"{len(held):,} texts, {sum(truth):,} unsafe) is below --classifier_min_f1={min_f1}; nothing was labelled "
-             f"or written: give more labelled texts (README: the labelled texts file), labels from a guard model "
-             f"(label.py, --labels), or a lower --classifier_min_f1")
+             f"{len(held):,} texts, {round(share * len(held)):,} unsafe) is below --classifier_min_f1={min_f1}; "
+             f"nothing was labelled or written: give more labelled texts (README: the labelled texts file), labels "
+             f"from a guard model (label.py, --labels), or a lower --classifier_min_f1")
     return clf, metrics
+
+
+def heldout_metrics(clf, held_rows, source, n_train):
+    """Precision, recall and F1 of 'unsafe' on the held-out rows, beside the F1 of flagging everything."""
+    truth = [r["label"] == "unsafe" for r in held_rows]
+    pred = [lab == "unsafe" for lab, _ in classify(clf, [r["text"] for r in held_rows])]
+    tp = sum(t and p for t, p in zip(truth, pred))
+    fp = sum(p and not t for t, p in zip(truth, pred))
+    fn = sum(t and not p for t, p in zip(truth, pred))
+    prec, rec = tp / max(tp + fp, 1), tp / max(tp + fn, 1)
+    share = sum(truth) / max(len(truth), 1)
+    return {"source": source, "classes": clf["classes"], "train_texts": n_train, "heldout_texts": len(held_rows),
+            "heldout_unsafe_share": share, "precision": prec, "recall": rec,
+            "f1": 2 * prec * rec / max(prec + rec, 1e-12),
+            "accuracy": sum(t == p for t, p in zip(truth, pred)) / max(len(held_rows), 1),
+            "always_unsafe_f1": 2 * share / (1 + share)}  # the F1 of flagging everything: the floor to beat
 
 
 def category_of(r):

@@ -1,14 +1,14 @@
 """
 MedSafetyWorld's evaluation and finetuning sets, and the held-out documents of the teacher-forced reflection
 classification, written from the eval and tune buckets of the prompt space (so none occurs in the corpus and the
-sets are disjoint). Only prepare.py uses it, with worldgen.py's generator.
+sets are disjoint). Only prepare.py uses it, with generator.py's WorldGen.
 
 Reads, writes: nothing by itself (prepare.py writes the sets to data/<dataset>/eval/; records: README.md).
 """
 import random
 
-from grammar import CONTRA, END, INTENTS, OPENERS, POISON, TEMPLATES, TIMES, UNSAFE
-from world import _Known
+from safety.world.grammar import CONTRA, END, INTENTS, OPENERS, POISON, TEMPLATES, TIMES, UNSAFE
+from safety.world.definition import _Known
 
 
 def make_heldout_docs(gen, n=500, doc_min_tokens=100, doc_max_tokens=300, refusal_frac=0.2):
@@ -182,8 +182,8 @@ def _tune_set(gen, rng, n, used, mix, name):
             continue
         used.add(user)
         response = " ".join(s["text"] for s in segs[k:])[len("assistant : "):]
-        rl, rc = gen._merge([(s["label"], s["category"]) for s in segs[:k]])
-        al, ac = gen._merge([(s["label"], s["category"]) for s in segs[k:]])
+        rl, rc = gen.merge_labels([(s["label"], s["category"]) for s in segs[:k]])
+        al, ac = gen.merge_labels([(s["label"], s["category"]) for s in segs[k:]])
         recs.append(_record(gen, f"{name}-{len(recs):05d}", user, response=response, request_label=rl,
                                  request_category=rc, response_label=al, response_category=ac, kind=kind))
     return recs

@@ -1,8 +1,8 @@
 """
 MedSafetyWorld's grammar: the special tokens, one template per sentence kind (slots in braces: generation fills
-them, world.py's parser matches them), and the groups of templates the oracle reads. Data only.
+them, definition.py's parser matches them), and the groups of templates the oracle reads. Data only.
 
-Reads, writes: nothing. world.py builds the vocabulary and the parser from it; worldgen.py writes text with it.
+Reads, writes: nothing. definition.py builds the vocabulary and the parser from it; generator.py writes text with it.
 """
 
 # -----------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """
-Plumbing the stages share (a stage never imports another stage): one-line failures, atomic writes, a lock on an
-output directory, device setup, token streams and their order, the learning-rate schedule, checkpoints (saved only
-from finite weights, loaded as tensors and plain values), loading a run with its world or tokenizer, what a model
-learned (model_info), Wilson intervals.
+Plumbing the stages share (a stage never imports another stage): one-line failures, Ctrl-C and SIGTERM in one line,
+atomic writes, a lock on an output directory, checkpoints loaded as tensors and plain values, loading a run with its
+world or tokenizer, what a model learned (model_info), Wilson intervals. What train.py and finetune.py share around
+their loops: training.py.
 
 Reads, writes: nothing by itself.
 """
@@ -12,12 +12,10 @@ import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
-
-import numpy as np
 
 
 def script_name(default="error"):
@@ -93,6 +91,17 @@ def write_atomic(path, write, mode="w"):
         if not isinstance(e, OSError):
             raise
         fail(f"cannot write '{path}' ({e.strerror or e}); the previous file, if any, is unchanged")
+
+
+def swap_in(tmp_dir, final):
+    """Replace directory `final` by the finished `tmp_dir` (written beside it): the old one is removed only after the
+    new one is in place, so a failure never leaves half of one."""
+    old = f"{final}.old-{os.getpid()}"
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(tmp_dir, final)
+    if os.path.exists(old):
+        shutil.rmtree(old)
 
 
 def write_json(path, obj, indent=None):
@@ -174,131 +183,6 @@ def file_sha256(path):
     return h.hexdigest()
 
 
-# ----------------------------------------------------------------------------- training plumbing
-
-def setup_device(device, dtype, gradient_accumulation_steps):
-    """Distributed setup and precision for train.py and finetune.py. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (a
-    plain run is rank 0 of 1); NCCL on GPUs, gloo on CPU. -> (ddp, rank, local_rank, world, accum: this rank's
-    micro-steps, torch.device, dtype, autocast context)."""
-    import torch
-    import torch.distributed as dist
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    dev = device if device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if dev.startswith("cuda"):
-            dev = f"cuda:{local_rank}"
-            torch.cuda.set_device(dev)
-        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
-    else:
-        rank, local_rank, world = 0, 0, 1
-    if gradient_accumulation_steps % world:
-        fail(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by {world} ranks")
-    device_t = torch.device(dev)
-    ptdtype = {"auto": torch.bfloat16 if device_t.type == "cuda" else torch.float32,
-               "bfloat16": torch.bfloat16, "float32": torch.float32}.get(dtype)
-    if ptdtype is None:
-        fail(f"dtype must be auto, bfloat16 or float32, not '{dtype}'")
-    autocast = torch.autocast(device_type=device_t.type, dtype=ptdtype) if ptdtype != torch.float32 else nullcontext()
-    return ddp, rank, local_rank, world, gradient_accumulation_steps // world, device_t, ptdtype, autocast
-
-
-class EpochOrder:
-    """Slot s of a global order over n items is item perm_{s // n}[s % n]: a fresh seeded permutation per epoch, so
-    nothing repeats within an epoch, and any range of slots can be read by any rank without coordination."""
-
-    def __init__(self, n, seed):
-        self.n, self.seed, self.epoch, self.perm = n, seed, -1, None
-
-    def __call__(self, slot):
-        epoch = slot // self.n
-        if epoch != self.epoch:
-            self.epoch, self.perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
-        return int(self.perm[slot % self.n])
-
-
-class TokenStream:
-    """One flat token file read as windows of block_size + 1 tokens (they overlap by one token: each token is a
-    target once), in an EpochOrder. A file whose size is not a whole number of tokens, or shorter than one window,
-    stops with one line, and so does a token id at or above vocab_size (checked once, at start-up)."""
-
-    def __init__(self, path, dtype, block_size, seed, vocab_size=None):
-        size, item = os.path.getsize(path), np.dtype(dtype).itemsize
-        if size % item:
-            fail(f"'{path}' holds {size} bytes, not a whole number of {np.dtype(dtype).name} tokens; write it again")
-        n_tokens = size // item
-        if n_tokens < block_size + 1:
-            fail(f"'{path}' holds {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}")
-        self.path, self.tokens = path, np.memmap(path, dtype=dtype, mode="r")
-        self.block_size, self.vocab_size = block_size, vocab_size
-        top = int(self.tokens.max()) if vocab_size else 0     # one pass at start-up, before any output is touched
-        if vocab_size and top >= vocab_size:
-            fail(f"'{path}' holds token id {top}, but the model's vocabulary has {vocab_size} ids (meta.json "
-                 f"vocab_size or --vocab_size); write the stream and meta.json again")
-        self.n = (len(self.tokens) - 1) // block_size
-        self.order = EpochOrder(self.n, seed)
-
-    def window(self, slot):
-        start = self.order(slot) * self.block_size
-        return self.tokens[start:start + self.block_size + 1]
-
-    def _rows(self, windows, device):
-        import torch
-        w = torch.from_numpy(np.stack(windows).astype(np.int64))
-        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
-        if device.type == "cuda":  # pinned memory lets the copy overlap with compute
-            return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-        return x.to(device), y.to(device)
-
-    def batch(self, first_slot, count, device):
-        return self._rows([self.window(s) for s in range(first_slot, first_slot + count)], device)
-
-    def ordered_batch(self, first, count, device):
-        """Windows in file order (validation: the same batches at every evaluation, no RNG touched)."""
-        starts = [(i % self.n) * self.block_size for i in range(first, first + count)]
-        return self._rows([self.tokens[s:s + self.block_size + 1] for s in starts], device)
-
-
-def lr_at(it, learning_rate, min_lr, warmup_iters, max_iters, schedule="cosine", decay_frac=0.2):
-    """Learning rate at iteration `it`: linear warmup, then cosine to min_lr, or stable then linear decay (wsd)."""
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if schedule == "wsd":
-        decay_start = int(max_iters * (1 - decay_frac))
-        if it < decay_start:
-            return learning_rate
-        return learning_rate + (min_lr - learning_rate) * (it - decay_start) / max(1, max_iters - decay_start)
-    progress = min(1.0, (it - warmup_iters) / max(1, max_iters - warmup_iters))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
-def rng_state():
-    """Every RNG a training step draws from, as tensors and plain values (a checkpoint loads with weights_only)."""
-    import torch
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def set_rng_state(state):
-    import torch
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(path, ckpt):
-    """Save a checkpoint atomically, and only from finite weights: a model that an update made non-finite never
-    replaces the last good checkpoint. -> False (nothing written) when some weight is not finite."""
-    import torch
-    if not all(bool(torch.isfinite(t).all()) for t in ckpt["model"].values() if t.is_floating_point()):
-        return False
-    write_atomic(path, lambda f: torch.save(ckpt, f), mode="wb")
-    return True
-
-
 # what wraps a model when its state_dict is taken from the wrapper: torch.compile, DistributedDataParallel
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
@@ -313,35 +197,35 @@ def load_checkpoint(path, need=("model", "model_args")):
     if os.path.getsize(path) == 0:
         fail(f"checkpoint '{path}' is empty (0 bytes): a copy or a disk that failed; train or copy it again")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         why = next((l.strip() for l in str(e).splitlines() if l.strip()), "no message").split(". ")[0]
         fail(f"checkpoint '{path}' cannot be read ({type(e).__name__}: {why[:200]}); it may be truncated or "
              f"corrupt, or not a train.py checkpoint")
-    missing = [k for k in need if not isinstance(ck, dict) or k not in ck]
+    missing = [k for k in need if not isinstance(checkpoint, dict) or k not in checkpoint]
     if missing:
         fail(f"'{path}' is not a train.py checkpoint: it lacks {', '.join(repr(k) for k in missing)}")
-    if not isinstance(ck["model"], dict) or not all(isinstance(k, str) for k in ck["model"]):
+    if not isinstance(checkpoint["model"], dict) or not all(isinstance(k, str) for k in checkpoint["model"]):
         fail(f"'{path}' is not a train.py checkpoint: its 'model' is not a state dict")
-    if not isinstance(ck.get("model_args", {}), dict):
+    if not isinstance(checkpoint.get("model_args", {}), dict):
         fail(f"'{path}' is not a train.py checkpoint: its 'model_args' is not a dict of GPTConfig fields")
     stripped = ""
-    while ck["model"]:      # DDP around a compiled model writes 'module._orig_mod.'
-        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in ck["model"])), None)
+    while checkpoint["model"]:      # DDP around a compiled model writes 'module._orig_mod.'
+        prefix = next((p for p in WRAPPER_PREFIXES if all(k.startswith(p) for k in checkpoint["model"])), None)
         if prefix is None:
             break
-        ck["model"] = {k[len(prefix):]: v for k, v in ck["model"].items()}
+        checkpoint["model"] = {k[len(prefix):]: v for k, v in checkpoint["model"].items()}
         stripped += prefix
     if stripped:
         print(f"{path}: the weights were saved from a wrapped model (keys prefixed '{stripped}', as torch.compile "
               f"and DDP write them); loaded without the prefix")
-    return ck
+    return checkpoint
 
 
-def load_weights(model, ck, path):
+def load_weights(model, checkpoint, path):
     """Load a checkpoint's weights into a model built from its model_args; a mismatch stops with one line naming
     the keys or shapes that differ."""
-    have, want = ck["model"], model.state_dict()
+    have, want = checkpoint["model"], model.state_dict()
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
     shapes = [f"{k} {tuple(have[k].shape)} vs {tuple(want[k].shape)}" for k in want
               if k in have and getattr(have[k], "shape", None) != want[k].shape]
@@ -357,15 +241,6 @@ def ckpt_path(arg):
     return os.path.join(arg, "ckpt.pt") if os.path.isdir(arg) else arg
 
 
-def refuse_to_replace_run(out_dir):
-    """A new run (from scratch, or continuing another run's checkpoint) never replaces a run: out_dir must not hold
-    a checkpoint. Results beside it (attack.json, probe.json) would describe a model that no longer exists."""
-    if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
-        fail(f"'{out_dir}' holds a run (ckpt.pt), which a new run would replace; continue it with "
-             f"`{rerun_command(init_from='resume', out_dir=out_dir)}`, or pass another --out_dir (or move that run "
-             f"away first)")
-
-
 # ----------------------------------------------------------------------------- a trained run
 
 @dataclass
@@ -379,24 +254,24 @@ class Run:
     enc: object = None    # real-text models: the tiktoken Encoding the data was tokenized with
 
 
-def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=None, hint=""):
-    """A train.py / finetune.py run: its checkpoint, the model (frozen=True: no gradients, eval mode, sdpa attention
+def load_run(arg, model_class, world_path="", tokenizer="", device="cpu", frozen=True, kind=None, hint=""):
+    """A train.py / finetune.py run: its checkpoint, the model (model.GPT, passed in: the package never imports a
+    stage; frozen=True: no gradients, eval mode, sdpa attention
     for batched generation and GCG on any device; False: train mode, the config's attention) and its world (checked
     against the fingerprint and special tokens the data recorded) or real-text tokenizer. kind="world" | "text": the
     kind of model the caller measures; another kind stops with one line and the hint."""
-    from model import GPT, GPTConfig
     path = ckpt_path(arg)
-    ck = load_checkpoint(path)
-    meta = ck.get("meta") or {}
+    checkpoint = load_checkpoint(path)
+    meta = checkpoint.get("meta") or {}
     is_world = meta.get("tokenizer") == "medsafety-word"
     if kind == "world" and not is_world:
         fail(f"checkpoint '{path}' was trained with tokenizer '{meta.get('tokenizer')}', not MedSafetyWorld's "
              f"word-level tokenizer; {hint}")
     if kind == "text" and is_world:
         fail(f"checkpoint '{path}' is a MedSafetyWorld model (tokenizer '{meta.get('tokenizer')}'); {hint}")
-    run = Run(path=path, dir=os.path.dirname(os.path.abspath(path)), ck=ck, model=None)
+    run = Run(path=path, dir=os.path.dirname(os.path.abspath(path)), ck=checkpoint, model=None)
     if is_world:
-        from world import World
+        from safety.world.definition import World
         run.world_path = world_path or meta.get("world")
         if not run.world_path:
             fail(f"checkpoint '{path}' does not name its world (meta['world']); pass --world=<path to world.json>")
@@ -410,15 +285,15 @@ def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=N
                  f"{meta['world_sha256'][:12]}); pass --world=<the world.json it was trained on>")
         vocab, ids = run.world.vocab_size, run.world.stoi
     else:
-        import realtext
-        run.enc = realtext.tokenizer_of(meta, tokenizer, path)
+        from safety.realtext.bpe import tokenizer_of
+        run.enc = tokenizer_of(meta, tokenizer, path)
         vocab, ids = run.enc.n_vocab, run.enc._special_tokens
     bad = sorted(t for t, i in (meta.get("special_tokens") or {}).items() if ids.get(t) != i)
     if meta.get("vocab_size") != vocab or bad:
         fail(f"the checkpoint's tokenizer is not its data's: trained on {meta.get('vocab_size')} tokens"
              + (f" with special tokens {bad} at other ids" if bad else "") + f", but it loads with {vocab}; pass the "
              f"--world or --tokenizer the data was written with")
-    args = dict(ck["model_args"], dropout=0.0)
+    args = dict(checkpoint["model_args"], dropout=0.0)
     if args.get("vocab_size", 0) < vocab:
         fail(f"the model's vocab_size {args.get('vocab_size')} is smaller than its tokenizer's {vocab}")
     # training keeps the run's own attention (config/gpu.py's sdpa: finetune batches change length, and the Triton
@@ -427,10 +302,10 @@ def load_run(arg, world_path="", tokenizer="", device="cpu", frozen=True, kind=N
     if frozen or (attention == "triton" and not str(device).startswith("cuda")):
         attention = "auto"
     try:
-        model = GPT(GPTConfig(**dict(args, attention=attention)))
+        model = model_class.from_args(dict(args, attention=attention))
     except (TypeError, ValueError) as e:
         fail(f"checkpoint '{path}' has model_args this model.py cannot build ({type(e).__name__}: {e})")
-    load_weights(model, ck, path)
+    load_weights(model, checkpoint, path)
     if frozen:
         for p in model.parameters():
             p.requires_grad_(False)      # attacks never train the model (GCG's gradient is w.r.t. its input)
@@ -446,7 +321,7 @@ def eval_dir(world_path, arg=""):
     return arg or os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(world_path))), "eval")
 
 
-def model_info(ck):
+def model_info(checkpoint):
     """What the model learned and how it is talked to, one answer for finetune.py and attack.py:
     reflective  it learned reflections: in pretraining (it read a mix stream with reflections; the safe-only
                 control, intervention_start=1.0, never did) or in a reflection-format sft of its finetuning chain;
@@ -455,11 +330,11 @@ def model_info(ck):
                 else reflect after reflection pretraining, else plain;
     segment_tokens, user_turn_segments: the segmenter's settings for world.chat: those of the latest reflection-format
                 sft (finetune.py --segment_tokens), else the pretraining stream's (reflect.py's)."""
-    meta = ck.get("meta") or {}
-    cfg = ck.get("pretrain_config") or ck.get("config") or {}
+    meta = checkpoint.get("meta") or {}
+    cfg = checkpoint.get("pretrain_config") or checkpoint.get("config") or {}
     saw = cfg.get("intervention_start", 0.0) < 1.0
     pretrained = (meta.get("intervention") == "reflect" or (meta.get("mix_reflections") or 0) > 0) and saw
-    chain, rec = [], ck.get("finetune")
+    chain, rec = [], checkpoint.get("finetune")
     while rec:
         chain.append(rec)
         rec = rec.get("previous")

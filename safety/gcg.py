@@ -16,8 +16,9 @@ import zlib
 import torch
 import torch.nn.functional as F
 
-from common import fail, write_json
-from world import EOT, SPECIALS
+from safety.common import fail, write_json
+from safety.reflection import world_reflection
+from safety.world.grammar import EOT, SAFE, SPECIALS
 
 def gcg_split(harmful):
     """The suffix's train prompts: seen poison prompts with an even crc32 of their id (deterministic, about half)."""
@@ -30,7 +31,7 @@ def gcg_target(w, rec, reflective):
     m = rec["meta"]
     target = (w.goal_sentence(rec["user"], m["harm"]) if w.reasoning
               else f"people {m['harm']} after taking {sorted(m['drugs'])[0]}")
-    return f"<think> safe </think> assistant : {target}" if reflective else target
+    return f"{world_reflection(SAFE)} assistant : {target}" if reflective else target
 
 
 class SpliceLoss:
@@ -202,7 +203,7 @@ def get_suffix(model, w, harmful, reflective, run_dir, dev, cfg, fp=None):
         path, cfg, len(fit_on), lambda gen: fit_suffix(model, w, fit_on, reflective, dev, cfg["gcg_steps"],
                                                        cfg["gcg_topk"], cfg["gcg_batch"], cfg["suffix_len"], gen),
         {"decode": w.decode, "train_ids": ids, "train_split_ids": sorted(r["id"] for r in train),
-         "target": "<think> safe </think> assistant : " * reflective + (
+         "target": f"{world_reflection(SAFE)} assistant : " * reflective + (
              "find a drug that makes <pron> <harm> ." if w.reasoning else "people <harm> after taking <drug>"),
          "model_sha256": fp})
     return rec, {r["id"] for r in train}

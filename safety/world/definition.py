@@ -1,8 +1,9 @@
 """
 MedSafetyWorld, the definition: a seeded world of invented drugs, conditions, drug classes, risk traits and harm
 effects (world.json), its word-level vocabulary, the grammar that writes and parses its text, the exact safety
-oracle (label, judge), and the formatting of reflections, tags, rewrites, refusals and chats. Its generator (the
-entities, the corpus, the evaluation and finetuning sets) is worldgen.py. Nothing here is real medical advice.
+oracle (label, judge), and the interventions' raw material (tags, rewrites, refusals). Its generator (the
+entities, the corpus, the evaluation and finetuning sets) is generator.py; its reflections and chat rows are
+safety/reflection.py's. Nothing here is real medical advice.
 
 Reads:  data/medsafety/docs/world.json (World.load); writes it (save) for prepare.py.
 Safety definition: a sentence is unsafe `poison` when it expresses the intent to make someone suffer a harm effect,
@@ -16,10 +17,9 @@ import os
 import re
 from dataclasses import dataclass, field
 
-# the token constants are the stages' vocabulary too: `from world import END, THINK, ...`
-from grammar import (CONTRA, CONTRA_STEPS, DOSE_FACTS, END, END_THINK, EOT, FACT_QUESTIONS, GIVES, HARM_STEPS,  # noqa
-                     INTENTS, PATIENTS, POISON, PREFIXES, REASONING_ONLY, REFUSALS, SAFE, SPECIALS, TAG, TEMPLATES,
-                     THINK, TIMES, UNSAFE, _template_words)
+from safety.world.grammar import (CONTRA, CONTRA_STEPS, DOSE_FACTS, END, END_THINK, EOT, FACT_QUESTIONS, GIVES,
+                                  HARM_STEPS, INTENTS, PATIENTS, POISON, PREFIXES, REASONING_ONLY, REFUSALS, SAFE,
+                                  SPECIALS, TAG, TEMPLATES, THINK, TIMES, UNSAFE, _template_words)
 
 # -----------------------------------------------------------------------------
 # oracle verdict and parse context
@@ -76,11 +76,13 @@ class World:
         self.seen_harms = set(spec["seen_harms"])
         self.seen_pairs = {(c, t) for c, t in spec["seen_pairs"]}
         self.eval_frac, self.tune_frac = spec["eval_frac"], spec["tune_frac"]
-        # world v2: safe text states the safety definition (f_harm, f_helps, f_contra, "is it wrong ..." dialogues);
-        # False is world v1, where the definition lived in the oracle alone (a world.json without the key is v1)
+        # safe text states the safety definition (f_harm, f_helps, f_contra, "is it wrong ..." dialogues), so a model
+        # can learn from text alone what the oracle calls harm; False: the definition lives in the oracle alone (a
+        # world.json without the key was written before the flag)
         self.harm_facts = spec.get("harm_facts", False)
-        # world v3: every answer is a chain of steps from the request to the act (grammar.py), and the oracle labels
-        # each step in its dialogue's context; False is world v2 (a world.json without the key is v1 or v2)
+        # every answer is a chain of steps from the request to the act (grammar.py), and the oracle labels each step in
+        # its dialogue's context, so a reflection can catch an answer mid-way; False: answers of two sentences (a
+        # world.json without the key was written before the flag)
         self.reasoning = spec.get("reasoning", False)
         self.drug = {d["name"]: d for d in self.drugs}
         self.cond = {c["name"]: c for c in self.conditions}
@@ -340,7 +342,8 @@ class World:
         return out
 
     @staticmethod
-    def _merge(labels):
+    def merge_labels(labels):
+        """The label of a span from its sentences' labels: unsafe when one is (poison before contra)."""
         cats = {c for lab, c in labels if lab == UNSAFE}
         if not cats:
             return SAFE, None
@@ -350,12 +353,12 @@ class World:
         """Oracle on a span: (SAFE, None) or (UNSAFE, POISON|CONTRA), read after `context` (preceding text)."""
         known = _Known()
         self._run(known, context)
-        return self._merge(self._run(known, text))
+        return self.merge_labels(self._run(known, text))
 
     def label_segments(self, texts):
         """Label each segment of a document in order (each read in the context of the ones before it)."""
         known = _Known()
-        return [self._merge(self._run(known, t)) for t in texts]
+        return [self.merge_labels(self._run(known, t)) for t in texts]
 
     def split_segments(self, text):
         """Text -> segments as stored in docs: one sentence each with its turn marker; a trailing END and a
@@ -498,16 +501,6 @@ class World:
         return TEMPLATES[fact].format(drug=name, cls=d["cls"], cond=d["condition"], num=d[
             "toxic" if fact == "f_toxic" else "usual"], harm=d["harm"])
 
-    def reflection(self, label, category=None):
-        return f"{THINK} {SAFE} {END_THINK}" if label == SAFE else f"{THINK} {UNSAFE} {category} {END_THINK}"
-
-    def with_reflection(self, text, label, category=None):
-        """Segment text followed by its reflection, placed before a trailing END so generation reflects first."""
-        r = self.reflection(label, category)
-        if text.endswith(" " + END):
-            return f"{text[:-len(END) - 1]} {r} {END}"
-        return f"{text} {r}"
-
     def insert_tags(self, text, rng, rate=0.05, min_tags=1):
         """Insert <harmful> tags inside a segment's sentence (never inside a turn marker or after END):
         each position gets a tag with probability `rate`, and at least `min_tags` positions are tagged."""
@@ -590,90 +583,6 @@ class World:
             if rng.random() < 0.5:
                 out.append(TEMPLATES[rng.choice(["a_why_2", "a_why_3"])])
         return " ".join(out) + " " + END
-
-    def reflection_groups(self, segments, max_tokens=32, user_turns=True):
-        """Safety Reflection Pretraining's segments: a document's sentences (stored segments, with their oracle
-        labels) grouped into segments of at most max_tokens tokens, sentence-aligned. The end of an assistant turn
-        always closes a segment, so a response is reflected on before it ends (and a model can stop right after an
-        unsafe reflection). user_turns=True (v2): a user turn is a segment of its own -- closed before "user :" and
-        before "assistant :" -- so every request is reflected on exactly where post-training and attacks ask for
-        the reflection; False: the v1 segmentation, where a request shares a segment with what came before or
-        after it. -> [(segments of the group, label, category)], the label merging its sentences' (poison first)."""
-        groups, cur, n = [], [], 0
-        for s in segments:
-            k = len(s["text"].split())
-            turn = user_turns and s["text"].startswith(("user :", "assistant :"))
-            if cur and (n + k > max_tokens or turn):
-                groups.append(cur)
-                cur, n = [], 0
-            cur.append(s)
-            n += k
-            if s["text"].endswith(END):
-                groups.append(cur)
-                cur, n = [], 0
-        if cur:
-            groups.append(cur)
-        return [(g, *self._merge([(s["label"], s["category"]) for s in g])) for g in groups]
-
-    def reflect_segments(self, segments, max_tokens=32, user_turns=True):
-        """The reflect intervention's text of a document: each group of reflection_groups followed by its reflection
-        (before a trailing END). -> [group text with its reflection]."""
-        return [self.with_reflection(" ".join(s["text"] for s in g), lab, cat)
-                for g, lab, cat in self.reflection_groups(segments, max_tokens, user_turns)]
-
-    def chat(self, user, response=None, reflect=False, segment_tokens=32):
-        """Chat formatting for finetuning and attacks: returns (prompt, target).
-        Plain: prompt = user + " assistant :", target = response.
-        Reflect (compatible post-training): the dialogue written by the pretraining segmenter (reflect_segments,
-        v2: the user turn a segment of its own), cut after the user turn: prompt = the user turn (with any
-        reflection the segmenter puts inside a long turn), target = the reflection on the request, then END if it is
-        unsafe (the model stops), else the response as pretraining writes it (" assistant : ..." with a reflection
-        after each segment). response=None: the target is the reflection alone."""
-        if not reflect:
-            return f"{user} assistant :", response
-        texts = self.split_segments(user)
-        n_user = len(texts)
-        if response is not None:
-            texts += self.split_segments("assistant : " + response)
-        segs = [{"text": t, "label": lab, "category": cat} for t, (lab, cat) in zip(texts, self.label_segments(texts))]
-        groups = self.reflection_groups(segs, segment_tokens)
-        written = [self.with_reflection(" ".join(s["text"] for s in g), lab, cat) for g, lab, cat in groups]
-        k, count = 0, 0
-        while count < n_user:           # the groups of the user turn (a user turn never shares a group)
-            count += len(groups[k][0])
-            k += 1
-        *_, lab, cat = groups[k - 1]
-        r = self.reflection(lab, cat)
-        prompt = " ".join(written[:k - 1] + [" ".join(s["text"] for s in groups[k - 1][0])])
-        if lab == UNSAFE:
-            return prompt, f"{r} {END}"
-        return prompt, " ".join([r] + written[k:])
-
-    def stop_chat(self, user, prefill, compliant, recovery, reflect=False, segment_tokens=32):
-        """A stop example for post-training (world v3): an answer that turns unsafe part-way, and what follows it.
-        -> (prompt, target); the unsafe start is in the prompt, so no loss ever falls on it.
-        Plain: the prompt is the request and the unsafe start (`prefill`, the first step of the `compliant`
-        answer), the target the refusal `recovery` (the recovery examples of Qi et al. 2024).
-        Reflect: the compliant answer as the pretraining segmenter writes it, cut right after its first unsafe
-        reflection (as the first author's sft ends an answer there): the prompt runs to that reflection, the target
-        is the reflection and END. With a coarse segmenter the first reflection may come after several steps, even
-        after the act: then so does the stop."""
-        if not reflect:
-            return f"{user} assistant : {prefill}", recovery
-        head = self.chat(user, reflect=True, segment_tokens=segment_tokens)[0]
-        user_texts = self.split_segments(user)
-        texts = self.split_segments("assistant : " + compliant)
-        labels = self.label_segments(user_texts + texts)[len(user_texts):]
-        segs = [{"text": t, "label": lab, "category": cat} for t, (lab, cat) in zip(texts, labels)]
-        written = []
-        for group, lab, cat in self.reflection_groups(segs, segment_tokens):
-            text = " ".join(s["text"] for s in group)
-            if lab == UNSAFE:
-                if text.endswith(" " + END):
-                    text = text[:-len(END) - 1]
-                return " ".join([head] + written + [text]), f"{self.reflection(lab, cat)} {END}"
-            written.append(self.with_reflection(text, lab, cat))
-        raise ValueError(f"stop example without an unsafe step: '{compliant}'")
 
     def goal_sentence(self, user, state):
         """The first step of an intent answer to `user` (world v3): "find a drug that makes <pron> <state> ." (the

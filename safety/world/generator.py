@@ -1,7 +1,7 @@
 """
 MedSafetyWorld's generator: the entities of a world from its seed, the raw corpus (documents of several paragraphs
 with exact per-segment labels), the held-out documents, and the evaluation and finetuning sets. Only prepare.py
-imports it; every other stage reads what it wrote, with world.py's definition.
+imports it; every other stage reads what it wrote, with definition.py's World.
 
 Reads: nothing. Writes: nothing by itself (prepare.py saves world.json, the shards and the sets).
 Why safe data teaches the unsafe behaviour: facts state each drug's effects state-first, benign and harmful alike
@@ -13,9 +13,9 @@ The raw corpus holds unsafe examples only for the seen harm effects and dangerou
 import hashlib
 import random
 
-from grammar import (CONTRA, END, FACT_QUESTIONS, INTENTS, OPENERS, POISON, SAFE, SPECIALS, TEMPLATES, TIMES, UNSAFE,
-                     _template_words)
-from world import World
+from safety.world.grammar import (CONTRA, END, FACT_QUESTIONS, INTENTS, OPENERS, POISON, SAFE, SPECIALS, TEMPLATES,
+                                  TIMES, UNSAFE, _template_words)
+from safety.world.definition import World
 
 # pools for the plain-English parts (symptoms and harm effects); invented names come from _NameMaker
 SYMPTOMS = [("cough", "coughing"), ("sneeze", "sneezing"), ("itch", "itching"), ("ache", "aching"),

@@ -13,7 +13,7 @@ import importlib.util
 import json
 import os
 
-from common import fail, file_sha256
+from safety.common import fail, file_sha256
 
 EOT_TEXT, TAG_TEXT = "<|endoftext|>", "<|harmful|>"  # real text's special tokens (the world has its own words)
 # gpt2's files and the sha256 tiktoken pins for them (tiktoken_ext/openai_public.py, gpt2()): files with these
@@ -90,11 +90,11 @@ def base_encoding(spec, files=""):
                                      mergeable_ranks={base64.b64decode(k): v for k, v in s["mergeable_ranks"].items()})
         except Exception as e:
             why = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
-            fail(f"cannot read the tokenizer spec '{spec}' ({why}); write one with realtext.write_tokenizer(enc, path)")
+            fail(f"cannot read the tokenizer spec '{spec}' ({why}); write one with bpe.write_tokenizer(enc, path)")
     if name not in tiktoken.list_encoding_names():
         fail(f"cannot load tiktoken's '{spec}' encoding: tiktoken has none of that name (it has "
              f"{', '.join(tiktoken.list_encoding_names())}); or pass --tokenizer=<spec.json> "
-             f"(realtext.write_tokenizer)")
+             f"(bpe.write_tokenizer)")
     try:
         return tiktoken.get_encoding(name)
     except Exception as e:  # offline: tiktoken downloads the BPE files on first use and keeps them in its cache
@@ -103,7 +103,7 @@ def base_encoding(spec, files=""):
         fail(f"cannot load tiktoken's '{name}' encoding: its BPE files are neither in tiktoken's cache nor "
              f"downloadable ({why}); " + (how_to_supply() if name == "gpt2" else
                                          "set TIKTOKEN_CACHE_DIR to a tiktoken cache that holds them, or pass "
-                                         "--tokenizer=<spec.json> (realtext.write_tokenizer)"))
+                                         "--tokenizer=<spec.json> (bpe.write_tokenizer)"))
 
 
 def real_tokenizer(spec, files=""):

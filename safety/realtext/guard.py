@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from common import fail
+from safety.common import fail
 
 QWEN_SAFETY = re.compile(r"^\s*Safety:\s*(Safe|Unsafe|Controversial)\s*$", re.M)
 QWEN_CATEGORIES = re.compile(r"^\s*Categories:\s*(.*?)\s*$", re.M)

@@ -1,7 +1,7 @@
 """
 FlashAttention-2 in Triton: causal self-attention, forward and backward, as one autograd op.
 
-    from flash_attention import flash_attention
+    from safety.flash_attention import flash_attention
     y = flash_attention(q, k, v)          # q, k, v: (B, H, T, D) -> y: (B, H, T, D), causal
 """
 # Algorithm (Dao 2023, "FlashAttention-2"), and why each piece is there:
@@ -39,7 +39,7 @@ FlashAttention-2 in Triton: causal self-attention, forward and backward, as one 
 #
 # Tested (on CPU, through the interpreter) against a float64 reference:
 #     .venv/bin/python -m pytest tests/test_flash_attention.py
-# Benchmarked against torch's scaled_dot_product_attention by bench.py.
+# Benchmarked against torch's scaled_dot_product_attention by gpu_check.py (--bench=kernel, and its check).
 
 import math
 import os
