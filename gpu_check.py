@@ -222,6 +222,19 @@ def part_train():
         train_shape(shape)
 
 
+def bare_iter(i, model, step, opt, batches, accum, autocast, grad_clip):
+    """One optimizer step of the plainest training loop: `accum` micro-steps over four fixed random batches, then
+    clip and step. `step` is the model or its compiled form; what it measures is the model, not a data pipeline."""
+    for micro in range(accum):
+        w = batches[(i * accum + micro) % 4]
+        with autocast:
+            _, loss = step(w[:, :-1], w[:, 1:])
+        (loss / accum).backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 def train_shape(shape):
     from model import GPT, GPTConfig
     cuda = torch.cuda.is_available()
@@ -250,14 +263,7 @@ def train_shape(shape):
             batches = [torch.randint(0, V, (B, T + 1), device=dev) for _ in range(4)]
 
             def one_iter(i):
-                for m in range(accum):
-                    w = batches[(i * accum + m) % 4]
-                    with autocast:
-                        _, loss = step(w[:, :-1], w[:, 1:])
-                    (loss / accum).backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                bare_iter(i, model, step, opt, batches, accum, autocast, cfg["grad_clip"])
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             t = time.perf_counter()
@@ -763,14 +769,7 @@ def bare_loop_tok_s(d, cfg, vocab):
     batches = [torch.randint(0, vocab, (B, T + 1), device=d.dev) for _ in range(4)]
 
     def one_iter(i):
-        for micro in range(accum):
-            w = batches[(i * accum + micro) % 4]
-            with autocast:
-                _, loss = step(w[:, :-1], w[:, 1:])
-            (loss / accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        bare_iter(i, model, step, opt, batches, accum, autocast, cfg["grad_clip"])
     for i in range(warmup_iters):
         one_iter(i)
     if d.cuda:
