@@ -53,66 +53,79 @@ def make_eval(gen, n_harmful=150, n_benign=150, n_capability=200, n_probe=2000, 
               n_harmful_ft=100, n_stop=0):
     """All evaluation and finetuning sets, as {file name: [records]}. Evaluation prompts come from the 'eval'
     bucket of the prompt space, finetuning sets from the 'tune' bucket, so none occurs in the corpus and the
-    sets are disjoint from each other."""
+    sets are disjoint from each other. One rng and one `used` set run through the sets in this order."""
     rng = random.Random(f"medsafety-eval-{gen.seed}")
-    used, out = set(), {}
-    persons = gen.persons
+    used = set()
+    out = {"harmful_prompts": _harmful_prompts(gen, rng, used, n_harmful),
+           "benign_prompts": _benign_prompts(gen, rng, used, n_benign),
+           "capability": _capability_prompts(gen, rng, used, n_capability),
+           "probe": _probe_items(gen, rng, n_probe)}
+    out.update(_tune_sets(gen, rng, used, n_harmful_ft, n_sft, n_benign_ft))
+    # last, so that every set above is what it was before stop examples existed
+    out["sft"] += _stop_set(gen, rng, n_stop, out["sft"])
+    return out
 
-    def intents(states):
-        return [[(TEMPLATES[t].format(person=p, pron=pr, state=s), None, None, t, None)] for s in states
-                for p, pr in persons for t in INTENTS]
+def _intent_users(gen, states):
+    """Every user turn that states an intent to put a person in one of `states`."""
+    return [[(TEMPLATES[t].format(person=p, pron=pr, state=s), None, None, t, None)] for s in states
+            for p, pr in gen.persons for t in INTENTS]
 
-    def treatments(cases):
-        return [[(TEMPLATES["u_patient_trait" if t else "u_patient"].format(person=p, cond=c, trait=t), None, None, "", None),
-                 (TEMPLATES["u_what"].format(pron=pr), None, None, "", None)] for c, t in cases for p, pr in persons]
+def _treatment_users(gen, cases):
+    """Every user turn that asks what to give a patient with a condition (and a trait, where one is given)."""
+    return [[(TEMPLATES["u_patient_trait" if t else "u_patient"].format(person=p, cond=c, trait=t),
+              None, None, "", None),
+             (TEMPLATES["u_what"].format(pron=pr), None, None, "", None)] for c, t in cases for p, pr in gen.persons]
 
-    # harmful prompts: poison and contra, each seen / unseen
+def _harmful_prompts(gen, rng, used, n):
+    """Harmful prompts: poison and contra, each seen / unseen."""
     recs = []
     for split in ("seen", "unseen"):
-        for j, u in enumerate(_prompts(gen, rng, intents(gen._harms_of(split)), "eval", n_harmful, used)):
+        for j, u in enumerate(_prompts(gen, rng, _intent_users(gen, gen._harms_of(split)), "eval", n, used)):
             harm = request_of(gen, u)[1]
             recs.append(_record(gen, f"poison-{split}-{j:04d}", u, category=POISON, split=split, kind="harm_intent",
                                      meta={"harm": harm, "drugs": gen.harm_drugs[harm]}))
         cases = gen.contra_cases(split)
-        for j, u in enumerate(_prompts(gen, rng, treatments([(c, t) for c, t, _ in cases]), "eval", n_harmful, used)):
+        users = _treatment_users(gen, [(c, t) for c, t, _ in cases])
+        for j, u in enumerate(_prompts(gen, rng, users, "eval", n, used)):
             c, t = request_of(gen, u)[1:]
             recs.append(_record(gen, f"contra-{split}-{j:04d}", u, category=CONTRA, split=split, kind="treatment",
                                      meta={"cond": c, "trait": t, "contra_drugs": [d for d in gen.drugs_for[c] if (
                                          gen.drug[d]["cls"], t) in gen.danger], "safe_drugs": gen.safe_drugs(c, t)}))
-    out["harmful_prompts"] = recs
+    return recs
 
-    # benign look-alikes (over-refusal): plain treatment requests, traits that rule nothing out, overdose facts,
-    # benign intent (the look-alike of harm intent)
+def _benign_prompts(gen, rng, used, n):
+    """Benign look-alikes (over-refusal): plain treatment requests, traits that rule nothing out, overdose facts,
+    benign intent (the look-alike of harm intent)."""
     ok_cases = [(c["name"], t) for c in gen.conditions for t in gen.traits
                 if len(gen.safe_drugs(c["name"], t)) == len(gen.drugs_for[c["name"]])]
     kinds = {
-        "treatment": treatments([(c["name"], None) for c in gen.conditions]),
-        "trait_ok": treatments(ok_cases),
+        "treatment": _treatment_users(gen, [(c["name"], None) for c in gen.conditions]),
+        "trait_ok": _treatment_users(gen, ok_cases),
         "overdose_fact": [[(TEMPLATES[q].format(drug=d["name"]), None, None, q, None)] for d in gen.drugs
                           for q in ("u_q_toxic", "u_q_toxic_2", "u_q_overdose", "u_q_overdose_2")],
-        "benign_intent": intents(gen.benign_states),
-        "state_question": [[(TEMPLATES["u_q_state"].format(state=st), None, None, "u_q_state", None)]
-                           for st in gen.benign_states + gen.harms],
+        "benign_intent": _intent_users(gen, gen.benign_states),
+        "state_question": [[(TEMPLATES["u_q_state"].format(state=state), None, None, "u_q_state", None)]
+                           for state in gen.benign_states + gen.harms],
     }
-    out["benign_prompts"] = [_record(gen, f"{k}-{j:04d}", u, kind=k, answers=answers(gen, u))
-                             for k, users in kinds.items()
-                             for j, u in enumerate(_prompts(gen, rng, users, "eval", n_benign, used))]
+    return [_record(gen, f"{k}-{j:04d}", u, kind=k, answers=answers(gen, u))
+            for k, users in kinds.items() for j, u in enumerate(_prompts(gen, rng, users, "eval", n, used))]
 
-    # capability: treatment accuracy (with and without traits), fact recall, dose arithmetic (the benign task)
+def _capability_prompts(gen, rng, used, n):
+    """Capability: treatment accuracy (with and without traits), fact recall, dose arithmetic (the benign task)."""
     all_cases = [(c["name"], t) for c in gen.conditions for t in [None] + gen.traits]
     kinds = {
-        "treatment": treatments(all_cases),
+        "treatment": _treatment_users(gen, all_cases),
         "fact": [[(TEMPLATES[q].format(drug=d["name"]), None, None, q, None)] for d in gen.drugs
                  for q in ("u_q_treats", "u_q_class", "u_q_usual")],
         "arithmetic": [[(TEMPLATES["u_takes"].format(person=p, drug=d["name"], k=k), None, None, "", None),
                         (TEMPLATES["u_q_daily"].format(drug=d["name"], person=p), None, None, "", None)]
-                       for d in gen.drugs for k in TIMES for p, pr in persons],
+                       for d in gen.drugs for k in TIMES for p, pr in gen.persons],
     }
-    out["capability"] = [_record(gen, f"cap-{k}-{j:04d}", u, kind=k, answers=answers(gen, u))
-                         for k, users in kinds.items()
-                         for j, u in enumerate(_prompts(gen, rng, users, "eval", n_capability, used))]
+    return [_record(gen, f"cap-{k}-{j:04d}", u, kind=k, answers=answers(gen, u))
+            for k, users in kinds.items() for j, u in enumerate(_prompts(gen, rng, users, "eval", n, used))]
 
-    # probe: held-out segments in context, half unsafe (seen and unseen), from the eval bucket
+def _probe_items(gen, rng, n_probe):
+    """The probe's held-out segments in context, half unsafe (seen and unseen), from the eval bucket."""
     safe_items, unsafe_items = [], []
     makers = [lambda: gen._facts_drug(rng, rng.choice(gen.drugs)["name"]), lambda: gen._case_note(rng),
               lambda: gen._dlg_treatment(rng, bucket="eval"), lambda: gen._dlg_intent(rng, bucket="eval"),
@@ -137,9 +150,11 @@ def make_eval(gen, n_harmful=150, n_benign=150, n_capability=200, n_probe=2000, 
     rng.shuffle(unsafe_items)
     probe = safe_items[:n_probe // 2] + unsafe_items[:n_probe - n_probe // 2]
     rng.shuffle(probe)
-    out["probe"] = [dict(id=f"probe-{j:05d}", **it) for j, it in enumerate(probe)]
+    return [dict(id=f"probe-{j:05d}", **it) for j, it in enumerate(probe)]
 
-    # finetuning sets from the tune bucket (only seen harms / seen pairs, so unseen stays unseen)
+def _tune_sets(gen, rng, used, n_harmful_ft, n_sft, n_benign_ft):
+    """The finetuning sets from the tune bucket (only seen harms / seen pairs, so unseen stays unseen)."""
+    out = {}
     out["harmful"] = _tune_set(gen, rng, n_harmful_ft, used, [
         (1.0, "harm_compliance", lambda: gen._dlg_harm(rng, sorted(gen.seen_harms), bucket="tune"))], "harmful")
     out["sft"] = _tune_set(gen, rng, n_sft, used, [
@@ -157,8 +172,6 @@ def make_eval(gen, n_harmful=150, n_benign=150, n_capability=200, n_probe=2000, 
         (0.2, "treatment", lambda: gen._dlg_treatment(rng, bucket="tune")),
         (0.15, "benign_intent", lambda: gen._dlg_intent(rng, bucket="tune")),
         (0.15, "fact", lambda: gen._dlg_fact(rng, bucket="tune"))], "benign")
-    # last, so that every set above is what it was before stop examples existed
-    out["sft"] += _stop_set(gen, rng, n_stop, out["sft"])
     return out
 
 def _seen_contra_case(gen, rng):

@@ -86,6 +86,72 @@ def _bucket_of(seed, text, eval_frac, tune_frac):
     return "eval" if u < eval_frac else ("tune" if u < eval_frac + tune_frac else "train")
 
 
+def _check_sizes(num_conditions, num_drugs, num_classes, num_traits, num_harms, num_sides, num_persons,
+                 danger_per_trait, seen_frac, eval_frac, tune_frac):
+    """Raise ValueError (one line) for the first size a world cannot satisfy."""
+    checks = [
+        (1 <= num_conditions <= len(SYMPTOMS), f"num_conditions must be 1..{len(SYMPTOMS)}"),
+        (0 <= num_sides <= len(SYMPTOMS) - num_conditions, f"num_sides must be 0..{len(SYMPTOMS)} - num_conditions "
+         "(side effects use the symptoms no condition has)"),
+        (2 <= num_harms <= len(HARMS), f"num_harms must be 2..{len(HARMS)}"),
+        (1 <= num_persons <= len(PERSONS), f"num_persons must be 1..{len(PERSONS)}"),
+        (num_classes >= 2, "num_classes must be >= 2 (every condition needs drugs of two classes)"),
+        (num_traits >= 1, "num_traits must be >= 1"),
+        (num_drugs >= 2 * num_conditions, f"num_drugs must be >= 2 * num_conditions = {2 * num_conditions}"),
+        (num_drugs >= num_harms, "num_drugs must be >= num_harms (every harm effect needs a drug)"),
+        (num_drugs >= num_sides, "num_drugs must be >= num_sides (every side effect needs a drug)"),
+        (num_drugs <= num_classes * num_conditions, "num_drugs must be <= num_classes * num_conditions "
+         "(drugs of one condition have distinct classes)"),
+        (1 <= danger_per_trait < num_classes, "danger_per_trait must be 1..num_classes-1"),
+        (0.0 < seen_frac < 1.0, "seen_frac must be strictly between 0 and 1"),
+        (eval_frac > 0 and tune_frac > 0 and eval_frac + tune_frac < 0.9, "eval_frac and tune_frac must be > 0 "
+         "and sum below 0.9"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(msg)
+
+
+def _make_drugs(rng, names, conditions, classes, traits, danger_of, num_drugs):
+    """The drugs, condition by condition: two each, the rest spread; classes within a condition distinct and chosen
+    so that for every trait at least one of the condition's drugs is not dangerous (a safe treatment always
+    exists). Harm and side effects come later (_give_effects)."""
+    num_conditions = len(conditions)
+    per_cond = [2] * num_conditions
+    order = list(range(num_conditions))
+    rng.shuffle(order)
+    for i in range(num_drugs - 2 * num_conditions):
+        per_cond[order[i % num_conditions]] += 1
+    drugs = []
+    for c, k in zip(conditions, per_cond):
+        for _ in range(1000):
+            cl = rng.sample(classes, k)
+            if all(any(x not in danger_of[t] for x in cl) for t in traits):
+                break
+        else:
+            raise ValueError("cannot give every condition a safe drug for every trait; lower --danger_per_trait "
+                             "or raise --num_classes")
+        for x in cl:
+            drugs.append({"name": names.drug(), "cls": x, "condition": c["name"],
+                          "usual": rng.choice(USUAL_DOSES), "toxic": rng.choice(TOXIC_DOSES), "harm": None,
+                          "side": None, "side_dose": None})
+    return drugs
+
+
+def _give_effects(rng, drugs, harms, sides):
+    """Each drug's overdose harm effect (every harm has at least one drug, spread evenly) and side effect (every
+    side state has drugs, spread evenly, each at its own side dose below the drug's toxic dose)."""
+    idx = list(range(len(drugs)))
+    rng.shuffle(idx)
+    for j, i in enumerate(idx):
+        drugs[i]["harm"] = harms[j % len(harms)]
+    if sides:
+        rng.shuffle(idx)     # the same list again: the world's bytes depend on this order
+        for j, i in enumerate(idx):
+            drugs[i]["side"] = sides[j % len(sides)]
+            drugs[i]["side_dose"] = rng.choice([n for n in SIDE_DOSES if n < drugs[i]["toxic"]])
+
+
 class WorldGen(World):
     """A World that also writes its text: entities (generate), paragraphs, the corpus and the eval sets."""
 
@@ -98,27 +164,8 @@ class WorldGen(World):
                  num_harms=8, num_sides=8, num_persons=16, danger_per_trait=2, seen_frac=0.5, eval_frac=0.15,
                  tune_frac=0.15, harm_facts=True, reasoning=True):
         """A new world from a seed. Raises ValueError (one line) for sizes the world cannot satisfy."""
-        checks = [
-            (1 <= num_conditions <= len(SYMPTOMS), f"num_conditions must be 1..{len(SYMPTOMS)}"),
-            (0 <= num_sides <= len(SYMPTOMS) - num_conditions, f"num_sides must be 0..{len(SYMPTOMS)} - num_conditions "
-             "(side effects use the symptoms no condition has)"),
-            (2 <= num_harms <= len(HARMS), f"num_harms must be 2..{len(HARMS)}"),
-            (1 <= num_persons <= len(PERSONS), f"num_persons must be 1..{len(PERSONS)}"),
-            (num_classes >= 2, "num_classes must be >= 2 (every condition needs drugs of two classes)"),
-            (num_traits >= 1, "num_traits must be >= 1"),
-            (num_drugs >= 2 * num_conditions, f"num_drugs must be >= 2 * num_conditions = {2 * num_conditions}"),
-            (num_drugs >= num_harms, "num_drugs must be >= num_harms (every harm effect needs a drug)"),
-            (num_drugs >= num_sides, "num_drugs must be >= num_sides (every side effect needs a drug)"),
-            (num_drugs <= num_classes * num_conditions, "num_drugs must be <= num_classes * num_conditions "
-             "(drugs of one condition have distinct classes)"),
-            (1 <= danger_per_trait < num_classes, "danger_per_trait must be 1..num_classes-1"),
-            (0.0 < seen_frac < 1.0, "seen_frac must be strictly between 0 and 1"),
-            (eval_frac > 0 and tune_frac > 0 and eval_frac + tune_frac < 0.9, "eval_frac and tune_frac must be > 0 "
-             "and sum below 0.9"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg)
+        _check_sizes(num_conditions, num_drugs, num_classes, num_traits, num_harms, num_sides, num_persons,
+                     danger_per_trait, seen_frac, eval_frac, tune_frac)
         rng = random.Random(f"medsafety-world-{world_seed}")
         names = _NameMaker(rng, _template_words() | set(SPECIALS) | {w for h in HARMS for w in h.split()}
                            | {w for s in SYMPTOMS for w in s}
@@ -134,46 +181,17 @@ class WorldGen(World):
         persons = [list(p) for p in PERSONS[:num_persons]]
         danger_of = {t: set(rng.sample(classes, danger_per_trait)) for t in traits}
         danger = sorted((c, t) for t in traits for c in danger_of[t])
-        # drugs per condition: two each, the rest spread; classes within a condition distinct and chosen so that
-        # for every trait at least one of the condition's drugs is not dangerous (a safe treatment always exists)
-        per_cond = [2] * num_conditions
-        order = list(range(num_conditions))
-        rng.shuffle(order)
-        for i in range(num_drugs - 2 * num_conditions):
-            per_cond[order[i % num_conditions]] += 1
-        drugs = []
-        for c, k in zip(conditions, per_cond):
-            for _ in range(1000):
-                cl = rng.sample(classes, k)
-                if all(any(x not in danger_of[t] for x in cl) for t in traits):
-                    break
-            else:
-                raise ValueError("cannot give every condition a safe drug for every trait; lower --danger_per_trait "
-                                 "or raise --num_classes")
-            for x in cl:
-                drugs.append({"name": names.drug(), "cls": x, "condition": c["name"],
-                              "usual": rng.choice(USUAL_DOSES), "toxic": rng.choice(TOXIC_DOSES), "harm": None,
-                              "side": None, "side_dose": None})
-        # overdose harm effects: every harm has at least one drug, spread evenly
-        idx = list(range(len(drugs)))
-        rng.shuffle(idx)
-        for j, i in enumerate(idx):
-            drugs[i]["harm"] = harms[j % num_harms]
-        # side effects: every side state has drugs, spread evenly, each at its own side dose
-        if sides:
-            rng.shuffle(idx)
-            for j, i in enumerate(idx):
-                drugs[i]["side"] = sides[j % num_sides]
-                drugs[i]["side_dose"] = rng.choice([n for n in SIDE_DOSES if n < drugs[i]["toxic"]])
+        drugs = _make_drugs(rng, names, conditions, classes, traits, danger_of, num_drugs)
+        _give_effects(rng, drugs, harms, sides)
+        # which harm effects and dangerous pairs the corpus shows unsafe examples of; the rest stay unseen
         n_seen = min(num_harms - 1, max(1, round(seen_frac * num_harms)))
         seen_harms = sorted(rng.sample(harms, n_seen))
         n_seen_pairs = min(len(danger) - 1, max(1, round(seen_frac * len(danger)))) if len(danger) > 1 else 1
         seen_pairs = sorted(rng.sample(danger, n_seen_pairs))
         spec = {"version": 3, "world_seed": world_seed, "harm_facts": harm_facts, "eval_frac": eval_frac,
-                "tune_frac": tune_frac,
-                "classes": classes, "traits": traits, "harms": harms, "sides": sides, "conditions": conditions, "drugs": drugs,
-                "persons": persons, "danger": [list(p) for p in danger], "seen_harms": seen_harms,
-                "seen_pairs": [list(p) for p in seen_pairs], "vocab": None}
+                "tune_frac": tune_frac, "classes": classes, "traits": traits, "harms": harms, "sides": sides,
+                "conditions": conditions, "drugs": drugs, "persons": persons, "danger": [list(p) for p in danger],
+                "seen_harms": seen_harms, "seen_pairs": [list(p) for p in seen_pairs], "vocab": None}
         if reasoning:   # only a v3 world carries the key, so a v2 world.json is byte for byte what it was
             spec["reasoning"] = True
         world = cls(spec)
