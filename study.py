@@ -181,29 +181,8 @@ def plan(P, root, cells, n_seeds):
             group = f"{wk}-{c['model']}-{c['budget']}"
             runs = os.path.join(root, "runs", wk, f"{c['model']}-{c['budget']}")
             train_cmd = [py, "train.py", P["config"], f"--seed={1337 + k}"] + P["train"] + model
-            iters = max_iters(P["config"], P["train"] + model)
-            # Shared safe prefixes. Every intervention's safe stream is the filtered corpus, which is also the filter
-            # run's stream, and a stream's order depends only on the seed: so a run started at s > 0 and the filter
-            # run read the same windows until s x max_iters. Prefix runs at PREFIX_STARTS train that far once; a run
-            # started at s branches from the prefix at s, the filter run from the last one (train.py --init_from=<prefix>
-            # checks that this is exact). A fixed chain, whatever the grid: a step's command never depends on which
-            # other cells were asked for.
-            branch = None
-            if c["intervention"] == "filter" or c["start"] > 0:
-                chain = [s for s in PREFIX_STARTS if c["intervention"] == "filter" or s <= c["start"]]
-                if c["intervention"] != "filter" and c["start"] not in PREFIX_STARTS:
-                    fail(f"start {c['start']} is not one of the prefix starts {PREFIX_STARTS}")
-                prev = None
-                for s in chain:
-                    name = f"train-prefix-{group}-start{round(s * 100):02d}"
-                    add(name, train_cmd + [f"--data={data}/medsafety/filter", f"--out_dir={runs}/prefix-start{round(s * 100):02d}",
-                                           f"--stop_iter={round(s * iters)}"]
-                        + ([f"--init_from={runs}/prefix-start{round(prev * 100):02d}"] if prev else []),
-                        [f"reflect-{wk}-filter"] + ([f"train-prefix-{group}-start{round(prev * 100):02d}"] if prev else []))
-                    add(f"reflect-{wk}-filter", [py, "reflect.py", f"--data_root={data}", "--intervention=filter"],
-                        [f"prepare-{wk}"])
-                    prev = s
-                branch = prev
+            branch = prefix_steps(add, c, wk, data, runs, group, train_cmd,
+                                  max_iters(P["config"], P["train"] + model))
             # a reflect stream's segmenter, when it is not reflect.py's default (32 tokens), and its own directory
             # name when it is not the world's
             seg = [f"--segment_tokens={c['segment']}"] if c["segment"] != 32 else []
@@ -220,38 +199,69 @@ def plan(P, root, cells, n_seeds):
                 [f"reflect-{wk}-{c['data']}"]
                 + ([f"train-prefix-{group}-start{round(branch * 100):02d}"] if branch else []))
             add(f"probe-{pre}", [py, "probe.py", f"--ckpt={base}"], [f"train-{pre}"])
-            # a raw model's reflection sft writes its reflections with the world's reflect segmenter
-            chat = [] if c["chat"] == "auto" else [f"--chat={c['chat']}"] + (seg if c["chat"] == "reflect" else [])
-            for stage in c["stages"]:
-                d = os.path.join(runs, c["run"], stage_dir(c, stage))
-                dirs[(c["name"], k, stage)] = d
-                if stage in ("sft", "sft-nostop"):
-                    add(f"finetune-{pre}-{stage_dir(c, stage)}", [py, "finetune.py", f"--init_from={base}", "--task=sft",
-                                                                  f"--out_dir={d}", f"--seed={1337 + k}"]
-                        + P["finetune"] + P["sft"] + chat + (["--stop_examples=False"] if stage == "sft-nostop" else []),
-                        [f"train-{pre}"])
-                elif stage != "base":
-                    sft = os.path.join(runs, c["run"], stage_dir(c, "sft"))
-                    add(f"finetune-{pre}-{stage_dir(c, stage)}", [py, "finetune.py", f"--init_from={sft}",
-                                                                  f"--task={stage}", f"--out_dir={d}",
-                                                                  f"--seed={1337 + k}"] + P["finetune"],
-                        [f"finetune-{pre}-{stage_dir(c, 'sft')}"])
-                # per stage, never per grid: grids share this step (run into one out_dir), so a grid-dependent
-                # attack set would make each grid rerun, and overwrite, the other's
-                attacks = {"sft": P["attacks_sft"], "sft-nostop": P["attacks_nostop"]}.get(stage, "direct")
-                dep = f"train-{pre}" if stage == "base" else f"finetune-{pre}-{stage_dir(c, stage)}"
-                add(f"attack-{pre}-{stage_dir(c, stage)}", [py, "attack.py", f"--ckpt={d}", f"--attacks={attacks}",
-                                                            f"--decoding={DECODINGS}"] + P["attack"]
-                    + (P["gcg"] if "suffix" in attacks else []), [dep])
-                # the sft model's costlier attacks, in a step of their own that only the core grid holds (make
-                # study's budget); attack.py merges its passes into the same attack.json
-                more = P.get("attacks_sft_more")
-                if stage == "sft" and more and c.get("more_attacks"):
-                    add(f"attack-{pre}-{stage_dir(c, stage)}-more", [py, "attack.py", f"--ckpt={d}",
-                                                                     f"--attacks={more}", f"--decoding={DECODINGS}"]
-                        + P["attack"] + ["--reflection_eval=False"] + (P["gcg"] if "suffix" in more else []),
-                        [f"attack-{pre}-{stage_dir(c, stage)}"])
+            stage_steps(add, dirs, P, c, k, runs, pre, seg)
     return steps, dirs
+
+
+def prefix_steps(add, c, wk, data, runs, group, train_cmd, iters):
+    """The shared safe prefixes a cell's pretraining continues; -> the start it branches from (None: from scratch).
+    Every intervention's safe stream is the filtered corpus, which is also the filter run's stream, and a stream's
+    order depends only on the seed: so a run started at s > 0 and the filter run read the same windows until
+    s x max_iters. Prefix runs at PREFIX_STARTS train that far once; a run started at s branches from the prefix at
+    s, the filter run from the last one (train.py --init_from=<prefix> checks that this is exact). A fixed chain,
+    whatever the grid: a step's command never depends on which other cells were asked for."""
+    if not (c["intervention"] == "filter" or c["start"] > 0):
+        return None
+    chain = [s for s in PREFIX_STARTS if c["intervention"] == "filter" or s <= c["start"]]
+    if c["intervention"] != "filter" and c["start"] not in PREFIX_STARTS:
+        fail(f"start {c['start']} is not one of the prefix starts {PREFIX_STARTS}")
+    py, prev = sys.executable, None
+    for s in chain:
+        name = f"train-prefix-{group}-start{round(s * 100):02d}"
+        after = [f"--init_from={runs}/prefix-start{round(prev * 100):02d}"] if prev else []
+        add(name, train_cmd + [f"--data={data}/medsafety/filter", f"--out_dir={runs}/prefix-start{round(s * 100):02d}",
+                               f"--stop_iter={round(s * iters)}"] + after,
+            [f"reflect-{wk}-filter"] + ([f"train-prefix-{group}-start{round(prev * 100):02d}"] if prev else []))
+        add(f"reflect-{wk}-filter", [py, "reflect.py", f"--data_root={data}", "--intervention=filter"],
+            [f"prepare-{wk}"])
+        prev = s
+    return prev
+
+
+def stage_steps(add, dirs, P, c, k, runs, pre, seg):
+    """A pretrained cell's post-training and attacks, stage by stage, and each stage's run directory in dirs."""
+    py, base = sys.executable, os.path.join(runs, c["run"], "base")
+    # a raw model's reflection sft writes its reflections with the world's reflect segmenter
+    chat = [] if c["chat"] == "auto" else [f"--chat={c['chat']}"] + (seg if c["chat"] == "reflect" else [])
+    for stage in c["stages"]:
+        d = os.path.join(runs, c["run"], stage_dir(c, stage))
+        dirs[(c["name"], k, stage)] = d
+        if stage in ("sft", "sft-nostop"):
+            add(f"finetune-{pre}-{stage_dir(c, stage)}", [py, "finetune.py", f"--init_from={base}", "--task=sft",
+                                                          f"--out_dir={d}", f"--seed={1337 + k}"]
+                + P["finetune"] + P["sft"] + chat + (["--stop_examples=False"] if stage == "sft-nostop" else []),
+                [f"train-{pre}"])
+        elif stage != "base":
+            sft = os.path.join(runs, c["run"], stage_dir(c, "sft"))
+            add(f"finetune-{pre}-{stage_dir(c, stage)}", [py, "finetune.py", f"--init_from={sft}",
+                                                          f"--task={stage}", f"--out_dir={d}",
+                                                          f"--seed={1337 + k}"] + P["finetune"],
+                [f"finetune-{pre}-{stage_dir(c, 'sft')}"])
+        # per stage, never per grid: grids share this step (run into one out_dir), so a grid-dependent attack set
+        # would make each grid rerun, and overwrite, the other's
+        attacks = {"sft": P["attacks_sft"], "sft-nostop": P["attacks_nostop"]}.get(stage, "direct")
+        dep = f"train-{pre}" if stage == "base" else f"finetune-{pre}-{stage_dir(c, stage)}"
+        add(f"attack-{pre}-{stage_dir(c, stage)}", [py, "attack.py", f"--ckpt={d}", f"--attacks={attacks}",
+                                                    f"--decoding={DECODINGS}"] + P["attack"]
+            + (P["gcg"] if "suffix" in attacks else []), [dep])
+        # the sft model's costlier attacks, in a step of their own that only the core grid holds (make study's
+        # budget); attack.py merges its passes into the same attack.json
+        more = P.get("attacks_sft_more")
+        if stage == "sft" and more and c.get("more_attacks"):
+            add(f"attack-{pre}-{stage_dir(c, stage)}-more", [py, "attack.py", f"--ckpt={d}", f"--attacks={more}",
+                                                             f"--decoding={DECODINGS}"]
+                + P["attack"] + ["--reflection_eval=False"] + (P["gcg"] if "suffix" in more else []),
+                [f"attack-{pre}-{stage_dir(c, stage)}"])
 
 
 def max_iters(config_file, flags):
@@ -403,15 +413,9 @@ def step_outputs(cmd):
 STOP = []   # a Ctrl-C or SIGTERM, set by the handlers main installs
 
 
-def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
-    """Run the steps in dependency order, n_jobs at a time; skip finished ones; stop at the first failure.
-    A step is finished when its marker holds the same command, its outputs exist and every step it depends on is
-    finished, so a changed flag or a lost output reruns that step and everything after it. A train or finetune step
-    that was interrupted resumes from its checkpoint if it was started with the same command; otherwise its output
-    directory is cleared first (a checkpoint of other flags must not be continued)."""
-    done_dir = os.path.join(root, "done")
-    os.makedirs(done_dir, exist_ok=True)
-    marker = lambda name: os.path.join(done_dir, name + ".json")
+def finished_steps(steps, marker):
+    """The steps a rerun skips: marked done with the same command, their outputs still there, and every step they
+    depend on finished. A lost output is said in one line, and that step runs again with the steps after it."""
     finished, grew, lost = set(), True, {}
     while grew:     # to a fixed point: plan order may list a step before one it depends on
         grew = False
@@ -427,6 +431,19 @@ def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
                 grew = True
     for name, path in lost.items():
         print(f"study: {name} is marked done but '{path}' is gone: it runs again, with the steps after it")
+    return finished
+
+
+def run_steps(steps, root, n_jobs, heartbeat=lambda: None):
+    """Run the steps in dependency order, n_jobs at a time; skip finished ones; stop at the first failure.
+    A step is finished when its marker holds the same command, its outputs exist and every step it depends on is
+    finished, so a changed flag or a lost output reruns that step and everything after it. A train or finetune step
+    that was interrupted resumes from its checkpoint if it was started with the same command; otherwise its output
+    directory is cleared first (a checkpoint of other flags must not be continued)."""
+    done_dir = os.path.join(root, "done")
+    os.makedirs(done_dir, exist_ok=True)
+    marker = lambda name: os.path.join(done_dir, name + ".json")
+    finished = finished_steps(steps, marker)
     todo = sorted((n for n in steps if n not in finished), key=priority)
     print(f"study: {len(steps)} steps, {len(finished)} already done, {len(todo)} to run, {n_jobs} at a time")
     threads = str(max(1, (os.cpu_count() or 1) // n_jobs))
