@@ -78,7 +78,7 @@ PROFILES = {
                 gcg=["--gcg_steps=20", "--gcg_batch=64", "--gcg_prompts=16"], scale={"base": []}, budgets={"1x": []},
                 gpu_jobs=16),
 }
-PREFIX_STARTS = (0.2, 0.6)   # the safe prefixes the filter run (and any later start) continues: see plan()
+PREFIX_STARTS = (0.2, 0.6)   # the safe prefixes the filter run (and any later start) continues: see prefix_steps()
 # the worlds (prepare.py flags): v3, answers that reason (the default); v2, answers of two sentences; v1, v2 without
 # the stated safety definition; harms16, v3 with 16 harm effects
 WORLDS = {"v3": [], "v2": ["--reasoning=False"], "v1": ["--reasoning=False", "--harm_facts=False"],
