@@ -649,7 +649,8 @@ def sweep_report(results, root, doc):
 
 
 def sweep_plot(results, root, doc, cols):
-    """One panel per column of the 'buys' table: a bar per cell, sft beside sft-nostop, each seed's world a dot."""
+    """One panel per attack column given (the 'buys' table's prefill and suppress columns): a bar per cell, sft
+    beside sft-nostop, each seed's world a dot."""
     plt = pyplot()
     cells = list(results.cells)
     fig, axes = plt.subplots(1, len(cols), figsize=(4 * len(cols), 4.2))
@@ -657,8 +658,9 @@ def sweep_plot(results, root, doc, cols):
         for j, (stage, color) in enumerate((("sft", "tab:blue"), ("sft-nostop", "tab:orange"))):
             xs = [i + (j - 0.5) * 0.38 for i in range(len(cells))]
             vals = [results.value(key, stage, metric, attack) for key in cells]
-            ax.bar(xs, [x[0] or 0 for x in vals], width=0.38, yerr=[x[1] or 0 for x in vals], capsize=2,
-                   color=color, label=stage)
+            nan = float("nan")   # a cell or stage not measured draws no bar (the table's '-'), never a 0% bar
+            ax.bar(xs, [nan if x[0] is None else x[0] for x in vals], width=0.38,
+                   yerr=[0 if x[0] is None else x[1] or 0 for x in vals], capsize=2, color=color, label=stage)
             for i, key in enumerate(cells):
                 seeds = [s["rate"] for s in results.stats(key, stage, metric, attack) if s]
                 ax.plot([xs[i]] * len(seeds), seeds, "k.", ms=3)
