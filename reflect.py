@@ -643,12 +643,9 @@ def check_segmenter(labels_path, enc):
              f"--tokenizer_files and --segment_tokens, or label again")
 
 
-def main_real(docs_dir):
-    t0 = time.time()
-    if intervention in WORLD_ONLY or segment_tokens < 1:
-        fail("--intervention=strict_filter and --segment_tokens=0 are for MedSafetyWorld (they need its sentence "
-             "kinds); real text segments by --segment_tokens >= 1")
-    shards = list_shards(docs_dir)
+def check_real_flags(docs_dir):
+    """The inputs real text needs and the flags it cannot take, each refused in one line (after the corpus is
+    found). -> unlabelled: the raw baseline, which needs no labels."""
     if classifier_on_world:
         fail(f"--classifier_on_world is for MedSafetyWorld, and '{docs_dir}' holds real text (no world.json)")
     # the raw baseline needs no labels; it writes one stream: without labels nothing is known to be safe
@@ -663,6 +660,80 @@ def main_real(docs_dir):
     if intervention in ("refusal", "safety_pretraining") and not refusals:
         fail(f"--intervention={intervention} needs --refusals=<file.jsonl>: {{\"prompt\", \"response\"}} per native "
              f"refusal dialogue (see REFUSAL_PROMPT in reflect.py)")
+    return unlabelled
+
+
+def refusal_arrays(dialogues, stats, enc, eot, dtype):
+    """The native refusal dialogues as token arrays for the mix stream, split like the corpus: by a hash of the
+    prompt, at the corpus's share of validation documents. -> {"train": array, "val": array}."""
+    n_docs = {s: stats[s].get("docs", 0) for s in stats}
+    val_share = n_docs["val"] / max(sum(n_docs.values()), 1)
+    texts = {"train": [], "val": []}
+    for r in dialogues:
+        split = "val" if zlib.crc32(str(r["prompt"]).encode()) / 2 ** 32 < val_share else "train"
+        texts[split].append(DIALOGUE.format(prompt=r["prompt"], response=r["response"]))
+    return {split: np.array([i for x in enc.encode_ordinary_batch(t) for i in x + [eot]], dtype=dtype)
+            for split, t in texts.items()}
+
+
+def real_meta(enc, dtype, tokens, name_of, refusal_tokens, tr, every, unused, n_dialogues, unlabelled, clf_metrics):
+    """meta.json of a real-text run: the tokenizer a later stage rebuilds, tokens per stream file (tokens: per
+    stream; name_of: stream -> file), what the mix stream is made of, the labels' shares and the config.
+    tr: the train split's counts; every: both splits' counts summed."""
+    eot, tag = enc._special_tokens[EOT_TEXT], enc._special_tokens[TAG_TEXT]
+    mix_train = max(tokens["mix_train"], 1)
+    tok = tokenizer_record(enc, tokenizer, tokenizer_files)  # what a later stage rebuilds the tokenizer from
+    meta = {
+        "dataset": dataset, "intervention": intervention, "tokenizer": enc.name, "vocab_size": enc.n_vocab,
+        "tokenizer_sha256": tok["sha256"], "tokenizer_files_sha256": tok["files_sha256"],
+        "dtype": np.dtype(dtype).name, "eot_token": eot, "tag_token": tag,
+        "special_tokens": {EOT_TEXT: eot, TAG_TEXT: tag},
+        "reflection_format": {"safe": REFLECT_SAFE, "unsafe": REFLECT_UNSAFE,
+                              "tokens": "plain text, after each segment"},
+        "tokens": {name_of[s]: n for s, n in tokens.items()},
+        "mix_sources": {"corpus": (tokens["mix_train"] - refusal_tokens["train"]) / mix_train,
+                        "refusal": refusal_tokens["train"] / mix_train},
+        "mix_reflections": tr.get("reflections", 0), "mix_reflection_share": tr.get("reflection_tokens", 0) / mix_train,
+        "mix_tags": tr.get("tags", 0), "mix_tag_share": tr.get("tags", 0) / mix_train,
+        "documents": every.get("docs", 0), "empty_documents": every.get("empty_docs", 0),
+        "raw_unsafe_doc_share": every.get("unsafe_docs", 0) / max(every.get("docs", 0), 1),
+        "raw_unsafe_char_share": every.get("unsafe_chars", 0) / max(every.get("chars", 0), 1),
+        "raw_unsafe_segment_share": (every["unsafe_segments"] / every["segments"]) if every.get("segments") else None,
+        "spans_rewritten": every.get("spans_rewritten", 0), "spans_dropped": every.get("spans_dropped", 0),
+        "rewrites_unused": unused, "refusal_dialogues": n_dialogues,
+        "labels": os.path.abspath(labels) if labels else ("none" if unlabelled else "classifier"),
+        "classifier": clf_metrics,
+        "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed,
+                   "classifier_min_f1": classifier_min_f1, "tokenizer": tok["spec"], "tokenizer_files": tok["files"],
+                   "rewrites": rewrites, "refusals": refusals},
+    }
+    if unlabelled:  # nothing was labelled: the unsafe shares are unknown, not zero
+        meta["raw_unsafe_doc_share"] = meta["raw_unsafe_char_share"] = None
+    return meta
+
+
+def print_real_summary(meta, rewrote, out_dir, n_in, dt):
+    """What a real-text run wrote, from its meta.json: documents, tokens, the mix's sources and reflections."""
+    print(f"{intervention}: {meta['documents']:,} documents (" + ("no labels" if meta["labels"] == "none" else
+          f"{meta['raw_unsafe_doc_share']:.1%} with unsafe spans, {meta['raw_unsafe_char_share']:.1%} of characters")
+          + "); tokens " + ", ".join(f"{k} {v:,}" for k, v in meta["tokens"].items()))
+    print(f"mix sources (train tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in meta["mix_sources"].items())
+          + f"; reflections {meta['mix_reflections']:,} ({meta['mix_reflection_share']:.1%} of tokens), tags "
+          f"{meta['mix_tags']:,}" + (f"; spans rewritten {meta['spans_rewritten']:,}, dropped without a rewrite "
+                                     f"{meta['spans_dropped']:,}" if rewrote else ""))
+    if meta["rewrites_unused"]:
+        print(f"warning: {meta['rewrites_unused']:,} rewrites match no unsafe span of the labels (same id, start and "
+              f"end): unused")
+    print(f"wrote {out_dir} in {dt:.1f}s ({n_in / dt:,.0f} corpus tokens/s)")
+
+
+def main_real(docs_dir):
+    t0 = time.time()
+    if intervention in WORLD_ONLY or segment_tokens < 1:
+        fail("--intervention=strict_filter and --segment_tokens=0 are for MedSafetyWorld (they need its sentence "
+             "kinds); real text segments by --segment_tokens >= 1")
+    shards = list_shards(docs_dir)
+    unlabelled = check_real_flags(docs_dir)
     enc = real_tokenizer(tokenizer, tokenizer_files)
     if labels:
         check_segmenter(labels, enc)
@@ -726,16 +797,8 @@ def main_real(docs_dir):
                                f"(e.g. '{unknown[0]}'); label the documents of this corpus")
         except BadInput as e:
             fail(str(e))
-        # the native refusal dialogues, appended to the mix stream, split like the corpus (by a hash of the prompt)
-        n_docs = {s: stats[s].get("docs", 0) for s in stats}
-        val_share = n_docs["val"] / max(sum(n_docs.values()), 1)
-        texts = {"train": [], "val": []}
-        for r in dialogues:
-            split = "val" if zlib.crc32(str(r["prompt"]).encode()) / 2 ** 32 < val_share else "train"
-            texts[split].append(DIALOGUE.format(prompt=r["prompt"], response=r["response"]))
         refusal_tokens = {}
-        for split, t in texts.items():
-            arr = np.array([i for x in enc.encode_ordinary_batch(t) for i in x + [eot]], dtype=dtype)
+        for split, arr in refusal_arrays(dialogues, stats, enc, eot, dtype).items():
             files[f"mix_{split}"].write(arr.tobytes())
             tokens[f"mix_{split}"] += len(arr)
             refusal_tokens[split] = len(arr)
@@ -749,52 +812,14 @@ def main_real(docs_dir):
     for f in handles:
         f.close()
 
-    tr = stats["train"]
     every = {k: sum(s.get(k, 0) for s in stats.values()) for k in stats["train"]}
-    mix_train = max(tokens["mix_train"], 1)
     unused = sum(len(v) for v in rw.values()) - every.get("spans_rewritten", 0) if intervention == "rewrite" else 0
-    tok = tokenizer_record(enc, tokenizer, tokenizer_files)  # what a later stage rebuilds the tokenizer from
-    meta = {
-        "dataset": dataset, "intervention": intervention, "tokenizer": enc.name, "vocab_size": enc.n_vocab,
-        "tokenizer_sha256": tok["sha256"], "tokenizer_files_sha256": tok["files_sha256"],
-        "dtype": np.dtype(dtype).name, "eot_token": eot, "tag_token": tag,
-        "special_tokens": {EOT_TEXT: eot, TAG_TEXT: tag},
-        "reflection_format": {"safe": REFLECT_SAFE, "unsafe": REFLECT_UNSAFE,
-                              "tokens": "plain text, after each segment"},
-        "tokens": {name_of[s]: n for s, n in tokens.items()},
-        "mix_sources": {"corpus": (tokens["mix_train"] - refusal_tokens["train"]) / mix_train,
-                        "refusal": refusal_tokens["train"] / mix_train},
-        "mix_reflections": tr.get("reflections", 0), "mix_reflection_share": tr.get("reflection_tokens", 0) / mix_train,
-        "mix_tags": tr.get("tags", 0), "mix_tag_share": tr.get("tags", 0) / mix_train,
-        "documents": every.get("docs", 0), "empty_documents": every.get("empty_docs", 0),
-        "raw_unsafe_doc_share": every.get("unsafe_docs", 0) / max(every.get("docs", 0), 1),
-        "raw_unsafe_char_share": every.get("unsafe_chars", 0) / max(every.get("chars", 0), 1),
-        "raw_unsafe_segment_share": (every["unsafe_segments"] / every["segments"]) if every.get("segments") else None,
-        "spans_rewritten": every.get("spans_rewritten", 0), "spans_dropped": every.get("spans_dropped", 0),
-        "rewrites_unused": unused, "refusal_dialogues": len(dialogues),
-        "labels": os.path.abspath(labels) if labels else ("none" if unlabelled else "classifier"),
-        "classifier": clf_metrics,
-        "config": {"filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed,
-                   "classifier_min_f1": classifier_min_f1, "tokenizer": tok["spec"], "tokenizer_files": tok["files"],
-                   "rewrites": rewrites, "refusals": refusals},
-    }
-    if unlabelled:  # nothing was labelled: the unsafe shares are unknown, not zero
-        meta["raw_unsafe_doc_share"] = meta["raw_unsafe_char_share"] = None
+    meta = real_meta(enc, dtype, tokens, name_of, refusal_tokens, stats["train"], every, unused, len(dialogues),
+                     unlabelled, clf_metrics)
     with open(os.path.join(tmp_dir, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1)
     swap_in(tmp_dir, out_dir)
-    dt = time.time() - t0
-    n_in = every.get("input_tokens", 0)
-    print(f"{intervention}: {meta['documents']:,} documents (" + ("no labels" if unlabelled else
-          f"{meta['raw_unsafe_doc_share']:.1%} with unsafe spans, {meta['raw_unsafe_char_share']:.1%} of characters")
-          + "); tokens " + ", ".join(f"{k} {v:,}" for k, v in meta["tokens"].items()))
-    print(f"mix sources (train tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in meta["mix_sources"].items())
-          + f"; reflections {meta['mix_reflections']:,} ({meta['mix_reflection_share']:.1%} of tokens), tags "
-          f"{meta['mix_tags']:,}" + (f"; spans rewritten {meta['spans_rewritten']:,}, dropped without a rewrite "
-                                     f"{meta['spans_dropped']:,}" if rw else ""))
-    if unused:
-        print(f"warning: {unused:,} rewrites match no unsafe span of the labels (same id, start and end): unused")
-    print(f"wrote {out_dir} in {dt:.1f}s ({n_in / dt:,.0f} corpus tokens/s)")
+    print_real_summary(meta, bool(rw), out_dir, every.get("input_tokens", 0), time.time() - t0)
 
 
 # -----------------------------------------------------------------------------
