@@ -264,16 +264,12 @@ def write_stream(path, texts, encode, eot, dtype):
     return len(arr)
 
 
-def main_world(docs_dir, world_path):
-    t0 = time.time()
-    if labels or train_classifier or rewrites or refusals:
-        fail("--labels, --train_classifier, --rewrites and --refusals are for real text; MedSafetyWorld is labelled "
-             "by its oracle (--classifier_on_world=True labels it with the built-in classifier instead)")
-    docs = read_docs(docs_dir)
+def load_documents_world(docs_dir, world_path):
+    """The World of world_path, refused in one line when it is missing, damaged, or not the world the documents
+    were written in."""
     if not os.path.isfile(world_path):
         fail(f"'{world_path}' is missing: run `python prepare.py` again")
     from safety.world.definition import World
-    from safety.world.grammar import EOT, THINK, TAG
     try:
         world = World.load(world_path)
     except ValueError as e:     # a hand-edited or damaged world.json
@@ -284,6 +280,40 @@ def main_world(docs_dir, world_path):
     if made_in and file_sha256(world_path) != made_in:
         fail(f"'{world_path}' is not the world the documents in '{docs_dir}' were generated from (its sha256 differs "
              f"from {made_in[:12]} in summary.json): restore it, or run prepare.py again")
+    return world
+
+
+def mix_counts(mix_train):
+    """Counts of the mix stream's train documents, in tokens (a word each, + one end-of-text per document).
+    -> (tokens, {source: tokens}, reflections, reflection tokens from <think> to </think> inclusive, tags)."""
+    from safety.world.grammar import THINK, TAG
+    words = [d["text"].split() for d in mix_train]
+    n_words = sum(len(w) for w in words) + len(words)
+    reflection_tokens = 0
+    for w in words:
+        inside = False
+        for t in w:
+            if t == THINK:
+                inside = True
+            if inside:
+                reflection_tokens += 1
+            if t == "</think>":
+                inside = False
+    source_tokens = {}
+    for d, w in zip(mix_train, words):
+        source_tokens[d["source"]] = source_tokens.get(d["source"], 0) + len(w) + 1
+    return (n_words, source_tokens, sum(w.count(THINK) for w in words), reflection_tokens,
+            sum(w.count(TAG) for w in words))
+
+
+def main_world(docs_dir, world_path):
+    t0 = time.time()
+    if labels or train_classifier or rewrites or refusals:
+        fail("--labels, --train_classifier, --rewrites and --refusals are for real text; MedSafetyWorld is labelled "
+             "by its oracle (--classifier_on_world=True labels it with the built-in classifier instead)")
+    docs = read_docs(docs_dir)
+    world = load_documents_world(docs_dir, world_path)
+    from safety.world.grammar import EOT
     raw_unsafe_docs = sum(1 for d in docs if is_unsafe(d))
     clf_metrics = world_classifier(docs) if classifier_on_world else None
     rng = random.Random(f"reflect-{intervention}-{seed}")
@@ -323,22 +353,7 @@ def main_world(docs_dir, world_path):
 
     # what the mix stream is made of, so train.py's reads after the switch can be checked against it
     mix_train = [d for d in mix if d["split"] == "train"]
-    words = [d["text"].split() for d in mix_train]
-    n_words = sum(len(w) for w in words) + len(words)  # + one end-of-text token per document
-    reflections = sum(w.count(THINK) for w in words)
-    reflection_tokens = 0
-    for w in words:  # every token from <think> to </think> inclusive
-        inside = False
-        for t in w:
-            if t == THINK:
-                inside = True
-            if inside:
-                reflection_tokens += 1
-            if t == "</think>":
-                inside = False
-    source_tokens = {}
-    for d, w in zip(mix_train, words):
-        source_tokens[d["source"]] = source_tokens.get(d["source"], 0) + len(w) + 1
+    n_words, source_tokens, reflections, reflection_tokens, tags = mix_counts(mix_train)
     meta = {
         "dataset": dataset, "intervention": intervention, "tokenizer": "medsafety-word",
         "vocab_size": world.vocab_size, "dtype": np.dtype(dtype).name, "eot_token": eot,
@@ -349,7 +364,7 @@ def main_world(docs_dir, world_path):
         "world_sha256": hashlib.sha256(open(world_path, "rb").read()).hexdigest(),
         "mix_sources": {k: v / n_words for k, v in source_tokens.items()},
         "mix_reflections": reflections, "mix_reflection_share": reflection_tokens / n_words,
-        "mix_tags": sum(w.count(TAG) for w in words), "mix_tag_share": sum(w.count(TAG) for w in words) / n_words,
+        "mix_tags": tags, "mix_tag_share": tags / n_words,
         "raw_unsafe_doc_share": raw_unsafe_docs / len(docs),
         "mix_intervention_tokens": sum(added(m) for m in mix_train),
         "mix_intervention_share": sum(added(m) for m in mix_train) / n_words,
