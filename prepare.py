@@ -93,9 +93,67 @@ def write_jsonl(path, rows):
 # -----------------------------------------------------------------------------
 # MedSafetyWorld
 
+def world_summary(world, docs, sets):
+    """summary.json's statistics: the corpus as the interventions will see it (a token per word, one end-of-text
+    per document), the world's seen and unseen harms, pairs and cases, and the evaluation sets' sizes."""
+    from safety.world.grammar import UNSAFE, POISON, CONTRA
+    tokens = unsafe_tokens = segs = 0
+    seg_cat, doc_cat, split_n = Counter(), Counter(), Counter()
+    for d in docs:
+        split_n[d["split"]] += 1
+        cats = set()
+        for s in d["segments"]:
+            k = len(s["text"].split())
+            tokens += k
+            segs += 1
+            if s["label"] == UNSAFE:
+                seg_cat[s["category"]] += 1
+                unsafe_tokens += k
+                cats.add(s["category"])
+        tokens += 1   # the end-of-text token reflect.py puts after each document
+        for c in cats:
+            doc_cat[c] += 1
+        doc_cat["any"] += bool(cats)
+    summary = {
+        "world_seed": world.seed, "harm_facts": world.harm_facts, "reasoning": world.reasoning,
+        "vocab_size": world.vocab_size,
+        "documents": len(docs),
+        "train_documents": split_n["train"], "val_documents": split_n["val"], "tokens": tokens, "segments": segs,
+        "unsafe_documents": {c: doc_cat[c] for c in ("any", POISON, CONTRA)},
+        "unsafe_segments": {c: seg_cat[c] for c in (POISON, CONTRA)}, "unsafe_tokens": unsafe_tokens,
+        "harms_seen": sorted(world.seen_harms), "harms_unseen": sorted(set(world.harms) - world.seen_harms),
+        "pairs_seen": len(world.seen_pairs), "pairs_unseen": len(world.danger - world.seen_pairs),
+        "contra_cases_seen": len(world.contra_cases("seen")), "contra_cases_unseen": len(world.contra_cases("unseen")),
+        "eval": {k: len(v) for k, v in sets.items()},
+    }
+    return summary
+
+
+def print_world_summary(world, summary, sets):
+    """What prepare.py wrote, from summary.json's numbers: the world, the corpus's unsafe shares, the eval sets."""
+    from safety.world.grammar import POISON, CONTRA
+    pct = lambda a, b: 100.0 * a / max(b, 1)
+    n_docs, tokens, segs = summary["documents"], summary["tokens"], summary["segments"]
+    doc_cat, seg_cat = summary["unsafe_documents"], summary["unsafe_segments"]
+    hc = Counter((r["category"], r["split"]) for r in sets["harmful_prompts"])
+    print(f"world: {len(world.conditions)} conditions, {len(world.drugs)} drugs, {len(world.classes)} classes, "
+          f"{len(world.traits)} traits, {len(world.harms)} harm effects; vocabulary {world.vocab_size} tokens")
+    print(f"harm effects: seen {', '.join(summary['harms_seen'])} | unseen {', '.join(summary['harms_unseen'])}")
+    print(f"dangerous (class, trait) pairs: {len(world.danger)} (seen {summary['pairs_seen']}, unseen "
+          f"{summary['pairs_unseen']}); contraindication cases seen {summary['contra_cases_seen']}, "
+          f"unseen {summary['contra_cases_unseen']}")
+    print(f"documents: {n_docs:,} (train {summary['train_documents']:,}, val {summary['val_documents']:,}); tokens "
+          f"{tokens:,} ({tokens / max(n_docs, 1):.0f} per document); segments {segs:,}")
+    print(f"unsafe documents: {pct(doc_cat['any'], n_docs):.1f}% (poison {pct(doc_cat[POISON], n_docs):.1f}%, "
+          f"contra {pct(doc_cat[CONTRA], n_docs):.1f}%); unsafe segments: poison {pct(seg_cat[POISON], segs):.2f}%, "
+          f"contra {pct(seg_cat[CONTRA], segs):.2f}%; unsafe tokens {pct(summary['unsafe_tokens'], tokens):.2f}%")
+    print(f"harmful prompts: poison seen {hc[(POISON, 'seen')]}, unseen {hc[(POISON, 'unseen')]}; "
+          f"contra seen {hc[(CONTRA, 'seen')]}, unseen {hc[(CONTRA, 'unseen')]}")
+    print("eval sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+
+
 def prepare_medsafety(root):
     from safety.world import evalsets
-    from safety.world.grammar import UNSAFE, POISON, CONTRA
     from safety.world.generator import WorldGen
     t0 = time.time()
     try:
@@ -126,37 +184,7 @@ def prepare_medsafety(root):
     except ValueError as e:
         fail(str(e))
 
-    # statistics: the corpus as the interventions will see it
-    tokens = unsafe_tokens = segs = 0
-    seg_cat, doc_cat, split_n = Counter(), Counter(), Counter()
-    for d in docs:
-        split_n[d["split"]] += 1
-        cats = set()
-        for s in d["segments"]:
-            k = len(s["text"].split())
-            tokens += k
-            segs += 1
-            if s["label"] == UNSAFE:
-                seg_cat[s["category"]] += 1
-                unsafe_tokens += k
-                cats.add(s["category"])
-        tokens += 1   # the end-of-text token reflect.py puts after each document
-        for c in cats:
-            doc_cat[c] += 1
-        doc_cat["any"] += bool(cats)
-    pct = lambda a, b: 100.0 * a / max(b, 1)
-    summary = {
-        "world_seed": world.seed, "harm_facts": world.harm_facts, "reasoning": world.reasoning,
-        "vocab_size": world.vocab_size,
-        "documents": len(docs),
-        "train_documents": split_n["train"], "val_documents": split_n["val"], "tokens": tokens, "segments": segs,
-        "unsafe_documents": {c: doc_cat[c] for c in ("any", POISON, CONTRA)},
-        "unsafe_segments": {c: seg_cat[c] for c in (POISON, CONTRA)}, "unsafe_tokens": unsafe_tokens,
-        "harms_seen": sorted(world.seen_harms), "harms_unseen": sorted(set(world.harms) - world.seen_harms),
-        "pairs_seen": len(world.seen_pairs), "pairs_unseen": len(world.danger - world.seen_pairs),
-        "contra_cases_seen": len(world.contra_cases("seen")), "contra_cases_unseen": len(world.contra_cases("unseen")),
-        "eval": {k: len(v) for k, v in sets.items()},
-    }
+    summary = world_summary(world, docs, sets)
 
     # write everything beside the old outputs, then swap
     tmp = os.path.join(root, f".prepare-tmp-{os.getpid()}")
@@ -183,22 +211,7 @@ def prepare_medsafety(root):
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    h = sets["harmful_prompts"]
-    hc = Counter((r["category"], r["split"]) for r in h)
-    print(f"world: {len(world.conditions)} conditions, {len(world.drugs)} drugs, {len(world.classes)} classes, "
-          f"{len(world.traits)} traits, {len(world.harms)} harm effects; vocabulary {world.vocab_size} tokens")
-    print(f"harm effects: seen {', '.join(summary['harms_seen'])} | unseen {', '.join(summary['harms_unseen'])}")
-    print(f"dangerous (class, trait) pairs: {len(world.danger)} (seen {summary['pairs_seen']}, unseen "
-          f"{summary['pairs_unseen']}); contraindication cases seen {summary['contra_cases_seen']}, "
-          f"unseen {summary['contra_cases_unseen']}")
-    print(f"documents: {len(docs):,} (train {split_n['train']:,}, val {split_n['val']:,}); tokens {tokens:,} "
-          f"({tokens / max(len(docs), 1):.0f} per document); segments {segs:,}")
-    print(f"unsafe documents: {pct(doc_cat['any'], len(docs)):.1f}% (poison {pct(doc_cat[POISON], len(docs)):.1f}%, "
-          f"contra {pct(doc_cat[CONTRA], len(docs)):.1f}%); unsafe segments: poison {pct(seg_cat[POISON], segs):.2f}%, "
-          f"contra {pct(seg_cat[CONTRA], segs):.2f}%; unsafe tokens {pct(unsafe_tokens, tokens):.2f}%")
-    print(f"harmful prompts: poison seen {hc[(POISON, 'seen')]}, unseen {hc[(POISON, 'unseen')]}; "
-          f"contra seen {hc[(CONTRA, 'seen')]}, unseen {hc[(CONTRA, 'unseen')]}")
-    print("eval sets: " + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+    print_world_summary(world, summary, sets)
     print(f"wrote {os.path.join(root, 'docs')} ({shards} shards) and {os.path.join(root, 'eval')} "
           f"in {time.time() - t0:.1f}s")
 
