@@ -30,7 +30,7 @@ import time
 from collections import Counter
 from urllib.parse import urlparse
 
-from safety.common import (fail, file_sha256, ignore_ctrl_c, load_json, on_stop, run_stage, swap_in, writable_dir,
+from safety.common import (fail, file_sha256, load_json, on_stop, run_stage, swap_in, worker_signals, writable_dir,
                            write_atomic, write_json)
 from safety.configurator import configure, defaults_of
 
@@ -435,7 +435,7 @@ def prepare_fineweb(root):
     try:
         if num_proc > 1:
             import multiprocessing as mp
-            pool = mp.get_context("spawn").Pool(num_proc, initializer=ignore_ctrl_c)
+            pool = mp.get_context("spawn").Pool(num_proc, initializer=worker_signals)
         pending, last = [], 0.0
 
         def collect(block):

@@ -30,7 +30,8 @@ from itertools import chain
 
 import numpy as np
 
-from safety.common import fail, file_sha256, load_json, read_jsonl, run_stage, swap_in, writable_dir, write_json
+from safety.common import (fail, file_sha256, load_json, read_jsonl, run_stage, swap_in, worker_signals, writable_dir,
+                           write_json)
 from safety.configurator import configure, defaults_of
 from safety.realtext.bpe import (EOT_TEXT, TAG_TEXT, base_encoding, real_tokenizer, tokenizer_record,
                                  write_tokenizer)
@@ -617,6 +618,12 @@ def read_chunks(docs_dir, shards, chunk_chars):
                 yield name, first, lines
 
 
+def start_worker(state):
+    """A pool worker's initializer: the signals of a worker (common.worker_signals), then its state."""
+    worker_signals()
+    init_worker(state)
+
+
 def run_chunks(jobs, state, consume, nproc):
     """process_chunk over jobs, in order, on nproc workers with at most 2 chunks each in flight."""
     if nproc <= 1:
@@ -626,7 +633,7 @@ def run_chunks(jobs, state, consume, nproc):
         return
     import multiprocessing as mp
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    pool = ctx.Pool(nproc, initializer=init_worker, initargs=(state,))
+    pool = ctx.Pool(nproc, initializer=start_worker, initargs=(state,))
     try:
         pending = deque()
         for job in jobs:
@@ -635,8 +642,11 @@ def run_chunks(jobs, state, consume, nproc):
                 consume(pending.popleft().get())
         while pending:
             consume(pending.popleft().get())
+        pool.close()    # done: the workers finish their queue and exit
+    except BaseException:
+        pool.terminate()    # failed or stopped: the workers are killed where they are
+        raise
     finally:
-        pool.terminate()
         pool.join()
 
 

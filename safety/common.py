@@ -46,9 +46,13 @@ def on_stop(note):
     _kept[0] = note
 
 
-def ignore_ctrl_c():
-    """A worker process's initializer: Ctrl-C reaches the whole process group, and the parent alone handles it."""
+def worker_signals():
+    """A worker process's initializer. Ctrl-C reaches the whole process group: the parent alone handles it. SIGTERM
+    (a pool's terminate) kills the worker at once: a Python-level handler runs only between bytecodes, so a SIGTERM
+    that lands just before the worker blocks on the pool's queue would be kept for later, and the parent would wait
+    on that worker forever (reflect.py hung on it about once in 40 runs)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def rerun_command(**flags):
@@ -59,7 +63,8 @@ def rerun_command(**flags):
 
 def run_stage(main, *args):
     """Run a stage's main(*args): Ctrl-C and SIGTERM end it with one line saying what was kept and how to continue
-    (on_stop), not a traceback, and the exit status a shell gives (130, 143). Workers forked from it exit quietly."""
+    (on_stop), not a traceback, and the exit status a shell gives (130, 143). A process forked from it exits
+    quietly; a pool's workers take worker_signals instead."""
     pid = os.getpid()
 
     def stop(signum, frame):

@@ -539,6 +539,32 @@ def test_ctrl_c_and_sigterm_end_a_finetune_and_a_chat_with_one_line(world_model,
     assert code == 130 and "writes no file" in stopped_line(err, "sample.py", "Ctrl-C")
 
 
+POOL_SIGNALS = """
+import signal, reflect
+from safety.common import run_stage
+
+def signals_in_worker(job):
+    return {"sigterm": signal.getsignal(signal.SIGTERM) == signal.SIG_DFL,
+            "sigint": signal.getsignal(signal.SIGINT) == signal.SIG_IGN}
+
+reflect.init_worker = lambda state: None    # no tokenizer: only the pool and its workers' signals are under test
+reflect.process_chunk = signals_in_worker
+seen = []
+run_stage(reflect.run_chunks, range(4), {}, seen.append, 2)
+print(seen)
+"""
+
+
+def test_reflect_pool_workers_die_at_sigterm_and_leave_ctrl_c_to_the_parent():
+    # a worker forked inside run_stage keeps its Python-level SIGTERM handler unless told otherwise; that handler runs
+    # between bytecodes, so the pool's terminate could land just before the worker blocked on its queue, and the
+    # parent then waited on it forever (CI: reflect.py hung 300 s, about one run in 40 here)
+    p = subprocess.run([sys.executable, "-c", POOL_SIGNALS], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    seen = eval(p.stdout.strip().splitlines()[-1])
+    assert seen == [{"sigterm": True, "sigint": True}] * 4, seen
+
+
 def test_every_script_stops_through_the_one_mechanism():
     # what the tests above check for train.py, finetune.py, sample.py and (test_study) study.py holds for every
     # script with a command line: its main runs inside common.run_stage
