@@ -752,14 +752,9 @@ def print_real_summary(meta, rewrote, out_dir, n_in, dt):
     print(f"wrote {out_dir} in {dt:.1f}s ({n_in / dt:,.0f} corpus tokens/s)")
 
 
-def main_real(docs_dir):
-    t0 = time.time()
-    if intervention in WORLD_ONLY or segment_tokens < 1:
-        fail("--intervention=strict_filter and --segment_tokens=0 are for MedSafetyWorld (they need its sentence "
-             "kinds); real text segments by --segment_tokens >= 1")
-    shards = list_shards(docs_dir)
-    unlabelled = check_real_flags(docs_dir)
-    enc = real_tokenizer(tokenizer, tokenizer_files)
+def real_inputs(enc):
+    """What the workers read besides the corpus (labels, a fitted classifier, rewrites) and the refusal dialogues,
+    each read and checked before any work -> (the workers' state, the dialogues, the classifier's metrics)."""
     if labels:
         check_segmenter(labels, enc)
     spans = read_labels(labels) if labels else {}
@@ -772,24 +767,17 @@ def main_real(docs_dir):
     rw = read_rewrites(rewrites) if intervention in ("rewrite", "safety_pretraining") else {}
     dialogues = (read_jsonl(refusals, "refusals file", ("prompt", "response"))
                  if intervention in ("refusal", "safety_pretraining") else [])
-    eot, tag = enc._special_tokens[EOT_TEXT], enc._special_tokens[TAG_TEXT]
-    dtype = np.uint16 if enc.n_vocab <= 65536 else np.uint32
-    nproc = num_proc or cpu_count()
-    state = {"enc": enc, "tables": token_tables(enc), "eot": eot, "tag": tag, "dtype": dtype, "labels": spans,
-             "labels_path": labels, "rewrites": rw, "clf": clf, "intervention": intervention,
+    state = {"enc": enc, "tables": token_tables(enc), "eot": enc._special_tokens[EOT_TEXT],
+             "tag": enc._special_tokens[TAG_TEXT], "dtype": np.uint16 if enc.n_vocab <= 65536 else np.uint32,
+             "labels": spans, "labels_path": labels, "rewrites": rw, "clf": clf, "intervention": intervention,
              "filter_level": filter_level, "segment_tokens": segment_tokens, "tag_rate": tag_rate, "seed": seed}
-    print(f"{intervention} on {docs_dir} ({len(shards)} shards): tokenizer {enc.name} ({enc.n_vocab:,} tokens), "
-          f"labels from {labels or ('nowhere' if unlabelled else 'the classifier')}, {nproc} worker(s)")
+    return state, dialogues, clf_metrics
 
-    # write into a temporary directory, then swap it in: a failure never leaves half the streams behind
-    out_dir = os.path.join(data_root, dataset, out_name or intervention)
-    tmp_dir = out_dir + ".tmp"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    name_of = {"mix_train": "train", "mix_val": "val"} if unlabelled else {s: s for s in STREAMS}  # stream -> file
-    files = {s: open(os.path.join(tmp_dir, f"{f}.bin"), "wb") for s, f in name_of.items()}
-    label_file = open(os.path.join(tmp_dir, "labels.jsonl"), "w") if clf else None
-    handles = list(files.values()) + ([label_file] if label_file else [])
+
+def stream_corpus(docs_dir, shards, state, files, label_file, nproc, t0):
+    """The corpus through the workers into the open stream files (and the classifier's labels into label_file), with
+    progress every 10 s. A label naming a document the corpus lacks stops the run.
+    -> (tokens per stream, statistics per split)."""
     tokens = dict.fromkeys(files, 0)
     stats = {"train": {}, "val": {}}
     seen = set()
@@ -799,7 +787,7 @@ def main_real(docs_dir):
         for s, b in res["bytes"].items():
             if s in files:
                 files[s].write(b)
-                tokens[s] += len(b) // np.dtype(dtype).itemsize
+                tokens[s] += len(b) // np.dtype(state["dtype"]).itemsize
         for split, split_stats in res["stats"].items():
             seen.update(split_stats.pop("labelled_ids"))
             if label_file:
@@ -814,14 +802,41 @@ def main_real(docs_dir):
                   f"({n_in / (time.time() - t0):,.0f} tokens/s)", flush=True)
 
     try:
-        try:
-            run_chunks(read_chunks(docs_dir, shards, chunk_chars), state, consume, nproc)
-            unknown = sorted(set(spans) - seen)
-            if unknown:
-                raise BadInput(f"labels file '{labels}' names {len(unknown)} document(s) not in {docs_dir} "
-                               f"(e.g. '{unknown[0]}'); label the documents of this corpus")
-        except BadInput as e:
-            fail(str(e))
+        run_chunks(read_chunks(docs_dir, shards, chunk_chars), state, consume, nproc)
+        unknown = sorted(set(state["labels"]) - seen)
+        if unknown:
+            raise BadInput(f"labels file '{labels}' names {len(unknown)} document(s) not in {docs_dir} "
+                           f"(e.g. '{unknown[0]}'); label the documents of this corpus")
+    except BadInput as e:
+        fail(str(e))
+    return tokens, stats
+
+
+def main_real(docs_dir):
+    t0 = time.time()
+    if intervention in WORLD_ONLY or segment_tokens < 1:
+        fail("--intervention=strict_filter and --segment_tokens=0 are for MedSafetyWorld (they need its sentence "
+             "kinds); real text segments by --segment_tokens >= 1")
+    shards = list_shards(docs_dir)
+    unlabelled = check_real_flags(docs_dir)
+    enc = real_tokenizer(tokenizer, tokenizer_files)
+    state, dialogues, clf_metrics = real_inputs(enc)
+    eot, dtype, rw = state["eot"], state["dtype"], state["rewrites"]
+    nproc = num_proc or cpu_count()
+    print(f"{intervention} on {docs_dir} ({len(shards)} shards): tokenizer {enc.name} ({enc.n_vocab:,} tokens), "
+          f"labels from {labels or ('nowhere' if unlabelled else 'the classifier')}, {nproc} worker(s)")
+
+    # write into a temporary directory, then swap it in: a failure never leaves half the streams behind
+    out_dir = os.path.join(data_root, dataset, out_name or intervention)
+    tmp_dir = out_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    name_of = {"mix_train": "train", "mix_val": "val"} if unlabelled else {s: s for s in STREAMS}  # stream -> file
+    files = {s: open(os.path.join(tmp_dir, f"{f}.bin"), "wb") for s, f in name_of.items()}
+    label_file = open(os.path.join(tmp_dir, "labels.jsonl"), "w") if state["clf"] else None
+    handles = list(files.values()) + ([label_file] if label_file else [])
+    try:
+        tokens, stats = stream_corpus(docs_dir, shards, state, files, label_file, nproc, t0)
         refusal_tokens = {}
         for split, arr in refusal_arrays(dialogues, stats, enc, eot, dtype).items():
             files[f"mix_{split}"].write(arr.tobytes())
