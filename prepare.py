@@ -410,7 +410,6 @@ def prepare_fineweb(root):
                 if files else f"{HUB_DATASET}/{name}", "num_docs": num_docs, "docs_per_shard": docs_per_shard,
                 "val_frac": val_frac, "min_int_score": min_int_score, "count_tokens": count_tokens}
     work = os.path.join(root, ".docs-partial")
-    progress = os.path.join(work, "progress.json")
     records = finished_shards(work, settings)
     skip = records[-1]["rows"] if records else 0
     rows, total = (local_rows(files, skip), local_total(files)) if files else hub_rows(name, skip)
@@ -419,9 +418,7 @@ def prepare_fineweb(root):
           f"{'all' if limit < 0 else f'{limit:,}'} documents" + (f" with int_score >= {min_int_score}"
                                                                    if min_int_score else "")
           + f" with {num_proc} processes")
-
-    pool = None
-    read, kept = skip, sum(r["docs"] for r in records)   # source rows read, documents kept (this run and before)
+    counts = {"read": skip, "kept": sum(r["docs"] for r in records)}   # source rows read, documents kept (ever)
 
     def fraction():
         """Share done: of --num_docs, or of the source's rows where it says how many (the larger of the two), counted
@@ -430,63 +427,23 @@ def prepare_fineweb(root):
         parts = ([sum(r["docs"] for r in records) / limit] if limit > 0 else []) + (
             [rows_done / total] if total else [])
         return min(1.0, max(parts)) if parts else None
-    kept0, start = kept, fraction()   # at this run's start: for its docs/s and the ETA
+    kept0, start = counts["kept"], fraction()   # at this run's start: for its docs/s and the ETA
+    last = [0.0]
 
+    def report():
+        if time.time() - last[0] > 2:
+            last[0], p, dt = time.time(), fraction(), time.time() - t0
+            done = sum(r["docs"] for r in records)
+            pct = "" if p is None else f", {p:.1%} done" + (
+                f", ETA {hms(dt * (1 - p) / (p - start))}" if p > start else "")
+            print(f"  {done:,} documents written{pct}, {(done - kept0) / dt:,.0f} docs/s", flush=True)
+
+    writer = None
     try:
-        if num_proc > 1:
-            import multiprocessing as mp
-            pool = mp.get_context("spawn").Pool(num_proc, initializer=worker_signals)
-        pending, last = [], 0.0
-
-        def collect(block):
-            nonlocal last
-            while pending and (block or pending[0][0].ready()):
-                res, n_rows = pending.pop(0)
-                try:
-                    rec = res.get()
-                except Exception as e:      # e.g. a full disk in a worker
-                    fail(f"writing a shard failed: {type(e).__name__}: {e}")
-                records.append(dict(rec, rows=n_rows))   # shards finish in order: pending[0] is the oldest
-                write_json(progress, {"settings": settings, "shards": records})
-                if 0 <= stop_after_shards <= len(records):
-                    raise Stopped()
-            if time.time() - last > 2:
-                last, p, dt = time.time(), fraction(), time.time() - t0
-                done = sum(r["docs"] for r in records)
-                pct = "" if p is None else f", {p:.1%} done" + (
-                    f", ETA {hms(dt * (1 - p) / (p - start))}" if p > start else "")
-                print(f"  {done:,} documents written{pct}, {(done - kept0) / dt:,.0f} docs/s", flush=True)
-
-        def submit(b):
-            args = (os.path.join(work, "docs", f"shard_{len(records) + len(pending):05d}.jsonl"), b, val_frac,
-                    count_tokens, tokenizer_files)
-            if pool is None:
-                pending.append((_Done(write_shard(args)), read))
-            else:
-                while len(pending) >= 2 * num_proc:     # bounded memory: wait for the oldest shard
-                    pending[0][0].wait()
-                    collect(False)
-                pending.append((pool.apply_async(write_shard, (args,)), read))
-            collect(False)
-
-        batch = []
-        for r in rows:
-            if 0 <= limit <= kept:
-                break
-            read += 1
-            if min_int_score:
-                if "int_score" not in r:
-                    fail(f"--min_int_score needs an 'int_score' field, and {src} has none (row id {r['id']})")
-                if r["int_score"] is None or r["int_score"] < min_int_score:
-                    continue
-            batch.append(r)
-            kept += 1
-            if len(batch) >= docs_per_shard:
-                submit(batch)
-                batch = []
-        if batch:
-            submit(batch)
-        collect(True)
+        writer = ShardWriter(work, settings, records, report)
+        for batch in kept_batches(rows, src, counts):
+            writer.submit(batch, counts["read"])
+        writer.collect(True)
         if not records:
             fail(f"no documents read from {src}" + (f" with int_score >= {min_int_score}" if min_int_score else ""))
         swap_in(os.path.join(work, "docs"), os.path.join(root, "docs"))
@@ -501,15 +458,82 @@ def prepare_fineweb(root):
             shutil.rmtree(work, ignore_errors=True)
         raise
     finally:
-        if pool is not None:
-            pool.terminate()
+        if writer is not None:
+            writer.close()
     dt = time.time() - t0
     done, chars = sum(r["docs"] for r in records), sum(r["chars"] for r in records)
     tok = f", {sum(r['tokens'] for r in records):,} GPT-2 tokens" if count_tokens else ""
-    kept_of = f" (int_score >= {min_int_score}: kept {done:,} of {read:,} rows read)" if min_int_score else ""
+    kept_of = (f" (int_score >= {min_int_score}: kept {done:,} of {counts['read']:,} rows read)" if min_int_score
+               else "")
     print(f"documents: {done:,}{kept_of} ({chars:,} characters{tok}) in {len(records)} shards, "
           f"{(done - kept0) / dt:,.0f} docs/s")
     print(f"wrote {os.path.join(root, 'docs')} in {dt:.1f}s")
+
+
+def kept_batches(rows, src, counts):
+    """The source rows kept (int_score >= --min_int_score, --num_docs documents in all), in batches of
+    --docs_per_shard. counts {"read": source rows read, "kept": documents kept} goes on from earlier runs' counts."""
+    batch = []
+    for r in rows:
+        if 0 <= num_docs <= counts["kept"]:
+            break
+        counts["read"] += 1
+        if min_int_score:
+            if "int_score" not in r:
+                fail(f"--min_int_score needs an 'int_score' field, and {src} has none (row id {r['id']})")
+            if r["int_score"] is None or r["int_score"] < min_int_score:
+                continue
+        batch.append(r)
+        counts["kept"] += 1
+        if len(batch) >= docs_per_shard:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+class ShardWriter:
+    """Shards written on --num_proc processes (here when 1), at most 2 per process in flight (bounded memory), and
+    recorded in order: a shard enters progress.json only once every shard before it is written.
+    records: the finished shards, earlier runs' first; report(): called after each collect, for progress."""
+
+    def __init__(self, work, settings, records, report):
+        self.work, self.settings, self.records, self.report = work, settings, records, report
+        self.pending = []   # (result, source rows read up to the end of its batch), oldest first
+        self.pool = None
+        if num_proc > 1:
+            import multiprocessing as mp
+            self.pool = mp.get_context("spawn").Pool(num_proc, initializer=worker_signals)
+
+    def submit(self, batch, rows_read):
+        args = (os.path.join(self.work, "docs", f"shard_{len(self.records) + len(self.pending):05d}.jsonl"), batch,
+                val_frac, count_tokens, tokenizer_files)
+        if self.pool is None:
+            self.pending.append((_Done(write_shard(args)), rows_read))
+        else:
+            while len(self.pending) >= 2 * num_proc:     # bounded memory: wait for the oldest shard
+                self.pending[0][0].wait()
+                self.collect(False)
+            self.pending.append((self.pool.apply_async(write_shard, (args,)), rows_read))
+        self.collect(False)
+
+    def collect(self, block):
+        """Record the finished shards at the head of the queue (all of them, waiting, when block)."""
+        while self.pending and (block or self.pending[0][0].ready()):
+            res, n_rows = self.pending.pop(0)
+            try:
+                rec = res.get()
+            except Exception as e:      # e.g. a full disk in a worker
+                fail(f"writing a shard failed: {type(e).__name__}: {e}")
+            self.records.append(dict(rec, rows=n_rows))   # shards finish in order: pending[0] is the oldest
+            write_json(os.path.join(self.work, "progress.json"), {"settings": self.settings, "shards": self.records})
+            if 0 <= stop_after_shards <= len(self.records):
+                raise Stopped()
+        self.report()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
 
 
 class Stopped(Exception):
