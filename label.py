@@ -20,11 +20,10 @@ import os
 import sys
 import time
 
-from safety.realtext.bpe import tokenizer_record
 from safety.common import fail, read_jsonl, run_stage, writable_dir
 from safety.configurator import configure, defaults_of
 from safety.realtext.guard import Guard, default_device, parse_guard
-from safety.realtext.bpe import real_tokenizer
+from safety.realtext.bpe import real_tokenizer, tokenizer_record
 from safety.reflection import TextSegmenter
 
 # -----------------------------------------------------------------------------

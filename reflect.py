@@ -17,7 +17,6 @@ Interventions: none, filter, rewrite, refusal, tag, reflect, safety_pretraining 
 world each is one text function (apply_world), for real text the same on token ids (mix_tokens). Where a reflection
 goes and how it is spelled: safety/reflection.py.
 """
-import hashlib
 import json
 import os
 import random
@@ -287,7 +286,7 @@ def load_documents_world(docs_dir, world_path):
 def mix_counts(mix_train):
     """Counts of the mix stream's train documents, in tokens (a word each, + one end-of-text per document).
     -> (tokens, {source: tokens}, reflections, reflection tokens from <think> to </think> inclusive, tags)."""
-    from safety.world.grammar import THINK, TAG
+    from safety.world.grammar import END_THINK, THINK, TAG
     words = [d["text"].split() for d in mix_train]
     n_words = sum(len(w) for w in words) + len(words)
     reflection_tokens = 0
@@ -298,7 +297,7 @@ def mix_counts(mix_train):
                 inside = True
             if inside:
                 reflection_tokens += 1
-            if t == "</think>":
+            if t == END_THINK:
                 inside = False
     source_tokens = {}
     for d, w in zip(mix_train, words):
@@ -362,7 +361,7 @@ def main_world(docs_dir, world_path):
                                                       "<harmful>")},
         "world": os.path.abspath(world_path), "tokens": tokens,
         # a fingerprint of the world: a later prepare.py rewrites world.json, and attack.py must notice that
-        "world_sha256": hashlib.sha256(open(world_path, "rb").read()).hexdigest(),
+        "world_sha256": file_sha256(world_path),
         "mix_sources": {k: v / n_words for k, v in source_tokens.items()},
         "mix_reflections": reflections, "mix_reflection_share": reflection_tokens / n_words,
         "mix_tags": tags, "mix_tag_share": tags / n_words,
@@ -379,7 +378,7 @@ def main_world(docs_dir, world_path):
     dt = time.time() - t0
     print(f"{intervention}: {len(docs):,} documents -> mix {len(mix):,} documents; tokens "
           + ", ".join(f"{k} {v:,}" for k, v in tokens.items()))
-    print(f"mix sources (train tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in meta["mix_sources"].items())
+    print("mix sources (train tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in meta["mix_sources"].items())
           + f"; reflections {reflections:,} ({meta['mix_reflection_share']:.1%} of tokens), tags {meta['mix_tags']:,}")
     print(f"wrote {out_dir} in {dt:.1f}s ({sum(tokens.values()) / dt:,.0f} tokens/s)")
 
@@ -542,12 +541,14 @@ def mix_tokens(docs, flat, lens, starts, ends, spans, unsafe, segments, safe, st
         kept_lens = cum[ends] - cum[starts]
         return np.insert(flat[keep], np.cumsum(kept_lens)[kept_lens > 0], eot)
     if intervention_name == "reflect":  # after each segment its reflection (+ <|endoftext|> after a document's last)
-        seg_ends, cats, _, seg_first = segments
+        seg_ends, cats, seg_first = segments
         last_of_doc = np.zeros(len(seg_ends), dtype=bool)
         last_of_doc[np.array(seg_first[1:]) - 1] = True
         stats["reflections"] = len(seg_ends)
-        stats["reflection_tokens"] = sum(len(reflection_ids(c)) for c in cats)
-        return insert_text_reflections(flat, seg_ends, cats, last_of_doc, reflection_ids, eot)
+        mix = insert_text_reflections(flat, seg_ends, cats, last_of_doc, reflection_ids, eot)
+        # all it adds to the text: the reflections, and one <|endoftext|> per document
+        stats["reflection_tokens"] = len(mix) - len(flat) - int(last_of_doc.sum())
+        return mix
     if intervention_name == "tag":
         pos = [tag_positions(doc_rng(docs[j][0]), flat, starts[j], ends[j], docs[j][1], spans[j])
                for j in np.flatnonzero(unsafe)]
@@ -742,7 +743,7 @@ def print_real_summary(meta, rewrote, out_dir, n_in, dt):
     print(f"{intervention}: {meta['documents']:,} documents (" + ("no labels" if meta["labels"] == "none" else
           f"{meta['raw_unsafe_doc_share']:.1%} with unsafe spans, {meta['raw_unsafe_char_share']:.1%} of characters")
           + "); tokens " + ", ".join(f"{k} {v:,}" for k, v in meta["tokens"].items()))
-    print(f"mix sources (train tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in meta["mix_sources"].items())
+    print("mix sources (train tokens): " + ", ".join(f"{k} {v:.1%}" for k, v in meta["mix_sources"].items())
           + f"; reflections {meta['mix_reflections']:,} ({meta['mix_reflection_share']:.1%} of tokens), tags "
           f"{meta['mix_tags']:,}" + (f"; spans rewritten {meta['spans_rewritten']:,}, dropped without a rewrite "
                                      f"{meta['spans_dropped']:,}" if rewrote else ""))
@@ -976,7 +977,7 @@ def main(argv=None):
     if dose < 1 and (intervention in ("none", "filter", "strict_filter") or dataset != "medsafety"):
         fail(f"--dose needs a MedSafetyWorld intervention that changes the corpus, not '{intervention}'")
     if chunk_chars < 1 or num_proc < 0:
-        fail(f"chunk_chars must be at least 1 and num_proc at least 0 (0: one per core)")
+        fail("chunk_chars must be at least 1 and num_proc at least 0 (0: one per core)")
     if not 0.0 <= classifier_holdout < 1.0:
         fail(f"classifier_holdout must lie in [0, 1), not {classifier_holdout}")
     if not 0.0 <= classifier_min_f1 <= 1.0:

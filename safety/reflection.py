@@ -213,14 +213,14 @@ class TextSegmenter:
     def segment_docs(self, docs, spans, flat, starts, ends, clf=None):
         """Segments and their categories of documents (their tokens flat[starts[j]:ends[j]]), labelled from their
         unsafe spans, or by the classifier (which adds its unsafe sentences to spans). -> (segment ends, categories,
-        sentence ends, the first segment of each document and one past the last)."""
+        the first segment of each document and one past the last)."""
         seg_ends, sentence_ends = self.segment(flat, ends)
         seg_doc = np.searchsorted(ends, seg_ends, side="left")
         if clf is not None:    # sentences and the cuts of long ones
             self.classify_sentences(clf, docs, spans, flat, starts, ends, np.union1d(sentence_ends, seg_ends))
         cats = self.label(docs, spans, flat, starts, ends, seg_ends, seg_doc)
         seg_first = np.searchsorted(seg_doc, np.arange(len(docs) + 1), side="left").tolist()
-        return seg_ends, cats, sentence_ends, seg_first
+        return seg_ends, cats, seg_first
 
 
 def span_bytes(text, spans):
@@ -265,7 +265,7 @@ def segmented(enc, texts, spans, clf, segment_tokens, labels_path=""):
     flat = np.fromiter(chain.from_iterable(ids[j] for j in keep), dtype=np.int64, count=int(lens.sum()))
     ends = np.cumsum(lens)
     starts = ends - lens
-    seg_ends, cats, _, first = TextSegmenter(enc, segment_tokens).segment_docs(docs, doc_spans, flat, starts, ends,
+    seg_ends, cats, first = TextSegmenter(enc, segment_tokens).segment_docs(docs, doc_spans, flat, starts, ends,
                                                                                clf)
     for k, j in enumerate(keep):
         a, b = first[k], first[k + 1]

@@ -90,7 +90,7 @@ def test_reflect_pys_reflect_stream_is_the_loop(tmp_path):
     lens = np.array([len(enc.encode_ordinary(t)) for _, t in kept])
     ends = np.cumsum(lens)
     spans = [list(labels.get(i, [])) for i, _ in kept]
-    seg_ends, cats, _, _ = reflection.TextSegmenter(enc, 16).segment_docs(kept, spans, flat, ends - lens, ends)
+    seg_ends, cats, _ = reflection.TextSegmenter(enc, 16).segment_docs(kept, spans, flat, ends - lens, ends)
     loop = reflection.insert_text_reflections_loop(flat, seg_ends, cats, np.isin(seg_ends, ends),
                                                    lambda c: reflection.text_reflection(enc, c), eot)
     assert mix.tolist() == loop.tolist()
