@@ -476,14 +476,14 @@ def main():
     lock_dir(run_dir)           # the inputs are checked: from here on this process writes run_dir, and only it
     fp = model_fingerprint(model)
     prev = previous_results(run_dir, fp, checkpoint)
+    config = {k: globals()[k] for k in defaults_of(globals())}
     suffix_rec = None
     if any(a == "suffix" for a, _ in runs):
         hpath = os.path.join(sets_dir(wpath, eval_dir), SET_FILES["harmful"])
         if not os.path.isfile(hpath):
             fail(f"the suffix attack fits on '{hpath}', which is not there (run prepare.py, or pass --eval_dir)")
-        run_config = {k: globals()[k] for k in defaults_of(globals())}
         suffix_rec, attack_setup["train_ids"] = get_suffix(model, w, read_jsonl(hpath), traits["chat"] == "reflect",
-                                                           run_dir, dev, run_config, fp)
+                                                           run_dir, dev, config, fp)
         attack_setup["suffix"] = suffix_rec["suffix"]
 
     inputs = world_inputs(w, data, attack_names, decoding_names, set_names, attack_setup, traits,
@@ -497,7 +497,6 @@ def main():
     if traits["reflective"] and reflection_eval:
         refl, request = own_reflections(model, w, wpath, traits, dev)
 
-    config = {k: globals()[k] for k in defaults_of(globals())}
     report = {"ckpt": os.path.join(run_dir, "ckpt.pt"), "iter_num": checkpoint.get("iter_num"), "world": wpath,
               "params": model.num_params(), "tokens_seen": checkpoint.get("tokens_seen"), "model_sha256": fp,
               "data_dir": checkpoint.get("data_dir"), "config": config, "model": traits, "passes": results,

@@ -317,19 +317,19 @@ def run_passes(model, items_of, names, settings, judge, decode_text, skip_reason
                 continue
             generator = torch.Generator(device=settings.device).manual_seed(
                 settings.seed + zlib.crc32(f"{a}/{dname}".encode()))
+            bans = items[0][2]["ban"] if items else ()   # an attack bans the same tokens (or strings) for every prompt
+            ban_of = settings.ban_of or (lambda names: ban([settings.token_ids[t] for t in names]))
+            pass_settings = replace(settings, generator=generator,
+                                    processors=(*settings.fixed, *([ban_of(bans)] if bans else [])))
             t0, new_tokens, rows = time.time(), 0, []
             for b in range(0, len(items), settings.batch):
                 batch = items[b:b + settings.batch]
-                bans = batch[0][2]["ban"]        # an attack bans the same tokens (or strings) for every prompt
-                ban_of = settings.ban_of or (lambda names: ban([settings.token_ids[t] for t in names]))
-                s = replace(settings, generator=generator,
-                            processors=(*settings.fixed, *([ban_of(bans)] if bans else [])))
-                gens = DECODINGS[dname](model, [ids for *_, ids in batch], s)
-                for (s, r, x, ids), g in zip(batch, gens):
+                gens = DECODINGS[dname](model, [ids for *_, ids in batch], pass_settings)
+                for (set_name, r, x, ids), g in zip(batch, gens):
                     new_tokens += len(g)
                     # the world's words join with a space; real text's tokens carry their own (prefill_join "")
                     response = (x["prefill"] + settings.prefill_join if x["prefill"] else "") + decode_text(g)
-                    rows.append({"set": s, "id": r["id"], "category": r.get("category"), "split": r.get("split"),
+                    rows.append({"set": set_name, "id": r["id"], "category": r.get("category"), "split": r.get("split"),
                                  "kind": r.get("kind"), "attack": a, "variant": x["variant"], "decoding": dname,
                                  "prompt": r["prompt"], "input": x["input"], "prefill": x["prefill"],
                                  "response": response, "verdict": judge(r, response, x)})
