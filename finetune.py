@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import GPT
 from safety.common import (ckpt_path, eval_dir, fail, load_run, lock_dir, model_info, on_stop, read_jsonl,
-                           rerun_command, run_stage, writable_dir)
+                           rerun_command, run_stage, writable_dir, write_atomic)
 from safety.configurator import configure, defaults_of
 from safety.training import (EpochOrder, RunPlumbing, TokenStream, lr_at, refuse_to_replace_run, set_rng_state,
                              setup_device)
@@ -421,12 +421,10 @@ def main():
         iter_num, tokens_seen, slots = checkpoint["iter_num"], checkpoint["tokens_seen"], dict(checkpoint["data_slots"])
         record = dict(checkpoint["finetune"])
         states = checkpoint["rng"]
-        set_rng_state(states[rank] if rank < len(states) else states[0])
+        set_rng_state(states, rank)
         if master and os.path.isfile(log_path):   # keep what the checkpointed run had logged: one run's log
             kept = [l for l in open(log_path) if json.loads(l).get("iter", 0) <= iter_num]
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log_path + ".tmp", log_path)
+            write_atomic(log_path, lambda f: f.writelines(kept))
     meta = checkpoint["meta"]
     del checkpoint
     raw_model.train()
@@ -455,8 +453,10 @@ def main():
     last_good = (out_ckpt, iter_num) if resume else None     # the checkpoint a failure keeps
     run = RunPlumbing(ddp, rank, n_ranks, log_path, out_ckpt, last_good,
                       rerun_command(init_from="resume", out_dir=run_dir))
-    on_stop(f"kept '{out_ckpt}' at iter {iter_num}; continue with `{run.resume_cmd}`" if resume else
-            "no checkpoint of this finetune was written yet; rerun the same command to start it again")
+    if resume:
+        run.say_kept(iter_num)
+    else:
+        on_stop("no checkpoint of this finetune was written yet; rerun the same command to start it again")
 
     loss_sum = torch.zeros((), device=device_t)
     t_log, iters_since_log, tokens_since_log = time.time(), 0, 0

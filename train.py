@@ -217,7 +217,7 @@ def main():
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         states = ckpt["rng"]
-        set_rng_state(states[rank] if rank < len(states) else states[0])
+        set_rng_state(states, rank)
         # log.jsonl: the checkpointed run's records up to it, so the log reads as one run; a branch keeps the source's
         # training records (its val records measured the source's own streams) and marks the branch point
         src_log = os.path.join(os.path.dirname(os.path.abspath(source)), "log.jsonl")
@@ -272,8 +272,10 @@ def main():
     start_iter = iter_num
     last_good = (ckpt_path if resume else source, iter_num) if source else None   # the checkpoint a failure keeps
     run = RunPlumbing(ddp, rank, n_ranks, log_path, ckpt_path, last_good, rerun_command(init_from="resume"))
-    on_stop(f"kept '{ckpt_path}' at iter {iter_num}; continue with `{run.resume_cmd}`" if resume else
-            "no checkpoint of this run was written yet; rerun the same command to start it again")
+    if resume:
+        run.say_kept(iter_num)
+    else:
+        on_stop("no checkpoint of this run was written yet; rerun the same command to start it again")
     while True:
         at_end = iter_num >= end_iter
         # evaluate and save; a resumed run's first evaluation is the one its checkpoint was saved after

@@ -120,8 +120,11 @@ def rng_state():
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
-def set_rng_state(state):
+def set_rng_state(states, rank):
+    """This rank's RNG state from a checkpoint's states (one per rank; rank 0's when the run that saved it had fewer
+    ranks)."""
     import torch
+    state = states[rank] if rank < len(states) else states[0]
     torch.set_rng_state(state["torch"])
     kind, keys, pos, has_gauss, gauss = state["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
@@ -193,9 +196,12 @@ class RunPlumbing:
     def save(self, make_ckpt, iter_num):
         """Rank 0 writes the checkpoint make_ckpt() builds (atomically, train.py's format); every rank says from here
         on what a Ctrl-C keeps."""
-        if self.master:
-            save_checkpoint(self.out_ckpt, make_ckpt())
+        if self.master and save_checkpoint(self.out_ckpt, make_ckpt()):
             self.last_good = (self.out_ckpt, iter_num)
+        self.say_kept(iter_num)
+
+    def say_kept(self, iter_num):
+        """From here on a Ctrl-C says: this run's checkpoint at iter_num is kept, and how to continue it."""
         on_stop(f"kept '{self.out_ckpt}' at iter {iter_num}; continue with `{self.resume_cmd}`")
 
     def mean_loss(self, loss_sum, iters, iter_num):
