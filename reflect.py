@@ -25,7 +25,6 @@ import sys
 import time
 import zlib
 from collections import deque
-from itertools import chain
 
 import numpy as np
 
@@ -37,7 +36,7 @@ from safety.realtext.bpe import (EOT_TEXT, TAG_TEXT, base_encoding, real_tokeniz
 from safety.realtext.classifier import MIN_F1, classify, fit_classifier
 from safety.realtext.corpus import bench_corpus, read_labels, read_rewrites, toy_encoding
 from safety.reflection import (REFLECT_SAFE, REFLECT_UNSAFE, TextSegmenter, insert_text_reflections, reflect_world_doc,
-                               span_bytes, text_reflection, token_tables)
+                               span_bytes, text_reflection, token_tables, tokenize_texts)
 
 # -----------------------------------------------------------------------------
 dataset = "medsafety"
@@ -477,9 +476,8 @@ def tag_positions(rng, flat, a, b, text, spans):
     return pos[~WORKER["tables"]["mid_char"][flat[pos]]]
 
 
-def labelled_docs(docs, stats):
-    """The documents with tokens, their ids and their unsafe spans (from the labels; a span past a document's end
-    stops the run). A document without tokens has nothing to learn from: it is dropped (no lone <|endoftext|>)."""
+def labelled_spans(docs, stats):
+    """Each document's unsafe spans, from the labels (a span past a document's end stops the run)."""
     spans = []
     for doc_id, text in docs:
         s = WORKER["labels"].get(doc_id, [])
@@ -490,10 +488,7 @@ def labelled_docs(docs, stats):
                                f"{s[-1][1]}) lies beyond the end of document '{doc_id}' ({len(text)} characters); "
                                f"label this corpus's texts")
         spans.append(list(s))
-    ids = [WORKER["enc"].encode_ordinary(t) for _, t in docs]
-    nonempty = [j for j, x in enumerate(ids) if x]
-    stats["empty_docs"] = len(docs) - len(nonempty)
-    return [docs[j] for j in nonempty], [ids[j] for j in nonempty], [spans[j] for j in nonempty]
+    return spans
 
 
 def process_docs(docs):
@@ -503,15 +498,16 @@ def process_docs(docs):
                            "unsafe_segments", "reflections", "reflection_tokens", "tags", "spans_rewritten",
                            "spans_dropped"), 0)
     stats["labelled_ids"], stats["label_lines"] = [], []
-    docs, ids, spans = labelled_docs(docs, stats)
+    spans = labelled_spans(docs, stats)
+    # a document without tokens has nothing to learn from: it is dropped (no lone <|endoftext|>)
+    keep, _, flat, starts, ends = tokenize_texts(WORKER["enc"], [t for _, t in docs])
+    stats["empty_docs"] = len(docs) - len(keep)
+    docs, spans = [docs[j] for j in keep], [spans[j] for j in keep]
     if not docs:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), stats
-    lens = np.array([len(x) for x in ids], dtype=np.int64)
-    flat = np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=int(lens.sum()))
-    ends = np.cumsum(lens)
-    starts = ends - lens
+    lens = ends - starts
     stats["docs"], stats["input_tokens"], stats["chars"] = len(docs), len(flat), sum(len(t) for _, t in docs)
-    segments = None     # (segment ends, categories, sentence ends, each document's first segment)
+    segments = None     # (segment ends, categories, each document's first segment)
     if WORKER["clf"] is not None or intervention_name in ("reflect", "tag", "safety_pretraining") or (
             intervention_name == "filter" and WORKER["filter_level"] == "segment"):
         segments = WORKER["segmenter"].segment_docs(docs, spans, flat, starts, ends, WORKER["clf"])

@@ -101,6 +101,18 @@ def token_tables(enc):
     return t
 
 
+def tokenize_texts(enc, texts):
+    """The texts' tokens laid end to end, leaving out texts without tokens (nothing to learn from, no segment).
+    -> (indices of the texts kept, every text's ids, the flat tokens, starts, ends): flat[starts[k]:ends[k]] holds
+    the k-th kept text's tokens."""
+    ids = [enc.encode_ordinary(t) for t in texts]
+    keep = [j for j, x in enumerate(ids) if x]
+    lens = np.array([len(ids[j]) for j in keep], dtype=np.int64)
+    flat = np.fromiter(chain.from_iterable(ids[j] for j in keep), dtype=np.int64, count=int(lens.sum()))
+    ends = np.cumsum(lens)
+    return keep, ids, flat, ends - lens, ends
+
+
 class TextSegmenter:
     """Real text's segmenter for one tokenizer and segment_tokens (its tables built once): reflect.py's workers,
     label.py and segmented() below all cut text with it, so the three agree segment for segment."""
@@ -151,23 +163,19 @@ class TextSegmenter:
         """Each text's segments as character spans [(start, end)], cut exactly as reflect.py cuts a document.
         label.py labels these spans, so a guard's labels fall on reflect.py's segments one to one. Segments end at
         token starts that begin a character."""
-        ids = [self.enc.encode_ordinary(t) for t in texts]
-        keep = [j for j, x in enumerate(ids) if x]
+        keep, _, flat, starts, ends = tokenize_texts(self.enc, texts)
         out = [[] for _ in texts]
         if not keep:
             return out
-        lens = np.array([len(ids[j]) for j in keep], dtype=np.int64)
-        flat = np.fromiter(chain.from_iterable(ids[j] for j in keep), dtype=np.int64, count=int(lens.sum()))
-        ends = np.cumsum(lens)
         seg_ends, _ = self.segment(flat, ends)
         seg_doc = np.searchsorted(ends, seg_ends, side="left")
         first = np.searchsorted(seg_doc, np.arange(len(keep) + 1), side="left").tolist()
         for k, j in enumerate(keep):
-            a = int(ends[k] - lens[k])
+            a = int(starts[k])
             off = self.byte_offsets(flat, a, ends[k])[np.concatenate([[a], seg_ends[first[k]:first[k + 1]]]) - a]
             if not texts[j].isascii():   # byte offsets -> character offsets: count the bytes that start a character
-                starts = (np.frombuffer(texts[j].encode(), np.uint8) & 0xC0) != 0x80
-                off = np.concatenate([[0], np.cumsum(starts)])[off]
+                starts_char = (np.frombuffer(texts[j].encode(), np.uint8) & 0xC0) != 0x80
+                off = np.concatenate([[0], np.cumsum(starts_char)])[off]
             out[j] = list(zip(off[:-1].tolist(), off[1:].tolist()))
         return out
 
@@ -247,8 +255,7 @@ def segmented(enc, texts, spans, clf, segment_tokens, labels_path=""):
     """texts [(id, text)] -> per text (token ids, segment ends as token indices into them, segment categories, None:
     safe), as reflect.py's reflect intervention segments and labels a document (segments never cross a text's end,
     so the texts may be processed together). A text without tokens gives ([], [], [])."""
-    ids = [enc.encode_ordinary(t) for _, t in texts]
-    keep = [j for j, x in enumerate(ids) if x]
+    keep, ids, flat, starts, ends = tokenize_texts(enc, [t for _, t in texts])
     out = [([], [], []) for _ in texts]
     if not keep:
         return out
@@ -261,10 +268,6 @@ def segmented(enc, texts, spans, clf, segment_tokens, labels_path=""):
             fail(f"labels file '{labels_path}' line {n}: a span lies beyond the end of '{doc_id}' ({len(text)} "
                  f"characters); label these texts")
         doc_spans.append(s)
-    lens = np.array([len(ids[j]) for j in keep], dtype=np.int64)
-    flat = np.fromiter(chain.from_iterable(ids[j] for j in keep), dtype=np.int64, count=int(lens.sum()))
-    ends = np.cumsum(lens)
-    starts = ends - lens
     seg_ends, cats, first = TextSegmenter(enc, segment_tokens).segment_docs(docs, doc_spans, flat, starts, ends,
                                                                                clf)
     for k, j in enumerate(keep):
