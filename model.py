@@ -239,9 +239,15 @@ class GPT(nn.Module):
     def num_params(self):
         return sum(p.numel() for p in self.parameters())  # the tied matrix counts once
 
-    def new_cache(self, batch_size, max_len, valid):
-        """An empty KV cache for generation; valid (B, max_len) bool marks the real key positions."""
-        return KVCache(self.config, batch_size, max_len, valid, valid.device, self.wte.weight.dtype)
+    def new_cache(self, lens, T, max_new_tokens):
+        """An empty KV cache for generating after left-padded prompts (lens (B,): each prompt's length, T: their
+        padded width); the padding is masked out of every key. -> (cache, positions (B, T) of the prompts' tokens,
+        0 at a row's first real token)."""
+        pad = T - lens                                                   # left padding of each row
+        valid = torch.arange(T + max_new_tokens, device=lens.device)[None, :] >= pad[:, None]
+        positions = (torch.arange(T, device=lens.device)[None, :] - pad[:, None]).clamp(min=0)
+        cache = KVCache(self.config, len(lens), T + max_new_tokens, valid, valid.device, self.wte.weight.dtype)
+        return cache, positions
 
     def set_attention(self, backend):
         for block in self.h:
@@ -294,10 +300,7 @@ class GPT(nn.Module):
             lens = torch.full((B,), T, device=device)
         else:
             lens = torch.as_tensor(prompt_lens, device=device)
-        pad = T - lens                                                   # left padding of each row
-        valid = torch.arange(T + max_new_tokens, device=device)[None, :] >= pad[:, None]
-        cache = self.new_cache(B, T + max_new_tokens, valid)
-        positions = (torch.arange(T, device=device)[None, :] - pad[:, None]).clamp(min=0)
+        cache, positions = self.new_cache(lens, T, max_new_tokens)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         tokens, step_input = idx, idx
         for _ in range(max_new_tokens):

@@ -36,7 +36,7 @@ class DecodeSettings:
     ban_of: object = None       # real text: banned strings -> a logits processor; None: token_ids' tokens are banned
     fixed: tuple = ()           # logits processors of every batch (real text: never an id past the tokenizer)
     prefill_join: str = " "     # between a prefill and the response: the world's words join with a space
-    processors: tuple = ()      # this batch's logits processors (run_passes: fixed + the attack's ban)
+    processors: tuple = ()      # this pass's logits processors (run_passes: fixed + the attack's ban)
     generator: object = None    # this pass's sampling RNG (run_passes: seeded per pass)
     trace: list = None          # safe beam search appends its choices here (tests read them)
 
@@ -211,10 +211,7 @@ def safebeam_chunk(model, chunk, c0, s):
     dev, tag, n = s.device, s.token_ids["<harmful>"], len(chunk)
     idx, lens = left_pad(chunk, s.eot)
     idx, lens = idx.to(dev), lens.to(dev)
-    T = idx.size(1)
-    valid = torch.arange(T + s.max_new_tokens, device=dev)[None, :] >= (T - lens)[:, None]
-    cache = model.new_cache(n, T + s.max_new_tokens, valid)
-    positions = (torch.arange(T, device=dev)[None, :] - (T - lens)[:, None]).clamp(min=0)
+    cache, positions = model.new_cache(lens, idx.size(1), s.max_new_tokens)
     with torch.no_grad():
         logits, _ = model(idx, positions=positions, cache=cache)
     last = logits[:, -1].float()                 # next-token logits of each beam row
