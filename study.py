@@ -181,7 +181,7 @@ def plan(P, root, cells, n_seeds):
             group = f"{wk}-{c['model']}-{c['budget']}"
             runs = os.path.join(root, "runs", wk, f"{c['model']}-{c['budget']}")
             train_cmd = [py, "train.py", P["config"], f"--seed={1337 + k}"] + P["train"] + model
-            branch = prefix_steps(add, c, wk, data, runs, group, train_cmd,
+            branch = prefix_steps(add, c, wk, data, runs, group, train_cmd,   # (step, run) or None: from scratch
                                   max_iters(P["config"], P["train"] + model))
             # a reflect stream's segmenter, when it is not reflect.py's default (32 tokens), and its own directory
             # name when it is not the world's
@@ -195,16 +195,16 @@ def plan(P, root, cells, n_seeds):
             base = os.path.join(runs, c["run"], "base")
             add(f"train-{pre}", train_cmd + [f"--data={data}/medsafety/{c['data']}", f"--out_dir={base}",
                                              f"--intervention_start={c['start']}"]
-                + ([f"--init_from={runs}/prefix-start{round(branch * 100):02d}"] if branch else []),
-                [f"reflect-{wk}-{c['data']}"]
-                + ([f"train-prefix-{group}-start{round(branch * 100):02d}"] if branch else []))
+                + ([f"--init_from={branch[1]}"] if branch else []),
+                [f"reflect-{wk}-{c['data']}"] + ([branch[0]] if branch else []))
             add(f"probe-{pre}", [py, "probe.py", f"--ckpt={base}"], [f"train-{pre}"])
             stage_steps(add, dirs, P, c, k, runs, pre, seg)
     return steps, dirs
 
 
 def prefix_steps(add, c, wk, data, runs, group, train_cmd, iters):
-    """The shared safe prefixes a cell's pretraining continues; -> the start it branches from (None: from scratch).
+    """The shared safe prefixes a cell's pretraining continues; -> (step, run directory) of the prefix it branches
+    from (None: from scratch).
     Every intervention's safe stream is the filtered corpus, which is also the filter run's stream, and a stream's
     order depends only on the seed: so a run started at s > 0 and the filter run read the same windows until
     s x max_iters. Prefix runs at PREFIX_STARTS train that far once; a run started at s branches from the prefix at
@@ -215,16 +215,16 @@ def prefix_steps(add, c, wk, data, runs, group, train_cmd, iters):
     chain = [s for s in PREFIX_STARTS if c["intervention"] == "filter" or s <= c["start"]]
     if c["intervention"] != "filter" and c["start"] not in PREFIX_STARTS:
         fail(f"start {c['start']} is not one of the prefix starts {PREFIX_STARTS}")
-    py, prev = sys.executable, None
+    py, prev = sys.executable, None     # prev: (step, run directory) of the prefix before
     for s in chain:
-        name = f"train-prefix-{group}-start{round(s * 100):02d}"
-        after = [f"--init_from={runs}/prefix-start{round(prev * 100):02d}"] if prev else []
-        add(name, train_cmd + [f"--data={data}/medsafety/filter", f"--out_dir={runs}/prefix-start{round(s * 100):02d}",
-                               f"--stop_iter={round(s * iters)}"] + after,
-            [f"reflect-{wk}-filter"] + ([f"train-prefix-{group}-start{round(prev * 100):02d}"] if prev else []))
+        tag = f"start{round(s * 100):02d}"
+        step, out = f"train-prefix-{group}-{tag}", f"{runs}/prefix-{tag}"
+        add(step, train_cmd + [f"--data={data}/medsafety/filter", f"--out_dir={out}", f"--stop_iter={round(s * iters)}"]
+            + ([f"--init_from={prev[1]}"] if prev else []),
+            [f"reflect-{wk}-filter"] + ([prev[0]] if prev else []))
         add(f"reflect-{wk}-filter", [py, "reflect.py", f"--data_root={data}", "--intervention=filter"],
             [f"prepare-{wk}"])
-        prev = s
+        prev = step, out
     return prev
 
 
